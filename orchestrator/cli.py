@@ -1,0 +1,184 @@
+"""The `orch` command.
+
+    orch wasm call FILE FUNCTION [--input TEXT | --input -] [--config KEY=VALUE]...
+                   [--fuel N] [--timeout-ms N] [--memory-mib N] [--wasi]
+                   [--cache-dir DIR] [--stats]
+    orch demo [--cache-dir DIR]
+
+`wasm call` is like `extism call`: the output bytes go to stdout; a failed call prints one
+line to stderr and exits 1; bad usage or an unreadable or invalid module exits 2;
+`--stats` prints `{"fuel_used": N, "seconds": S}` to stderr.
+
+The only module that prints, and the only one that configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import CapsuleError, InvalidModule, OrchestratorError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not hasattr(args, "run"):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orch", description="A declarative WebAssembly capsule orchestrator."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbs = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    wasm = verbs.add_parser("wasm", help="run a plain Extism plugin (no manifest)")
+    wasm_verbs = wasm.add_subparsers(title="wasm commands", metavar="COMMAND")
+    call = wasm_verbs.add_parser("call", help="call one function of a plugin, like `extism call`")
+    call.add_argument("file", help="the .wasm (or .wat) file")
+    call.add_argument("function", help="the exported function to call")
+    call.add_argument("--input", default="", metavar="TEXT", help="input text; '-' reads stdin as bytes")
+    call.add_argument(
+        "--config", action="append", default=[], metavar="KEY=VALUE", help="a config value (repeatable)"
+    )
+    call.add_argument("--fuel", type=_positive, help="fuel budget per call (default 1e9)")
+    call.add_argument("--timeout-ms", type=_positive, help="wall-clock limit per call (default 5000)")
+    call.add_argument("--memory-mib", type=_positive, help="memory cap per linear memory (default 64)")
+    call.add_argument("--wasi", action="store_true", help="provide WASI preview 1 (nothing granted)")
+    call.add_argument("--cache-dir", type=Path, help="on-disk compiled-module cache")
+    call.add_argument("--stats", action="store_true", help='print {"fuel_used", "seconds"} to stderr')
+    call.set_defaults(run=_wasm_call)
+
+    demo = verbs.add_parser("demo", help="load the example capsules and call them")
+    demo.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".orch" / "cache")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"orch: {message}", file=sys.stderr)
+    return code
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _wasm_call(args: argparse.Namespace) -> int:
+    from .engine import Limits, WasmEngine
+
+    config: dict[str, str] = {}
+    for item in args.config:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            return _fail(f"--config expects KEY=VALUE, got {item!r}", EXIT_USAGE)
+        config[key] = value
+    defaults = Limits()
+    try:
+        limits = Limits(
+            fuel=args.fuel or defaults.fuel,
+            memory_mib=args.memory_mib or defaults.memory_mib,
+            timeout_ms=args.timeout_ms or defaults.timeout_ms,
+        )
+    except ValueError as error:
+        return _fail(str(error), EXIT_USAGE)
+    data = sys.stdin.buffer.read() if args.input == "-" else args.input.encode()
+    engine = WasmEngine(cache_dir=args.cache_dir)
+    try:
+        plugin = engine.load(
+            Path(args.file), name=Path(args.file).stem, config=config, limits=limits, wasi=args.wasi
+        )
+    except InvalidModule as error:
+        return _fail(_one_line(error), EXIT_USAGE)
+    started = time.perf_counter()
+    fuel_used = 0
+    try:
+        output, fuel_used = plugin.call_metered(args.function, data)
+    except CapsuleError as error:
+        fuel_used = error.fuel_used
+        return _fail(_one_line(error), EXIT_FAILED)
+    finally:
+        if args.stats:
+            stats = {"fuel_used": fuel_used, "seconds": round(time.perf_counter() - started, 6)}
+            print(json.dumps(stats), file=sys.stderr)
+        plugin.close()
+        engine.close()
+    sys.stdout.buffer.write(output)
+    sys.stdout.buffer.flush()
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Load each example plugin and call it: the README's first command runs this."""
+    from .engine import Limits, WasmEngine
+
+    capsules = REPO_ROOT / "capsules"
+    calls: list[tuple[str, dict[str, str], str, str]] = [
+        ("greet", {}, "greet", "Ada"),
+        ("greet", {"greeting": "Bonjour"}, "greet", "Grace"),
+        ("tally", {}, "add", "5"),
+        ("tally", {}, "add", "7"),
+        ("vowels", {}, "count_vowels", "The quick brown fox jumps over the lazy dog"),
+    ]
+    engine = WasmEngine(cache_dir=args.cache_dir)
+    plugins = {}
+    status = EXIT_OK
+    try:
+        for name, config, function, data in calls:
+            key = f"{name}:{sorted(config.items())}"
+            if key not in plugins:
+                started = time.perf_counter()
+                plugins[key] = engine.load(
+                    capsules / name / f"{name}.wasm", name=name, config=config, limits=Limits(fuel=10**8)
+                )
+                print(f"loaded {name} {config or ''} in {(time.perf_counter() - started) * 1000:.1f} ms")
+            plugin = plugins[key]
+            try:
+                output, fuel = plugin.call_metered(function, data)
+                print(
+                    f"  {name}.{function}({data!r}) -> {output.decode(errors='replace')!r}  [{fuel:,} fuel]"
+                )
+            except OrchestratorError as error:
+                status = EXIT_FAILED
+                print(f"  {name}.{function}({data!r}) failed: {_one_line(error)}")
+    except InvalidModule as error:
+        return _fail(_one_line(error), EXIT_USAGE)
+    finally:
+        for plugin in plugins.values():
+            plugin.close()
+        engine.close()
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

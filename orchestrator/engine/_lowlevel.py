@@ -1,0 +1,204 @@
+"""The one place that uses wasmtime-py's private, low-level bindings.
+
+The public wasmtime-py API costs 6-18 us per `Func.__call__` and about 2 us per
+`Memory.read`/`write`. The per-call budget of a plugin call is a few microseconds, so the
+hot path (arm fuel and the epoch deadline, call the export, read the fuel left, view the
+kernel memory) goes through the ctypes bindings underneath: `wasmtime._bindings` and
+`wasmtime._ffi`. Those are not a stable API, which is why wasmtime is pinned to the 50.x
+line in pyproject.toml and why tests/test_lowlevel.py checks every function here against
+the public API: a wasmtime upgrade that changes them fails that test, not a user's call.
+
+Used only by orchestrator.engine.plugin and orchestrator.engine.engine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import wasmtime
+from wasmtime import Func, Instance, Memory, Module, Store, Trap, WasmtimeError
+from wasmtime import _bindings as bindings  # private: see the module docstring
+from wasmtime import _func as func_module
+from wasmtime._extern import get_extern_ptr, wrap_extern
+
+_call_unchecked = bindings._wasmtime_func_call_unchecked
+_set_fuel = bindings._wasmtime_context_set_fuel
+_get_fuel = bindings._wasmtime_context_get_fuel
+_set_epoch_deadline = bindings._wasmtime_context_set_epoch_deadline
+_memory_data = bindings._wasmtime_memory_data
+_memory_data_size = bindings._wasmtime_memory_data_size
+_export_nth = bindings._wasmtime_instance_export_nth
+# The same C function with the result slot typed as a plain address, so a slot of an
+# extern array is passed without building a ctypes pointer object per import.
+_export_nth_into = bindings.dll["wasmtime_instance_export_nth"]  # type: ignore[attr-defined]
+_export_nth_into.restype = ctypes.c_bool
+_export_nth_into.argtypes = [
+    ctypes.POINTER(bindings.wasmtime_context_t),
+    ctypes.POINTER(bindings.wasmtime_instance_t),
+    ctypes.c_size_t,
+    ctypes.POINTER(ctypes.POINTER(ctypes.c_char)),
+    ctypes.POINTER(ctypes.c_size_t),
+    ctypes.c_void_p,
+]
+_instance_new = bindings._wasmtime_instance_new
+_TrapPtr = ctypes.POINTER(bindings.wasm_trap_t)
+
+
+def clear_host_exception() -> None:
+    """Forget the exception wasmtime-py parks globally when a host function raises.
+
+    wasmtime-py stores it in a module global and re-raises it on the next call that traps,
+    from whichever thread. Our host functions record their own exceptions per thread, so the
+    global is cleared after every trap to keep one thread's error out of another's call.
+    """
+    func_module.LAST_EXCEPTION = None
+
+
+class StoreHandle:
+    """Fast access to one Store's context: fuel, epoch deadline."""
+
+    __slots__ = ("_ctx", "_remaining", "_remaining_ref")
+
+    def __init__(self, store: Store) -> None:
+        self._ctx = store._context()
+        self._remaining = ctypes.c_uint64(0)
+        self._remaining_ref = ctypes.byref(self._remaining)
+
+    @property
+    def context(self) -> Any:
+        return self._ctx
+
+    def set_fuel(self, fuel: int) -> None:
+        error = _set_fuel(self._ctx, fuel)
+        if error:
+            raise WasmtimeError._from_ptr(error)
+
+    def get_fuel(self) -> int:
+        error = _get_fuel(self._ctx, self._remaining_ref)
+        if error:
+            raise WasmtimeError._from_ptr(error)
+        return self._remaining.value
+
+    def set_epoch_deadline(self, ticks: int) -> None:
+        _set_epoch_deadline(self._ctx, ticks)
+
+
+class FastFunc:
+    """A `() -> i32` export called through `wasmtime_func_call_unchecked` (~1 us)."""
+
+    __slots__ = ("_ctx", "_func", "_func_ref", "_trap", "_trap_ref", "_vals")
+
+    def __init__(self, store: Store, func: Func, *, checked: bool = False) -> None:
+        if not checked:
+            ty = func.type(store)
+            if ty.params or [str(r) for r in ty.results] != ["i32"]:
+                raise TypeError("expected a () -> i32 function")
+        self._ctx = store._context()
+        self._func = func._func
+        self._func_ref = ctypes.byref(self._func)
+        self._vals = (bindings.wasmtime_val_raw_t * 1)()
+        self._trap = _TrapPtr()
+        self._trap_ref = ctypes.byref(self._trap)
+
+    def __call__(self) -> int:
+        """Run it. Returns the i32 result; raises `Trap` or `WasmtimeError`."""
+        error = _call_unchecked(self._ctx, self._func_ref, self._vals, 1, self._trap_ref)
+        if error:
+            clear_host_exception()
+            raise WasmtimeError._from_ptr(error)
+        if self._trap:
+            trap = Trap._from_ptr(self._trap)  # takes ownership of the pointer
+            self._trap = _TrapPtr()
+            self._trap_ref = ctypes.byref(self._trap)
+            clear_host_exception()
+            raise trap
+        return int(self._vals[0].i32)
+
+
+def memory_view(store: Store, memory: Memory) -> memoryview:
+    """A writable view over the whole current linear memory, with no copy.
+
+    Valid until the memory grows (then take a new one) and while the store lives. The
+    engine disables moving memories (`memory_may_move = False`), so the base address is
+    stable and only the length changes.
+    """
+    ctx = store._context()
+    size = int(_memory_data_size(ctx, ctypes.byref(memory._memory)))
+    if size == 0:
+        return memoryview(bytearray())
+    base = _memory_data(ctx, ctypes.byref(memory._memory))
+    address = ctypes.addressof(base.contents)
+    return memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")
+
+
+def memory_size(store: Store, memory: Memory) -> int:
+    """Current byte length of a linear memory (one C call, no Python wrapper)."""
+    return int(_memory_data_size(store._context(), ctypes.byref(memory._memory)))
+
+
+def instantiate(store: Store, module: Module, source: Instance, imports: list[Any]) -> Instance:
+    """Instantiate `module` in `store`. Each entry of `imports` is either an int, the index of
+    an export of `source` (another instance in the same store, here the kernel), or a
+    wasmtime extern object (Func, Memory, ...). Raw C calls throughout: the public
+    `Instance.exports` + `Instance(...)` path costs ~50 us more per instance.
+
+    Raises `Trap` (a start function trapped) or `WasmtimeError` (linking failed).
+    """
+    ctx = store._context()
+    count = len(imports)
+    externs = (bindings.wasmtime_extern_t * count)()
+    source_ref = ctypes.byref(source._instance)
+    name = ctypes.POINTER(ctypes.c_char)()
+    name_ref = ctypes.byref(name)
+    length = ctypes.c_size_t(0)
+    length_ref = ctypes.byref(length)
+    size = ctypes.sizeof(bindings.wasmtime_extern_t)
+    base = ctypes.addressof(externs)
+    for i, item in enumerate(imports):
+        if type(item) is int:
+            if not _export_nth_into(ctx, source_ref, item, name_ref, length_ref, base + i * size):
+                raise WasmtimeError(f"the source instance has no export number {item}")
+        else:
+            externs[i] = get_extern_ptr(item)
+    instance = bindings.wasmtime_instance_t()
+    trap = _TrapPtr()
+    error = _instance_new(ctx, module.ptr(), externs, count, ctypes.byref(instance), ctypes.byref(trap))
+    if error:
+        clear_host_exception()
+        raise WasmtimeError._from_ptr(error)
+    if trap:
+        clear_host_exception()
+        raise Trap._from_ptr(trap)
+    return Instance._from_raw(instance)
+
+
+def export_at(store: Store, instance: Instance, index: int) -> Any:
+    """Export number `index` of `instance` (module export order), without building the
+    wrappers of every other export as `Instance.exports` does (~40 us for a kernel)."""
+    item = bindings.wasmtime_extern_t()
+    name = ctypes.POINTER(ctypes.c_char)()
+    length = ctypes.c_size_t(0)
+    ok = _export_nth(
+        store._context(),
+        ctypes.byref(instance._instance),
+        index,
+        ctypes.byref(name),
+        ctypes.byref(length),
+        ctypes.byref(item),
+    )
+    if not ok:
+        raise IndexError(f"instance has no export number {index}")
+    return wrap_extern(item)
+
+
+__all__ = [
+    "FastFunc",
+    "StoreHandle",
+    "clear_host_exception",
+    "export_at",
+    "instantiate",
+    "memory_size",
+    "memory_view",
+    "wasmtime",
+]

@@ -1,0 +1,100 @@
+"""The orchestrator's error tree: one base, a few kinds a user can act on.
+
+Every module raises these (never bare wasmtime or OS errors across a layer boundary), so
+callers branch on the kind and show the message as it is: each message names what failed
+(the file, the plugin, the function, the limit) and, where there is one, what to do.
+Used by everything; imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+
+class OrchestratorError(Exception):
+    """Base of every error the orchestrator raises on purpose."""
+
+
+class InvalidModule(OrchestratorError):
+    """A module that cannot be loaded: not wasm, invalid, or importing something we lack."""
+
+
+class CapsuleError(OrchestratorError):
+    """Base of the failures of one call into a plugin.
+
+    `plugin` and `function` say where it happened; `fuel_used` is what the call burned
+    before failing (0 when it never ran).
+    """
+
+    def __init__(self, message: str, *, plugin: str = "", function: str = "", fuel_used: int = 0) -> None:
+        super().__init__(message)
+        self.plugin = plugin
+        self.function = function
+        self.fuel_used = fuel_used
+
+
+class UnknownFunction(CapsuleError):
+    """The plugin exports no function of that name (or the export is not `() -> i32`)."""
+
+
+class GuestError(CapsuleError):
+    """The plugin reported a failure: it set an error message or returned non-zero.
+
+    The message is the guest's own text; `exit_code` is the function's return value.
+    """
+
+    def __init__(self, message: str, *, exit_code: int = 1, **where: str | int) -> None:
+        super().__init__(message, **where)  # type: ignore[arg-type]
+        self.exit_code = exit_code
+
+
+class CapsuleTrap(CapsuleError):
+    """The guest trapped (unreachable, out-of-bounds access, stack overflow, ...).
+
+    `trap_code` is the wasmtime trap code name (e.g. ``UNREACHABLE``), or ``""`` when the
+    trap carried none. The instance that trapped is discarded; the plugin keeps working.
+    """
+
+    def __init__(self, message: str, *, trap_code: str = "", **where: str | int) -> None:
+        super().__init__(message, **where)  # type: ignore[arg-type]
+        self.trap_code = trap_code
+
+
+class KernelFault(CapsuleTrap):
+    """The guest misused the Extism kernel: a store outside its memory, an output or error
+    offset that is not an allocated block. Usually a PDK bug or an ignored failed `alloc`."""
+
+
+class FuelExhausted(CapsuleError):
+    """The call burned its whole fuel budget (`budget`) before returning."""
+
+    def __init__(self, message: str, *, budget: int, **where: str | int) -> None:
+        super().__init__(message, **where)  # type: ignore[arg-type]
+        self.budget = budget
+
+
+class CallTimeout(CapsuleError):
+    """The call ran past its wall-clock timeout (`timeout_ms`) and was interrupted."""
+
+    def __init__(self, message: str, *, timeout_ms: int, **where: str | int) -> None:
+        super().__init__(message, **where)  # type: ignore[arg-type]
+        self.timeout_ms = timeout_ms
+
+
+class MemoryLimitExceeded(CapsuleError):
+    """The call needed more linear memory than the plugin's `memory_mib` allows."""
+
+    def __init__(self, message: str, *, limit_mib: int, **where: str | int) -> None:
+        super().__init__(message, **where)  # type: ignore[arg-type]
+        self.limit_mib = limit_mib
+
+
+class CapabilityDenied(CapsuleError):
+    """The plugin asked for something its grants do not allow (`capability`, `target`)."""
+
+    def __init__(self, message: str, *, capability: str, target: str = "", **where: str | int) -> None:
+        super().__init__(message, **where)  # type: ignore[arg-type]
+        self.capability = capability
+        self.target = target
+
+
+class PluginClosed(CapsuleError):
+    """The plugin was closed; load it again to call it."""
