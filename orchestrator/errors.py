@@ -32,7 +32,7 @@ class CapsuleError(OrchestratorError):
 
 
 class UnknownFunction(CapsuleError):
-    """The plugin exports no function of that name (or the export is not `() -> i32`)."""
+    """The plugin exports no callable function of that name (`() -> i32` or `() -> ()`)."""
 
 
 class GuestError(CapsuleError):

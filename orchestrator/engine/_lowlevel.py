@@ -85,15 +85,21 @@ class StoreHandle:
 
 
 class FastFunc:
-    """A `() -> i32` export called through `wasmtime_func_call_unchecked` (~1 us)."""
+    """A `() -> i32` or `() -> ()` export called through `wasmtime_func_call_unchecked` (~1 us).
 
-    __slots__ = ("_ctx", "_func", "_func_ref", "_trap", "_trap_ref", "_vals")
+    `returns_i32` says which, when the caller already knows the type; None inspects it.
+    """
 
-    def __init__(self, store: Store, func: Func, *, checked: bool = False) -> None:
-        if not checked:
+    __slots__ = ("_ctx", "_func", "_func_ref", "_returns", "_trap", "_trap_ref", "_vals")
+
+    def __init__(self, store: Store, func: Func, *, returns_i32: bool | None = None) -> None:
+        if returns_i32 is None:
             ty = func.type(store)
-            if ty.params or [str(r) for r in ty.results] != ["i32"]:
-                raise TypeError("expected a () -> i32 function")
+            results = [str(r) for r in ty.results]
+            if ty.params or results not in ([], ["i32"]):
+                raise TypeError("expected a () -> i32 or () -> () function")
+            returns_i32 = bool(results)
+        self._returns = returns_i32
         self._ctx = store._context()
         self._func = func._func
         self._func_ref = ctypes.byref(self._func)
@@ -102,7 +108,8 @@ class FastFunc:
         self._trap_ref = ctypes.byref(self._trap)
 
     def __call__(self) -> int:
-        """Run it. Returns the i32 result; raises `Trap` or `WasmtimeError`."""
+        """Run it. Returns the i32 result (0 for a function without one); raises `Trap` or
+        `WasmtimeError`."""
         error = _call_unchecked(self._ctx, self._func_ref, self._vals, 1, self._trap_ref)
         if error:
             clear_host_exception()
@@ -113,7 +120,7 @@ class FastFunc:
             self._trap_ref = ctypes.byref(self._trap)
             clear_host_exception()
             raise trap
-        return int(self._vals[0].i32)
+        return int(self._vals[0].i32) if self._returns else 0
 
 
 def memory_view(store: Store, memory: Memory) -> memoryview:

@@ -2,12 +2,14 @@
 
 Compiling a large module takes seconds; deserializing our own artifact takes microseconds
 to milliseconds. Artifacts are keyed by (wasmtime version, engine configuration, sha256 of
-the wasm) and stored as `<key>.cwasm` with a `<key>.json` record beside it that carries the
-artifact's own sha256. Only artifacts whose record matches byte for byte are deserialized:
-a corrupt, truncated or foreign file is logged, recompiled and replaced, never loaded (a
-damaged artifact would crash the process, not raise). Files are written to a temporary name
-and renamed into place, never rewritten: `Module.deserialize_file` memory-maps them, and
-rewriting a mapped file in place kills the process with SIGBUS. The folder is created
+the wasm) and stored as `<key>.cwasm` with a `<key>.json` record beside it: the key's
+parts, the artifact's size and sha256, and the file's stamp (inode, size, mtime, ctime)
+taken right after we wrote it. An artifact whose stamp still matches is one nobody has touched since, and
+is loaded at once; any other is checked byte for byte against the sha256 first (and
+re-stamped when it passes). A corrupt, truncated or foreign file is logged, recompiled and
+replaced, never loaded: a damaged artifact would crash the process, not raise. Files are
+written to a temporary name and renamed into place, never rewritten: `Module.deserialize_file`
+memory-maps them, and rewriting a mapped file in place kills the process with SIGBUS. The folder is created
 private (0700); one owned by someone else, or writable by others, is not used at all.
 
 Used by orchestrator.engine.engine.
@@ -87,23 +89,33 @@ class CompiledModuleCache:
         artifact, record_path = self.paths(key)
         try:
             record = json.loads(record_path.read_text())
-            data = artifact.read_bytes()
+            info = artifact.stat()
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as error:
             self._reject(artifact, f"unreadable record: {error}")
             return None
-        expected = {
-            "format": FORMAT,
-            "wasmtime": wasmtime_version(),
-            "engine": self._fingerprint,
-            "wasm_sha256": wasm_sha256,
-            "artifact_sha256": hashlib.sha256(data).hexdigest(),
-            "size": len(data),
-        }
-        if not isinstance(record, dict) or record != expected:
-            self._reject(artifact, "artifact does not match its record")
+        expected = self._record(wasm_sha256)
+        if not isinstance(record, dict) or {k: record.get(k) for k in expected} != expected:
+            self._reject(artifact, "record is for another wasmtime, engine or module")
             return None
+        if not isinstance(record.get("artifact_sha256"), str) or not isinstance(record.get("size"), int):
+            self._reject(artifact, "record lacks the artifact's size or sha256")
+            return None
+        if record.get("stamp") != _stamp(info):
+            # Changed, copied or restored since we wrote it: check every byte, then re-stamp.
+            try:
+                data = artifact.read_bytes()
+            except OSError as error:
+                self._reject(artifact, f"unreadable: {error}")
+                return None
+            if [len(data), hashlib.sha256(data).hexdigest()] != [
+                record.get("size"),
+                record.get("artifact_sha256"),
+            ]:
+                self._reject(artifact, "artifact does not match its record")
+                return None
+            self._write_record(record_path, {**record, "stamp": _stamp(artifact.stat())})
         try:
             module = wasmtime.Module.deserialize_file(self._engine, str(artifact))
         except wasmtime.WasmtimeError as error:
@@ -111,6 +123,20 @@ class CompiledModuleCache:
             return None
         self.stats["disk_hits"] += 1
         return module
+
+    def _record(self, wasm_sha256: str) -> dict[str, object]:
+        return {
+            "format": FORMAT,
+            "wasmtime": wasmtime_version(),
+            "engine": self._fingerprint,
+            "wasm_sha256": wasm_sha256,
+        }
+
+    def _write_record(self, path: Path, record: dict[str, object]) -> None:
+        try:
+            _write_new(path, json.dumps(record, sort_keys=True).encode())
+        except OSError as error:
+            logger.warning("module cache: could not write %s: %s", path, error)
 
     def _reject(self, artifact: Path, why: str) -> None:
         self.stats["rejected"] += 1
@@ -120,18 +146,18 @@ class CompiledModuleCache:
         artifact, record_path = self.paths(key)
         try:
             data = bytes(module.serialize())
-            record = {
-                "format": FORMAT,
-                "wasmtime": wasmtime_version(),
-                "engine": self._fingerprint,
-                "wasm_sha256": wasm_sha256,
-                "artifact_sha256": hashlib.sha256(data).hexdigest(),
-                "size": len(data),
-            }
             _write_new(artifact, data)
-            _write_new(record_path, json.dumps(record, sort_keys=True).encode())
+            stamp = _stamp(artifact.stat())
         except OSError as error:
             logger.warning("module cache: could not write %s: %s", artifact, error)
+            return
+        record = {
+            **self._record(wasm_sha256),
+            "artifact_sha256": hashlib.sha256(data).hexdigest(),
+            "size": len(data),
+            "stamp": stamp,
+        }
+        self._write_record(record_path, record)
 
 
 def compile_module(engine: wasmtime.Engine, wasm: bytes, *, name: str) -> wasmtime.Module:
@@ -144,10 +170,20 @@ def compile_module(engine: wasmtime.Engine, wasm: bytes, *, name: str) -> wasmti
         text: str | bytes = wasm if wasm.startswith(b"\0asm") else wasm.decode("utf-8")
         return wasmtime.Module(engine, text)
     except (wasmtime.WasmtimeError, UnicodeDecodeError) as error:
-        detail = str(error).strip().splitlines()
-        raise InvalidModule(
-            f"{name}: invalid WebAssembly module: {'; '.join(d.strip() for d in detail[:3])}"
-        ) from None
+        raise InvalidModule(f"{name}: invalid WebAssembly module: {_cause(str(error))}") from None
+
+
+def _cause(message: str) -> str:
+    """wasmtime's error chain on one line: "failed to parse ...: unexpected end-of-file ..."."""
+    parts = []
+    for line in message.splitlines():
+        text = line.strip()
+        if not text or text == "Caused by:":
+            continue
+        text = text.split(":", 1)[1].strip() if text.split(":", 1)[0].isdigit() else text
+        if text not in parts:
+            parts.append(text)
+    return ": ".join(parts) or "unknown error"
 
 
 def wasmtime_version() -> str:
@@ -179,6 +215,12 @@ def _private_dir(directory: Path) -> Path | None:
             return None
         logger.info("module cache: made %s private (0700)", directory)
     return directory
+
+
+def _stamp(info: os.stat_result) -> list[int]:
+    """What changes whenever a file is written, replaced, copied or restored: its inode,
+    size and modification and status-change times (ctime cannot be set by user code)."""
+    return [info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
 
 
 def _write_new(path: Path, data: bytes) -> None:

@@ -32,7 +32,7 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(instance, caller, *args)
         except BaseException as error:
-            instance.host_error = error
+            instance.host_error, instance.host_source = error, f"extism:host/env::{fn.__name__}"
             raise
 
     call.__name__ = fn.__name__
@@ -40,6 +40,8 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _key(instance: _Instance, offset: int, what: str) -> bytes:
+    if offset == 0:  # alloc(0) returns 0: an empty key, as in Extism
+        return b""
     data = instance.memory.read_block(offset)
     if data is None:
         raise CapsuleTrap(
@@ -81,9 +83,7 @@ def log(instance: _Instance, caller: wasmtime.Caller, level: int, offset: int) -
     plugin_log = instance.plugin.log
     if not plugin_log.isEnabledFor(python_level):
         return
-    data = instance.memory.read_block(offset)
-    if data is None:
-        raise CapsuleTrap(f"log: offset {offset} is not an allocated kernel block")
+    data = _key(instance, offset, "log")
     text = data[:MAX_LOG_MESSAGE].decode("utf-8", "replace")
     plugin_log.log(python_level, "%s", text)
 

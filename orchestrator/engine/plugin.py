@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 VARS_LIMIT = MIB  # total bytes of var keys and values per plugin
+TABLE_ELEMENTS = 1 << 20  # per table: 8 MiB of host memory at most
 ENV = "extism:host/env"
 WASI = "wasi_snapshot_preview1"
 
@@ -104,12 +106,13 @@ class Plugin:
         self._memory_limit = limits.memory_mib * MIB
         self._imports = self._plan_imports(module, {f.namespace + "::" + f.name: f for f in host_functions})
         export_index = {e.name: i for i, e in enumerate(module.exports)}
+        # Callable exports take nothing and return an i32 status or nothing (as in Extism).
         self._callable = {
-            e.name: i
+            e.name: (i, bool(e.type.results))
             for i, e in enumerate(module.exports)
             if isinstance(e.type, FuncType)
             and not e.type.params
-            and [str(r) for r in e.type.results] == ["i32"]
+            and [str(r) for r in e.type.results] in ([], ["i32"])
         }
         self.exports = tuple(name for name in self._callable if name != "_initialize")
         self._memory_export = export_index.get("memory")
@@ -137,7 +140,7 @@ class Plugin:
         problems: list[str] = []
         for imp in module.imports:
             mod, field = imp.module, imp.name or ""
-            if mod == ENV and field in kernel_exports:
+            if mod == ENV and field in kernel_exports and field != "memory":
                 plan.append(("kernel", field, kernel_exports[field]))
             elif f"{mod}::{field}" in host:
                 fn = host[f"{mod}::{field}"]
@@ -192,6 +195,13 @@ class Plugin:
         return output, fuel
 
     def _acquire(self) -> _Instance:
+        inside = getattr(_current, "instance", None)
+        if inside is not None and inside.plugin is self:
+            raise CapsuleError(
+                f"plugin {self.name!r}: a host function called back into the plugin it serves "
+                f"(during {inside.function}); that would deadlock, so it is refused",
+                plugin=self.name,
+            )
         try:
             item = self._idle.get_nowait()
         except queue.Empty:
@@ -301,6 +311,7 @@ class _Instance:
         "function",
         "handle",
         "host_error",
+        "host_source",
         "instance",
         "kernel",
         "memory",
@@ -312,15 +323,22 @@ class _Instance:
         self.plugin = plugin
         self.function = "(start)"
         self.host_error: BaseException | None = None
+        self.host_source = ""
         self.broken = False
         self.funcs: dict[str, _lowlevel.FastFunc | None] = {}
         engine = plugin.engine
         store = Store(engine.wasmtime)
-        store.set_limits(memory_size=plugin._memory_limit)
+        store.set_limits(
+            memory_size=plugin._memory_limit,
+            table_elements=TABLE_ELEMENTS,
+            instances=2,  # the kernel and the plugin
+            tables=4,
+            memories=2,  # the kernel's and the plugin's own
+        )
         if plugin.wasi:
             store.set_wasi(plugin.wasi_config())
         self.store = store
-        self.handle = handle = _lowlevel.StoreHandle(store)
+        self.handle = _lowlevel.StoreHandle(store)
         self._arm()
         previous = getattr(_current, "instance", None)
         _current.instance = self
@@ -350,8 +368,10 @@ class _Instance:
                 self.function = "_initialize"
                 initialize(store)
         except Trap as trap:
-            raise self._trap_error(trap, handle.get_fuel() if plugin._fuel_on else 0) from None
+            raise self._trap_error(trap, self._fuel_used()) from None
         except WasmtimeError as error:
+            if self.host_error is not None:  # a host function failed during start-up
+                raise self._trap_error(error, self._fuel_used()) from None
             raise InvalidModule(f"{plugin.name}: cannot instantiate the module: {error}") from None
         finally:
             _current.instance = previous
@@ -379,17 +399,18 @@ class _Instance:
             func = self.funcs[name]
         except KeyError:
             func = None
-            index = self.plugin._callable.get(name)
-            if index is not None:
+            found = self.plugin._callable.get(name)
+            if found is not None:
+                index, returns_i32 = found
                 export = _lowlevel.export_at(self.store, self.instance, index)
                 assert isinstance(export, Func)
-                func = _lowlevel.FastFunc(self.store, export, checked=True)
+                func = _lowlevel.FastFunc(self.store, export, returns_i32=returns_i32)
             self.funcs[name] = func
         if func is None:
             known = ", ".join(self.plugin.exports) or "none"
             raise UnknownFunction(
                 f"plugin {self.plugin.name!r} has no function {name!r} "
-                f"(a callable export takes no arguments and returns i32; exported: {known})",
+                f"(a callable export takes no arguments and returns an i32 or nothing; exported: {known})",
                 plugin=self.plugin.name,
                 function=name,
             )
@@ -416,17 +437,8 @@ class _Instance:
         _current.instance = self
         try:
             code = func()
-        except Trap as trap:
-            fuel = self._fuel_used()
-            raise self._trap_error(trap, fuel) from None
-        except WasmtimeError as error:
-            self.broken = True
-            raise CapsuleTrap(
-                f"plugin {plugin.name!r}: {name} failed: {error}",
-                plugin=plugin.name,
-                function=name,
-                fuel_used=self._fuel_used(),
-            ) from None
+        except (Trap, WasmtimeError) as trap:
+            raise self._trap_error(trap, self._fuel_used()) from None
         finally:
             _current.instance = previous
         fuel = self._fuel_used() if plugin._fuel_on else 0
@@ -450,66 +462,82 @@ class _Instance:
             return 0
         return self.plugin.limits.fuel - self.handle.get_fuel()
 
-    def _trap_error(self, trap: Trap, fuel: int) -> CapsuleError:
-        """Name the trap. The instance is discarded afterwards (`broken`)."""
+    def _trap_error(self, trap: Trap | WasmtimeError, fuel: int) -> CapsuleError:
+        """Name the trap (or the error wasmtime raises instead of one when a host function
+        fails). The instance is discarded afterwards (`broken`). Ctrl+C or SystemExit raised
+        inside a host function is re-raised as it is."""
         self.broken = True
-        plugin, name = self.plugin, self.function
+        plugin, name, limits = self.plugin, self.function, self.plugin.limits
         where: dict[str, Any] = {"plugin": plugin.name, "function": name, "fuel_used": fuel}
-        code = trap.trap_code
-        limits = plugin.limits
+        prefix = f"plugin {plugin.name!r}: {name}"
         if self.host_error is not None:
-            error = self.host_error
+            error, source = self.host_error, self.host_source
             self.host_error = None
+            if not isinstance(error, Exception):
+                raise error  # KeyboardInterrupt, SystemExit: not the guest's business
             if isinstance(error, CapsuleError):
                 error.plugin = error.plugin or plugin.name
                 error.function = error.function or name
                 error.fuel_used = fuel
                 return error
             return CapsuleTrap(
-                f"plugin {plugin.name!r}: {name}: a host function failed: {type(error).__name__}: {error}",
+                f"{prefix}: host function {source} failed: {type(error).__name__}: {error}",
                 trap_code="HOST",
                 **where,
             )
+        if not isinstance(trap, Trap):
+            return CapsuleTrap(f"{prefix} failed: {_one_line(str(trap))}", **where)
+        code = trap.trap_code
+        code_name = code.name if code is not None else ""
         if code == TrapCode.OUT_OF_FUEL:
             return FuelExhausted(
-                f"plugin {plugin.name!r}: {name} ran out of fuel (budget {limits.fuel:,} "
-                "instructions); raise limits.fuel if the work is expected",
+                f"{prefix} ran out of fuel (budget {limits.fuel:,} instructions); "
+                "raise limits.fuel if the work is expected",
                 budget=limits.fuel,
                 **where,
             )
         if code == TrapCode.INTERRUPT:
             return CallTimeout(
-                f"plugin {plugin.name!r}: {name} ran past its timeout of {limits.timeout_ms} ms "
-                "and was interrupted; raise limits.timeout_ms if the work is expected",
+                f"{prefix} ran past its timeout of {limits.timeout_ms} ms and was interrupted; "
+                "raise limits.timeout_ms if the work is expected",
                 timeout_ms=limits.timeout_ms,
                 **where,
             )
-        code_name = code.name if code is not None else ""
-        fault = self.memory.fault() if hasattr(self, "memory") else None
+        if code == TrapCode.STACK_OVERFLOW:
+            return CapsuleTrap(
+                f"{prefix} trapped: call stack exhausted (unbounded recursion?)", trap_code=code_name, **where
+            )
+        memory = getattr(self, "memory", None)
+        fault = memory.fault() if memory is not None else None
+        failed = memory.alloc_failed() if memory is not None else 0
         if fault is not None:
-            failed = self.memory.alloc_failed()
             hint = (
                 f" (an earlier alloc of {failed} bytes failed: the kernel memory limit is "
                 f"{limits.memory_mib} MiB)"
                 if failed
                 else ""
             )
-            return KernelFault(f"plugin {plugin.name!r}: {name}: {fault}{hint}", trap_code=code_name, **where)
-        if self._memory_exhausted():
-            return MemoryLimitExceeded(
-                f"plugin {plugin.name!r}: {name} trapped ({code_name.lower() or 'trap'}) with its "
-                f"memory at the limit of {limits.memory_mib} MiB; raise limits.memory_mib",
-                limit_mib=limits.memory_mib,
-                **where,
-            )
+            return KernelFault(f"{prefix}: {fault}{hint}", trap_code=code_name, **where)
         guest = self._guest_message()
-        if code == TrapCode.STACK_OVERFLOW:
-            detail = "call stack exhausted (unbounded recursion?)"
-        elif guest:
-            detail = guest
-        else:
-            detail = f"{code_name.lower().replace('_', ' ') or 'trap'}: {_first_line(trap.message)}"
-        return CapsuleTrap(f"plugin {plugin.name!r}: {name} trapped: {detail}", trap_code=code_name, **where)
+        if code == TrapCode.UNREACHABLE and not guest:
+            # Out of memory usually ends here: a refused memory.grow or kernel alloc, then
+            # the guest gives up with `unreachable`.
+            if failed:
+                return MemoryLimitExceeded(
+                    f"{prefix} trapped after the kernel could not allocate {failed} bytes "
+                    f"(memory limit {limits.memory_mib} MiB); raise limits.memory_mib",
+                    limit_mib=limits.memory_mib,
+                    **where,
+                )
+            if self._memory_exhausted():
+                return MemoryLimitExceeded(
+                    f"{prefix} trapped with its memory at the limit of {limits.memory_mib} MiB; "
+                    "raise limits.memory_mib",
+                    limit_mib=limits.memory_mib,
+                    **where,
+                )
+        detail = guest or _trap_cause(trap)
+        return CapsuleTrap(f"{prefix} trapped: {detail}", trap_code=code_name, **where)
 
     def _memory_exhausted(self) -> bool:
         index = self.plugin._memory_export
@@ -530,8 +558,19 @@ class _Instance:
         return message.decode("utf-8", "replace") if message else ""
 
 
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else ""
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _trap_cause(trap: Trap) -> str:
+    """wasmtime's cause line ("wasm `unreachable` instruction executed") and the innermost
+    named frame, from its multi-line message."""
+    lines = [line.strip() for line in trap.message.strip().splitlines() if line.strip()]
+    cause = re.sub(r"^\d+:\s*", "", lines[-1]).removeprefix("wasm trap: ") if lines else "trap"
+    frames = trap.frames
+    name = next((f.func_name for f in frames if f.func_name), None)
+    where = f" in {name}" if name else (f" in wasm function {frames[0].func_index}" if frames else "")
+    return f"{cause}{where}"
 
 
 def _bind_host_function(store: Store, fn: HostFunction) -> Func:
@@ -541,6 +580,8 @@ def _bind_host_function(store: Store, fn: HostFunction) -> Func:
 
 def _host_trampoline(fn: HostFunction) -> Callable[..., Any]:
     callback = fn.callback
+    source = f"{fn.namespace}::{fn.name}"
+    check = _result_checker(fn)
 
     def call(caller: wasmtime.Caller, *args: Any) -> Any:
         instance = current_instance()
@@ -548,12 +589,36 @@ def _host_trampoline(fn: HostFunction) -> Callable[..., Any]:
             host = HostCall(
                 instance.plugin.name, instance.function, instance.memory, _allocator(instance, caller)
             )
-            return callback(host, *args)
+            return check(callback(host, *args))
         except BaseException as error:
-            instance.host_error = error
+            instance.host_error, instance.host_source = error, source
             raise
 
     return call
+
+
+_RANGES = {"i32": (-(2**31), 2**32 - 1), "i64": (-(2**63), 2**64 - 1)}
+
+
+def _result_checker(fn: HostFunction) -> Callable[[Any], Any]:
+    """Check a host function's return value before wasmtime converts it (which would wrap
+    out-of-range integers silently and turn a wrong type into an anonymous error)."""
+    kind = fn.results[0] if fn.results else None
+
+    def check(value: Any) -> Any:
+        if kind is None:
+            if value is not None:
+                raise TypeError(f"returned {value!r} but is declared with no result")
+            return None
+        if kind in _RANGES:
+            low, high = _RANGES[kind]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise TypeError(f"returned {value!r}, not an {kind}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"returned {value!r}, not an {kind}")
+        return value
+
+    return check
 
 
 def _allocator(instance: _Instance, caller: wasmtime.Caller) -> Callable[[int], int]:

@@ -1,0 +1,143 @@
+"""`orch wasm call` and `orch demo` as a user runs them: real subprocesses, real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, capsule_wasm
+
+GREET = str(capsule_wasm("greet"))
+CONFORMANCE = str(capsule_wasm("conformance"))
+
+
+def orch(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+
+
+def test_call_prints_output_bytes() -> None:
+    result = orch("wasm", "call", GREET, "greet", "--input", "Ada")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"Hello, Ada!"
+
+
+def test_call_reads_stdin_and_config() -> None:
+    result = orch("wasm", "call", GREET, "greet", "--input", "-", "--config", "greeting=Hej", stdin=b"Bo")
+    assert (result.returncode, result.stdout) == (0, b"Hej, Bo!")
+
+
+def test_binary_output_is_exact() -> None:
+    payload = bytes(range(256)) * 4
+    result = orch("wasm", "call", CONFORMANCE, "echo", "--input", "-", stdin=payload)
+    assert result.returncode == 0 and result.stdout == payload
+
+
+def test_stats_go_to_stderr_as_json() -> None:
+    result = orch("wasm", "call", GREET, "greet", "--input", "Ada", "--stats")
+    assert result.stdout == b"Hello, Ada!"
+    stats = json.loads(result.stderr.decode().strip().splitlines()[-1])
+    assert set(stats) == {"fuel_used", "seconds"}
+    assert stats["fuel_used"] > 0 and stats["seconds"] >= 0
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        ((CONFORMANCE, "fail", "--input", "boom"), "failed: boom"),
+        ((CONFORMANCE, "exit_code", "--input", "3"), "exit code 3"),
+        ((CONFORMANCE, "trap"), "unreachable"),
+        ((CONFORMANCE, "nope"), "has no function 'nope'"),
+        ((CONFORMANCE, "big_output", "--input", "100000", "--fuel", "1000"), "ran out of fuel"),
+    ],
+)
+def test_failed_call_is_one_line_on_stderr_and_exit_1(args: tuple[str, ...], needle: str) -> None:
+    result = orch("wasm", "call", *args)
+    assert result.returncode == 1
+    assert result.stdout == b""
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert needle in lines[0]
+
+
+def test_input_over_the_memory_cap_is_named() -> None:
+    result = orch(
+        "wasm", "call", CONFORMANCE, "echo", "--input", "-", "--memory-mib", "2", stdin=b"x" * (3 << 20)
+    )
+    assert result.returncode == 1
+    assert b"memory limit of 2 MiB" in result.stderr
+
+
+def test_stats_are_printed_for_failed_calls_too() -> None:
+    result = orch("wasm", "call", CONFORMANCE, "trap", "--stats")
+    assert result.returncode == 1
+    assert '"fuel_used"' in result.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("wasm", "call"),
+        ("wasm", "call", GREET),
+        ("wasm", "call", GREET, "greet", "--fuel", "0"),
+        ("wasm", "call", GREET, "greet", "--fuel", "lots"),
+        ("wasm", "call", GREET, "greet", "--config", "no-equals-sign"),
+        ("wasm", "call", GREET, "greet", "--memory-mib", "99999"),
+        ("wasm", "call", GREET, "greet", "--bogus"),
+        (),
+    ],
+)
+def test_bad_usage_exits_2(args: tuple[str, ...]) -> None:
+    assert orch(*args).returncode == 2
+
+
+def test_unreadable_or_invalid_module_exits_2(tmp_path: Path) -> None:
+    missing = orch("wasm", "call", str(tmp_path / "missing.wasm"), "f")
+    assert missing.returncode == 2 and b"cannot read" in missing.stderr
+    garbage = tmp_path / "garbage.wasm"
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n not wasm")
+    invalid = orch("wasm", "call", str(garbage), "f")
+    assert invalid.returncode == 2 and b"not a WebAssembly module" in invalid.stderr
+    lacking = tmp_path / "lacking.wat"
+    lacking.write_text(
+        '(module (import "env" "abort" (func)) (func (export "f") (result i32) (i32.const 0)))'
+    )
+    unknown = orch("wasm", "call", str(lacking), "f")
+    assert unknown.returncode == 2 and b"env::abort" in unknown.stderr
+
+
+def test_wasi_flag_provides_wasi(tmp_path: Path) -> None:
+    module = tmp_path / "wasi.wat"
+    module.write_text(
+        """(module
+          (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+          (memory (export "memory") 1)
+          (func (export "f") (result i32) (i32.const 0)))"""
+    )
+    assert orch("wasm", "call", str(module), "f").returncode == 2
+    assert orch("wasm", "call", str(module), "f", "--wasi").returncode == 0
+
+
+def test_cache_dir_is_used(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    assert orch("wasm", "call", GREET, "greet", "--cache-dir", str(cache)).returncode == 0
+    assert len(list(cache.glob("*.cwasm"))) == 2
+
+
+def test_demo_runs_the_examples(tmp_path: Path) -> None:
+    result = orch("demo", "--cache-dir", str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr
+    text = result.stdout.decode()
+    assert "'Hello, Ada!'" in text and "'Bonjour, Grace!'" in text
+    assert "-> '12'" in text  # tally keeps state across calls
+    assert '{"count":11}' in text
