@@ -171,3 +171,21 @@ def test_instantiate_reports_start_traps() -> None:
     empty = wasmtime.Instance(store, wasmtime.Module(engine, "(module)"), [])
     with pytest.raises(wasmtime.Trap):
         _lowlevel.instantiate(store, module, empty, [])
+
+
+def test_instantiate_pre_matches_public_instantiate() -> None:
+    engine = wasmtime.Engine()
+    linker = wasmtime.Linker(engine)
+    linker.define_func("host", "six", wasmtime.FuncType([], [wasmtime.ValType.i32()]), lambda: 6)
+    module = wasmtime.Module(
+        engine,
+        '(module (import "host" "six" (func $six (result i32))) (func (export "f") (result i32) (call $six)))',
+    )
+    pre = linker.instantiate_pre(module)
+    store = wasmtime.Store(engine)
+    fast = _lowlevel.instantiate_pre(store, pre)
+    public = pre.instantiate(store)
+    assert func(store, fast, "f")(store) == func(store, public, "f")(store) == 6
+    trapping = linker.instantiate_pre(wasmtime.Module(engine, "(module (func $s unreachable) (start $s))"))
+    with pytest.raises(wasmtime.Trap):
+        _lowlevel.instantiate_pre(store, trapping)

@@ -17,7 +17,7 @@ import ctypes
 from typing import Any
 
 import wasmtime
-from wasmtime import Func, Instance, Memory, Module, Store, Trap, WasmtimeError
+from wasmtime import Func, Instance, InstancePre, Memory, Module, Store, Trap, WasmtimeError
 from wasmtime import _bindings as bindings  # private: see the module docstring
 from wasmtime import _func as func_module
 from wasmtime._extern import get_extern_ptr, wrap_extern
@@ -42,6 +42,7 @@ _export_nth_into.argtypes = [
     ctypes.c_void_p,
 ]
 _instance_new = bindings._wasmtime_instance_new
+_instance_pre_instantiate = bindings._wasmtime_instance_pre_instantiate
 _TrapPtr = ctypes.POINTER(bindings.wasm_trap_t)
 
 
@@ -180,6 +181,20 @@ def instantiate(store: Store, module: Module, source: Instance, imports: list[An
     return Instance._from_raw(instance)
 
 
+def instantiate_pre(store: Store, pre: InstancePre) -> Instance:
+    """`pre.instantiate(store)` without the Python context-manager wrapper (~3 us less)."""
+    instance = bindings.wasmtime_instance_t()
+    trap = _TrapPtr()
+    error = _instance_pre_instantiate(pre.ptr(), store._context(), ctypes.byref(instance), ctypes.byref(trap))
+    if error:
+        clear_host_exception()
+        raise WasmtimeError._from_ptr(error)
+    if trap:
+        clear_host_exception()
+        raise Trap._from_ptr(trap)
+    return Instance._from_raw(instance)
+
+
 def export_at(store: Store, instance: Instance, index: int) -> Any:
     """Export number `index` of `instance` (module export order), without building the
     wrappers of every other export as `Instance.exports` does (~40 us for a kernel)."""
@@ -205,6 +220,7 @@ __all__ = [
     "clear_host_exception",
     "export_at",
     "instantiate",
+    "instantiate_pre",
     "memory_size",
     "memory_view",
     "wasmtime",

@@ -18,6 +18,7 @@ Used by orchestrator.engine.engine.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -186,6 +187,7 @@ def _cause(message: str) -> str:
     return ": ".join(parts) or "unknown error"
 
 
+@functools.cache
 def wasmtime_version() -> str:
     from importlib.metadata import version
 

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import logging
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from .kernel import kernel_wasm
 from .kernel_host import KERNEL_HOST_FUNCTIONS
 from .limits import Limits
 from .plugin import Plugin, ticks_for
+from .shape import ModuleShape, module_shape
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class WasmEngine:
             linker.define_func("orch:kernel", name, ty, callback, access_caller=True)
         self.kernel_pre = linker.instantiate_pre(kernel_module)
         self.kernel_exports = {e.name: i for i, e in enumerate(kernel_module.exports)}
+        self._shapes: weakref.WeakKeyDictionary[wasmtime.Module, ModuleShape] = weakref.WeakKeyDictionary()
         self._wasi_linker: Linker | None = None
         self._wasi_lock = threading.Lock()
         self._stop = threading.Event()
@@ -79,6 +82,13 @@ class WasmEngine:
         interval = self.tick_ms / 1000
         while not self._stop.wait(interval):
             self.wasmtime.increment_epoch()
+
+    def shape(self, module: wasmtime.Module) -> ModuleShape:
+        """The module's imports and exports as the engine needs them (computed once)."""
+        shape = self._shapes.get(module)
+        if shape is None:
+            shape = self._shapes[module] = module_shape(module)
+        return shape
 
     def ticks_for(self, timeout_ms: int) -> int:
         return ticks_for(timeout_ms, self.tick_ms)

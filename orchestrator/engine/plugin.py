@@ -43,6 +43,7 @@ from . import _lowlevel
 from .hostfn import HostCall, HostFunction
 from .kernel import KernelMemory
 from .limits import Limits
+from .shape import ModuleShape
 
 if TYPE_CHECKING:
     from .engine import WasmEngine
@@ -104,19 +105,12 @@ class Plugin:
         self._fuel_on = engine.fuel_enabled
         self._deadline_ticks = engine.ticks_for(limits.timeout_ms)
         self._memory_limit = limits.memory_mib * MIB
-        self._imports = self._plan_imports(module, {f.namespace + "::" + f.name: f for f in host_functions})
-        export_index = {e.name: i for i, e in enumerate(module.exports)}
-        # Callable exports take nothing and return an i32 status or nothing (as in Extism).
-        self._callable = {
-            e.name: (i, bool(e.type.results))
-            for i, e in enumerate(module.exports)
-            if isinstance(e.type, FuncType)
-            and not e.type.params
-            and [str(r) for r in e.type.results] in ([], ["i32"])
-        }
-        self.exports = tuple(name for name in self._callable if name != "_initialize")
-        self._memory_export = export_index.get("memory")
-        self._initialize_export = export_index.get("_initialize")
+        shape = engine.shape(module)
+        self._imports = self._plan_imports(shape, {f.namespace + "::" + f.name: f for f in host_functions})
+        self._callable = shape.callable
+        self.exports = shape.functions
+        self._memory_export = shape.memory_export
+        self._initialize_export = shape.initialize_export
         self._max_instances = instances
         self._created = 0
         self._closed = False
@@ -131,26 +125,20 @@ class Plugin:
         self._idle.put(first)
 
     # -- loading -------------------------------------------------------------------------
-    def _plan_imports(
-        self, module: wasmtime.Module, host: dict[str, HostFunction]
-    ) -> list[tuple[str, str, Any]]:
+    def _plan_imports(self, shape: ModuleShape, host: dict[str, HostFunction]) -> list[tuple[str, str, Any]]:
         """How to satisfy each import: ("kernel", name, index) | ("host", name, fn) | ("wasi", name, None)."""
         kernel_exports = self.engine.kernel_exports
         plan: list[tuple[str, str, Any]] = []
         problems: list[str] = []
-        for imp in module.imports:
-            mod, field = imp.module, imp.name or ""
+        for imp in shape.imports:
+            mod, field = imp.module, imp.name
             if mod == ENV and field in kernel_exports and field != "memory":
                 plan.append(("kernel", field, kernel_exports[field]))
-            elif f"{mod}::{field}" in host:
-                fn = host[f"{mod}::{field}"]
-                if (
-                    not isinstance(imp.type, FuncType)
-                    or [str(p) for p in imp.type.params] != list(fn.params)
-                    or [str(r) for r in imp.type.results] != list(fn.results)
-                ):
+            elif imp.key in host:
+                fn = host[imp.key]
+                if not imp.is_function or imp.params != fn.params or imp.results != fn.results:
                     problems.append(
-                        f"{mod}::{field} is imported as {imp.type} but the host function takes "
+                        f"{mod}::{field} is imported as {imp.described} but the host function takes "
                         f"({', '.join(fn.params)}) -> ({', '.join(fn.results)})"
                     )
                 plan.append(("host", field, fn))
@@ -343,7 +331,7 @@ class _Instance:
         previous = getattr(_current, "instance", None)
         _current.instance = self
         try:
-            kernel = engine.kernel_pre.instantiate(store)
+            kernel = _lowlevel.instantiate_pre(store, engine.kernel_pre)
             export_at = _lowlevel.export_at
             kernel_memory = export_at(store, kernel, engine.kernel_exports["memory"])
             assert isinstance(kernel_memory, wasmtime.Memory)
