@@ -8,7 +8,8 @@ noise; every figure is the median over rounds.
 - calls: per-call microseconds of our engine and of the official Extism SDK on the same
   plugin (capsules/vowels) and the same inputs (50 bytes and 64 KiB), for the streaming
   `count_vowels` and the PDK-style `count_vowels_naive`. Ratio = ours / extism (< 1 is
-  faster). Targets: <= 0.5, and never > 1.
+  faster). Targets: <= 0.5, and never > 1. `fuel_off_ratio` is the same with fuel metering
+  off (which the SDK never does), to show what metering costs.
 - load: loading a plugin (module already compiled in memory: kernel + plugin instance) for
   both, and instantiating one more instance of ours. Target: instantiate <= 50 us median.
 - cache: compiling a generated module of >= 1 MB cold vs loading it from the warm disk
@@ -60,8 +61,9 @@ def median(values: list[float]) -> float:
 
 
 def bench_calls(rounds: int, quick: bool) -> dict[str, object]:
-    engine = WasmEngine()
+    engine, unmetered = WasmEngine(), WasmEngine(fuel=False)
     ours = engine.load(VOWELS, name="vowels")
+    ours_free = unmetered.load(VOWELS, name="vowels")
     theirs = extism.Plugin(VOWELS, wasi=False)
     samples: dict[str, list[float]] = {}
     for _ in range(rounds):
@@ -77,14 +79,26 @@ def bench_calls(rounds: int, quick: bool) -> dict[str, object]:
                 samples.setdefault(f"{key}/extism", []).append(
                     per_call_us(lambda f=function, d=data: theirs.call(f, d), n)
                 )
+                samples.setdefault(f"{key}/ours_fuel_off", []).append(
+                    per_call_us(lambda f=function, d=data: ours_free.call(f, d), n)
+                )
     result: dict[str, object] = {}
     for function in ("count_vowels", "count_vowels_naive"):
         for label in INPUTS:
             key = f"{function}/{label}"
             mine, sdk = median(samples[f"{key}/ours"]), median(samples[f"{key}/extism"])
-            result[key] = {"ours_us": mine, "extism_us": sdk, "ratio": round(mine / sdk, 3)}
+            free = median(samples[f"{key}/ours_fuel_off"])
+            result[key] = {
+                "ours_us": mine,
+                "extism_us": sdk,
+                "ratio": round(mine / sdk, 3),
+                "ours_fuel_off_us": free,
+                "fuel_off_ratio": round(free / sdk, 3),
+            }
     ours.close()
+    ours_free.close()
     engine.close()
+    unmetered.close()
     return result
 
 
