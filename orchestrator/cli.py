@@ -3,6 +3,8 @@
     orch wasm call FILE FUNCTION [--input TEXT | --input -] [--config KEY=VALUE]...
                    [--fuel N] [--timeout-ms N] [--memory-mib N] [--wasi]
                    [--cache-dir DIR] [--stats]
+    orch capsule check DIR
+    orch capsule call DIR TOOL [JSON | -] [--state-dir DIR] [--workspace DIR] [--config KEY=VALUE]...
     orch demo [--cache-dir DIR]
 
 `wasm call` is like `extism call`: the output bytes go to stdout; a failed call prints one
@@ -46,9 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="orch", description="A declarative WebAssembly capsule orchestrator."
-    )
+    parser = argparse.ArgumentParser(prog="orch", description="A declarative WebAssembly capsule orchestrator.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbs = parser.add_subparsers(title="commands", metavar="COMMAND")
 
@@ -58,9 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("file", help="the .wasm (or .wat) file")
     call.add_argument("function", help="the exported function to call")
     call.add_argument("--input", default="", metavar="TEXT", help="input text; '-' reads stdin as bytes")
-    call.add_argument(
-        "--config", action="append", default=[], metavar="KEY=VALUE", help="a config value (repeatable)"
-    )
+    call.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="a config value (repeatable)")
     call.add_argument("--fuel", type=_positive, help="fuel budget per call (default 1e9)")
     call.add_argument("--timeout-ms", type=_positive, help="wall-clock limit per call (default 5000)")
     call.add_argument("--memory-mib", type=_positive, help="memory cap per linear memory (default 64)")
@@ -68,6 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--cache-dir", type=Path, help="on-disk compiled-module cache")
     call.add_argument("--stats", action="store_true", help='print {"fuel_used", "seconds"} to stderr')
     call.set_defaults(run=_wasm_call)
+
+    capsule = verbs.add_parser("capsule", help="check or call one capsule folder (for capsule authors)")
+    capsule_verbs = capsule.add_subparsers(title="capsule commands", metavar="COMMAND")
+    check = capsule_verbs.add_parser("check", help="validate a capsule and show what it may touch")
+    check.add_argument("dir", type=Path, help="the capsule folder (with Capsule.toml)")
+    check.set_defaults(run=_capsule_check)
+    ccall = capsule_verbs.add_parser("call", help="load a capsule once and call one of its tools")
+    ccall.add_argument("dir", type=Path, help="the capsule folder (with Capsule.toml)")
+    ccall.add_argument("tool", help="the tool's name")
+    ccall.add_argument("arguments", nargs="?", default="", metavar="JSON", help="the arguments; '-' reads stdin")
+    ccall.add_argument("--state-dir", type=Path, default=Path(".orch"), help="KV database and module cache")
+    ccall.add_argument("--workspace", type=Path, default=Path("."), help="root of cwd:// paths")
+    ccall.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="a config value (repeatable)")
+    ccall.set_defaults(run=_capsule_call)
 
     demo = verbs.add_parser("demo", help="load the example capsules and call them")
     demo.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".orch" / "cache")
@@ -94,15 +106,23 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+def _config_pairs(items: list[str]) -> dict[str, str]:
+    config: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--config expects KEY=VALUE, got {item!r}")
+        config[key] = value
+    return config
+
+
 def _wasm_call(args: argparse.Namespace) -> int:
     from .engine import Limits, WasmEngine
 
-    config: dict[str, str] = {}
-    for item in args.config:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            return _fail(f"--config expects KEY=VALUE, got {item!r}", EXIT_USAGE)
-        config[key] = value
+    try:
+        config = _config_pairs(args.config)
+    except ValueError as error:
+        return _fail(str(error), EXIT_USAGE)
     defaults = Limits()
     try:
         limits = Limits(
@@ -115,9 +135,7 @@ def _wasm_call(args: argparse.Namespace) -> int:
     data = sys.stdin.buffer.read() if args.input == "-" else args.input.encode()
     engine = WasmEngine(cache_dir=args.cache_dir)
     try:
-        plugin = engine.load(
-            Path(args.file), name=Path(args.file).stem, config=config, limits=limits, wasi=args.wasi
-        )
+        plugin = engine.load(Path(args.file), name=Path(args.file).stem, config=config, limits=limits, wasi=args.wasi)
     except InvalidModule as error:
         return _fail(_one_line(error), EXIT_USAGE)
     started = time.perf_counter()
@@ -136,6 +154,113 @@ def _wasm_call(args: argparse.Namespace) -> int:
     sys.stdout.buffer.write(output)
     sys.stdout.buffer.flush()
     return EXIT_OK
+
+
+def _capsule_check(args: argparse.Namespace) -> int:
+    from .capsule import bind_airlocks, check_exports, read_component
+    from .engine import WasmEngine
+    from .errors import ManifestError
+    from .manifest import load_manifest, mask_config, resolve_config
+
+    folder: Path = args.dir
+    try:
+        manifest = load_manifest(folder)
+    except ManifestError as error:
+        return _problems(folder, [str(p) for p in error.problems])
+    manifest_file = str(folder / "Capsule.toml")
+    problems: list[str] = []
+    config: dict[str, str] = {}
+    try:
+        config = resolve_config(manifest, {}, source=manifest_file)
+    except ManifestError as error:
+        problems += [str(p) for p in error.problems]
+    digest = ""
+    try:
+        wasm, digest = read_component(folder, manifest)
+        with WasmEngine() as engine:
+            plugin = engine.load(wasm, name=manifest.package.name, wasi=True, host_functions=bind_airlocks())
+            plugin.close()
+            check_exports(manifest, plugin.exports, manifest_file)
+    except ManifestError as error:
+        problems += [str(p) for p in error.problems]
+    except InvalidModule as error:
+        problems.append(f"{folder / manifest.component.file}: {_one_line(error)}")
+    if problems:
+        return _problems(folder, problems)
+    package, caps = manifest.package, manifest.capabilities
+    print(f"{package.name} {package.version}: {package.description or '(no description)'}")
+    print(f"  wasm          {manifest.component.file}  sha256:{digest}")
+    for tool in manifest.tools:
+        print(f"  tool          {tool.name}: {tool.description}")
+    for interceptor in manifest.interceptors:
+        print(f"  interceptor   {interceptor.event} -> {interceptor.action} (priority {interceptor.priority})")
+    print("may touch:")
+    print(f"  kv            {'yes (its own keys)' if caps.kv else 'no'}")
+    for label, items in (
+        ("read files", caps.fs_read),
+        ("write files", caps.fs_write),
+        ("publish", caps.ipc_publish),
+        ("subscribe", caps.ipc_subscribe),
+        ("network", caps.net),
+    ):
+        print(f"  {label:<13} {', '.join(items) if items else 'nothing'}")
+    shown = mask_config(manifest, config)
+    for key, declared in manifest.env.items():
+        print(f"  config        {key} ({declared.type}) = {shown.get(key, '(unset)')}")
+    return EXIT_OK
+
+
+def _problems(folder: Path, problems: list[str]) -> int:
+    print(f"{folder}: {len(problems)} problem{'s' if len(problems) != 1 else ''}", file=sys.stderr)
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _capsule_call(args: argparse.Namespace) -> int:
+    import asyncio
+
+    try:
+        config = _config_pairs(args.config)
+    except ValueError as error:
+        return _fail(str(error), EXIT_USAGE)
+    text = sys.stdin.read() if args.arguments == "-" else args.arguments
+    try:
+        arguments = json.loads(text) if text.strip() else None
+    except ValueError as error:
+        return _fail(f"the arguments are not valid JSON: {error}", EXIT_FAILED)
+    try:
+        output = asyncio.run(_call_capsule_tool(args, config, arguments))
+    except OrchestratorError as error:
+        return _fail(_one_line(error), EXIT_FAILED)
+    sys.stdout.buffer.write(output)
+    sys.stdout.buffer.flush()
+    return EXIT_OK
+
+
+async def _call_capsule_tool(args: argparse.Namespace, config: dict[str, str], arguments: object) -> bytes:
+    from .bus import EventBus
+    from .capsule import Capsule
+    from .engine import WasmEngine
+    from .store import KVStore
+
+    state_dir: Path = args.state_dir
+    store = await KVStore.open(state_dir / "kv.sqlite3")
+    bus = EventBus()
+    engine = WasmEngine(cache_dir=state_dir / "cache")
+    capsule = None
+    try:
+        capsule = await Capsule.load(
+            args.dir, engine=engine, bus=bus, store=store, workspace=args.workspace, config=config
+        )
+        result = await capsule.call_tool(args.tool, arguments)
+        return result.output
+    finally:
+        if capsule is not None:
+            await capsule.close()
+        await store.close()
+        engine.close()
+        bus.close()
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -165,9 +290,7 @@ def _demo(args: argparse.Namespace) -> int:
             plugin = plugins[key]
             try:
                 output, fuel = plugin.call_metered(function, data)
-                print(
-                    f"  {name}.{function}({data!r}) -> {output.decode(errors='replace')!r}  [{fuel:,} fuel]"
-                )
+                print(f"  {name}.{function}({data!r}) -> {output.decode(errors='replace')!r}  [{fuel:,} fuel]")
             except OrchestratorError as error:
                 status = EXIT_FAILED
                 print(f"  {name}.{function}({data!r}) failed: {_one_line(error)}")

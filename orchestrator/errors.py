@@ -98,3 +98,51 @@ class CapabilityDenied(CapsuleError):
 
 class PluginClosed(CapsuleError):
     """The plugin was closed; load it again to call it."""
+
+
+class Problem:
+    """One thing wrong in a file: where (file, line when known, field) and what to do."""
+
+    __slots__ = ("field", "file", "line", "message")
+
+    def __init__(self, message: str, *, file: str = "", line: int | None = None, field: str = "") -> None:
+        self.message = message
+        self.file = file
+        self.line = line
+        self.field = field
+
+    def __str__(self) -> str:
+        where = self.file + (f":{self.line}" if self.line else "")
+        prefix = f"{where}: " if where else ""
+        return f"{prefix}{self.field + ': ' if self.field else ''}{self.message}"
+
+    def __repr__(self) -> str:
+        return f"Problem({self!s})"
+
+
+class FileProblems(OrchestratorError):
+    """A file that cannot be used as it is; `problems` lists every problem found, one per line."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+class ManifestError(FileProblems):
+    """A Capsule.toml (or the capsule folder it describes) is invalid."""
+
+
+class ToolInputError(OrchestratorError):
+    """A tool's arguments do not match its input schema; the guest was not called.
+
+    `field` is the JSON path of the offending value (``""`` for the whole input).
+    """
+
+    def __init__(self, message: str, *, tool: str = "", field: str = "") -> None:
+        super().__init__(message)
+        self.tool = tool
+        self.field = field
+
+
+class UnknownTool(OrchestratorError):
+    """The capsule declares no tool of that name."""

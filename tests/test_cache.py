@@ -207,7 +207,4 @@ def test_copied_cache_is_verified_and_restamped(tmp_path: Path) -> None:
         assert call_greet(engine) == b"Hello, Ada!"
         assert engine.cache.stats == {"memory_hits": 0, "disk_hits": 2, "compiled": 0, "rejected": 0}
     records = [json.loads(p.read_text()) for p in copy.glob("*.json")]
-    assert all(
-        r["stamp"][0] == (copy / f"{p.stem}.cwasm").stat().st_ino
-        for r, p in zip(records, copy.glob("*.json"))
-    )
+    assert all(r["stamp"][0] == (copy / f"{p.stem}.cwasm").stat().st_ino for r, p in zip(records, copy.glob("*.json")))

@@ -29,9 +29,7 @@ def rebuilt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert shutil.which("node"), "node is needed to rebuild the example capsules"
     npm_ready()
     out = tmp_path_factory.mktemp("rebuilt")
-    subprocess.run(
-        ["node", "build.mjs", "--out", str(out)], cwd=CAPSULES, check=True, timeout=300, capture_output=True
-    )
+    subprocess.run(["node", "build.mjs", "--out", str(out)], cwd=CAPSULES, check=True, timeout=300, capture_output=True)
     return out
 
 

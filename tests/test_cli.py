@@ -71,9 +71,7 @@ def test_failed_call_is_one_line_on_stderr_and_exit_1(args: tuple[str, ...], nee
 
 
 def test_input_over_the_memory_cap_is_named() -> None:
-    result = orch(
-        "wasm", "call", CONFORMANCE, "echo", "--input", "-", "--memory-mib", "2", stdin=b"x" * (3 << 20)
-    )
+    result = orch("wasm", "call", CONFORMANCE, "echo", "--input", "-", "--memory-mib", "2", stdin=b"x" * (3 << 20))
     assert result.returncode == 1
     assert b"memory limit of 2 MiB" in result.stderr
 
@@ -109,9 +107,7 @@ def test_unreadable_or_invalid_module_exits_2(tmp_path: Path) -> None:
     invalid = orch("wasm", "call", str(garbage), "f")
     assert invalid.returncode == 2 and b"not a WebAssembly module" in invalid.stderr
     lacking = tmp_path / "lacking.wat"
-    lacking.write_text(
-        '(module (import "env" "abort" (func)) (func (export "f") (result i32) (i32.const 0)))'
-    )
+    lacking.write_text('(module (import "env" "abort" (func)) (func (export "f") (result i32) (i32.const 0)))')
     unknown = orch("wasm", "call", str(lacking), "f")
     assert unknown.returncode == 2 and b"env::abort" in unknown.stderr
 

@@ -83,9 +83,7 @@ def _short(data: bytes) -> str:
 # -- running a sequence on both engines -----------------------------------------------------
 
 
-def run_ours(
-    engine: WasmEngine, wasm: bytes, config: Mapping[str, str], calls: Sequence[Call]
-) -> list[Outcome]:
+def run_ours(engine: WasmEngine, wasm: bytes, config: Mapping[str, str], calls: Sequence[Call]) -> list[Outcome]:
     outcomes = []
     with engine.load(wasm, name="subject", config=config) as plugin:
         for call in calls:
@@ -126,9 +124,7 @@ def assert_conforms(
 def check_expectation(where: str, want: bytes | Fails | None, mine: Outcome, oracle: Outcome) -> None:
     if isinstance(want, Fails):
         assert mine.error is not None, f"{where}: expected {want.kind.__name__}, both {mine.describe()}"
-        assert type(mine.error) is want.kind, (
-            f"{where}: expected {want.kind.__name__}, ours {mine.describe()}"
-        )
+        assert type(mine.error) is want.kind, f"{where}: expected {want.kind.__name__}, ours {mine.describe()}"
         assert want.text in str(mine.error), f"{where}: {want.text!r} missing from ours: {mine.error}"
         assert want.text in str(oracle.error), f"{where}: {want.text!r} missing from Extism's: {oracle.error}"
         if want.exit_code is not None:
@@ -188,10 +184,7 @@ CONFORMANCE_CASES = [
     pytest.param(one("input_size", MIB_BINARY, str(MIB).encode()), id="input_size-1mib"),
     # non-ASCII text, byte for byte and reversed by code point (as Python's [::-1] does)
     *[pytest.param(one("echo", text, text.encode()), id=f"echo-{name}") for name, text in TEXTS.items()],
-    *[
-        pytest.param(one("reverse", text, text[::-1].encode()), id=f"reverse-{name}")
-        for name, text in TEXTS.items()
-    ],
+    *[pytest.param(one("reverse", text, text[::-1].encode()), id=f"reverse-{name}") for name, text in TEXTS.items()],
     pytest.param(one("reverse", b"", b""), id="reverse-empty"),
     pytest.param(one("reverse", "stressed", b"desserts"), id="reverse-ascii"),
     pytest.param(one("reverse", b"ab\xffcd\xc3"), id="reverse-invalid-utf8"),
@@ -210,9 +203,7 @@ CONFORMANCE_CASES = [
     pytest.param(one("exit_code", b""), id="exit_code-empty"),
     # traps
     pytest.param(one("trap", b"", Fails(CapsuleTrap, trap_code=UNREACHABLE)), id="trap"),
-    pytest.param(
-        one("throws", b"", Fails(CapsuleTrap, "thrown on purpose", trap_code=UNREACHABLE)), id="throws"
-    ),
+    pytest.param(one("throws", b"", Fails(CapsuleTrap, "thrown on purpose", trap_code=UNREACHABLE)), id="throws"),
     # unknown functions
     pytest.param(one("nope", b"", Fails(UnknownFunction, "nope")), id="unknown-function"),
     pytest.param(one("ECHO", b"x", Fails(UnknownFunction, "ECHO")), id="unknown-function-case-sensitive"),
@@ -228,9 +219,7 @@ CONFORMANCE_CASES = [
     pytest.param(one("config", b"", b"<unset>"), id="config-empty-key"),
     pytest.param(one("get_var", b"", b"<unset>"), id="get_var-empty-name"),
     pytest.param(one("bump", b"", b"1"), id="bump-empty"),
-    pytest.param(
-        one("bump_then_trap", b"", Fails(CapsuleTrap, trap_code=UNREACHABLE)), id="bump_then_trap-empty"
-    ),
+    pytest.param(one("bump_then_trap", b"", Fails(CapsuleTrap, trap_code=UNREACHABLE)), id="bump_then_trap-empty"),
     # vars persist across the calls of one plugin ...
     pytest.param(
         [
@@ -336,9 +325,7 @@ EXAMPLE_CASES = [
 
 
 @pytest.mark.parametrize(("capsule", "config", "calls"), EXAMPLE_CASES)
-def test_conformance_examples(
-    engine: WasmEngine, capsule: str, config: dict[str, str], calls: list[Call]
-) -> None:
+def test_conformance_examples(engine: WasmEngine, capsule: str, config: dict[str, str], calls: list[Call]) -> None:
     assert_conforms(engine, capsule_bytes(capsule), calls, config=config)
 
 
@@ -497,9 +484,7 @@ WAT_CASES = [
     pytest.param(WAT_ECHO_BYTES, {}, one("run", bytes(range(256)), bytes(range(256))), id="echo-bytes"),
     pytest.param(WAT_ALLOC_FREE_ALLOC, {}, one("run", b"", b"new"), id="alloc-free-alloc"),
     pytest.param(WAT_LENGTH, {}, one("run", b"", (13).to_bytes(8, "little")), id="length"),
-    pytest.param(
-        WAT_ERROR, {}, one("fail_1", b"", Fails(GuestError, "oops", exit_code=1)), id="error_set-return-1"
-    ),
+    pytest.param(WAT_ERROR, {}, one("fail_1", b"", Fails(GuestError, "oops", exit_code=1)), id="error_set-return-1"),
     pytest.param(WAT_ERROR, {}, one("fail_0", b"", Fails(GuestError, "oops")), id="error_set-return-0"),
     pytest.param(WAT_NO_OUTPUT, {}, one("run", b"", b""), id="no-output"),
     pytest.param(WAT_NO_OUTPUT, {}, one("run", b"ignored input", b""), id="no-output-with-input"),
@@ -519,9 +504,7 @@ WAT_CASES = [
         id="var_set-var_get",
     ),
     pytest.param(WAT_SIGNATURES, {}, one("takes_arg", b"", Fails(UnknownFunction)), id="export-takes-arg"),
-    pytest.param(
-        WAT_SIGNATURES, {}, one("returns_i64", b"", Fails(UnknownFunction)), id="export-returns-i64"
-    ),
+    pytest.param(WAT_SIGNATURES, {}, one("returns_i64", b"", Fails(UnknownFunction)), id="export-returns-i64"),
     pytest.param(WAT_SIGNATURES, {}, one("returns_nothing", b"", b""), id="export-returns-nothing"),
 ]
 

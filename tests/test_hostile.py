@@ -99,8 +99,7 @@ def hostile_module(*items: str, imports: str = "") -> bytes:
     `imports` is spliced in after the kernel imports (imports must precede definitions).
     """
     kernel = "\n  ".join(
-        f'(import "extism:host/env" "{name}" (func ${name} {signature}))'
-        for name, signature in KERNEL_IMPORTS.items()
+        f'(import "extism:host/env" "{name}" (func ${name} {signature}))' for name, signature in KERNEL_IMPORTS.items()
     )
     body = "\n  ".join(
         (
@@ -140,9 +139,7 @@ HOSTILE = hostile_module(
     export("load_u64_4gib", "(drop (call $load_u64 (i64.const 4294967296)))"),
     export("load_u64_minus_1", "(drop (call $load_u64 (i64.const -1)))"),
     export("store_header", "(call $store_u8 (i64.const 8) (i32.const 0))"),
-    export(
-        "error_set_mid_block", "(call $error_set (i64.add (call $alloc (i64.const 64)) (i64.const 8)))", 1
-    ),
+    export("error_set_mid_block", "(call $error_set (i64.add (call $alloc (i64.const 64)) (i64.const 8)))", 1),
     export("error_set_freed", "(call $error_set (call $freed_block))", status=1),
     # capabilities
     export("http", "(drop (call $http_request (i64.const 0) (i64.const 0)))"),
@@ -365,8 +362,7 @@ def test_table_grow_bomb_is_refused(engine: WasmEngine) -> None:
     # 16 Mi funcref slots: 128 MiB of host memory
     grow = export(
         "table_bomb",
-        "(if (i32.eq (table.grow $t (ref.null func) (i32.const 16777216)) (i32.const -1))"
-        " (then unreachable))",
+        "(if (i32.eq (table.grow $t (ref.null func) (i32.const 16777216)) (i32.const -1)) (then unreachable))",
     )
     limits = Limits(memory_mib=4)  # default fuel: the memory limit, not fuel, must stop this
     with engine.load(hostile_module("(table $t 0 funcref)", grow), name="tables", limits=limits) as plugin:
@@ -414,8 +410,7 @@ def test_plugin_cannot_forge_the_kernel_header(engine: WasmEngine) -> None:
         # heap top and error block at 2**40 (header words 8 and 48)
         export(
             "forge_error",
-            "(i64.store (i32.const 8) (i64.const 1099511627776))"
-            " (i64.store (i32.const 48) (i64.const 1099511627776))",
+            "(i64.store (i32.const 8) (i64.const 1099511627776)) (i64.store (i32.const 48) (i64.const 1099511627776))",
             status=1,
         ),
         imports='(import "extism:host/env" "memory" (memory 1))',

@@ -179,8 +179,7 @@ def test_instantiate_pre_matches_public_instantiate() -> None:
     linker.define_func("host", "six", wasmtime.FuncType([], [wasmtime.ValType.i32()]), lambda: 6)
     module = wasmtime.Module(
         engine,
-        '(module (import "host" "six" (func $six (result i32)))'
-        ' (func (export "f") (result i32) (call $six)))',
+        '(module (import "host" "six" (func $six (result i32))) (func (export "f") (result i32) (call $six)))',
     )
     pre = linker.instantiate_pre(module)
     store = wasmtime.Store(engine)

@@ -46,9 +46,7 @@ class WasmEngine:
     `tick_ms`: epoch tick, the resolution of call timeouts.
     """
 
-    def __init__(
-        self, cache_dir: Path | str | None = None, *, fuel: bool = True, tick_ms: float = 5.0
-    ) -> None:
+    def __init__(self, cache_dir: Path | str | None = None, *, fuel: bool = True, tick_ms: float = 5.0) -> None:
         if tick_ms <= 0:
             raise ValueError("tick_ms must be positive")
         self.fuel_enabled = fuel

@@ -57,7 +57,7 @@ class HostCall:
     """What a host function sees of the call it serves: the plugin, the export being run,
     and the kernel memory (read a block by offset, allocate and write a new one)."""
 
-    __slots__ = ("_alloc", "_memory", "function", "plugin")
+    __slots__ = ("_alloc", "_memory", "context", "function", "plugin")
 
     def __init__(
         self,
@@ -65,9 +65,11 @@ class HostCall:
         function: str,
         memory: KernelMemory,
         alloc: Callable[[int], int],
+        context: Any = None,
     ) -> None:
         self.plugin = plugin
         self.function = function
+        self.context = context  # what the caller passed to Plugin.call(..., context=...)
         self._memory = memory
         self._alloc = alloc
 

@@ -57,8 +57,7 @@ def _give(instance: _Instance, caller: wasmtime.Caller, value: bytes | None) -> 
     offset = instance.alloc(caller, len(value))
     if offset == 0:
         raise CapsuleTrap(
-            f"the kernel could not allocate {len(value)} bytes "
-            f"(memory limit {instance.plugin.limits.memory_mib} MiB)"
+            f"the kernel could not allocate {len(value)} bytes (memory limit {instance.plugin.limits.memory_mib} MiB)"
         )
     instance.memory.write(offset, value)
     return offset

@@ -159,21 +159,24 @@ class Plugin:
         return plan
 
     # -- calling -------------------------------------------------------------------------
-    def call(self, function: str, data: bytes | str = b"") -> bytes:
+    def call(self, function: str, data: bytes | str = b"", *, context: Any = None) -> bytes:
         """Call export `function` with `data` as input; return its output.
+
+        `context` is handed to host functions as `HostCall.context` during this call (the
+        capsule layer passes its per-call state this way).
 
         Raises a `CapsuleError`: `UnknownFunction`, `GuestError`, `FuelExhausted`,
         `CallTimeout`, `MemoryLimitExceeded`, `KernelFault`, `CapsuleTrap`, `PluginClosed`.
         """
-        return self.call_metered(function, data)[0]
+        return self.call_metered(function, data, context=context)[0]
 
-    def call_metered(self, function: str, data: bytes | str = b"") -> tuple[bytes, int]:
+    def call_metered(self, function: str, data: bytes | str = b"", *, context: Any = None) -> tuple[bytes, int]:
         """Like `call`, but also returns the fuel this call burned (safe under threads)."""
         if isinstance(data, str):
             data = data.encode()
         instance = self._acquire()
         try:
-            output, fuel = instance.call(function, data)
+            output, fuel = instance.call(function, data, context)
         except CapsuleError as error:
             self.last_fuel_used = error.fuel_used
             raise
@@ -295,6 +298,7 @@ class _Instance:
     __slots__ = (
         "_alloc",
         "broken",
+        "context",
         "funcs",
         "function",
         "handle",
@@ -312,6 +316,7 @@ class _Instance:
         self.function = "(start)"
         self.host_error: BaseException | None = None
         self.host_source = ""
+        self.context: Any = None
         self.broken = False
         self.funcs: dict[str, _lowlevel.FastFunc | None] = {}
         engine = plugin.engine
@@ -404,7 +409,7 @@ class _Instance:
             )
         return func
 
-    def call(self, name: str, data: bytes) -> tuple[bytes, int]:
+    def call(self, name: str, data: bytes, context: Any = None) -> tuple[bytes, int]:
         plugin = self.plugin
         func = self._func(name)
         memory = self.memory
@@ -421,6 +426,7 @@ class _Instance:
         self._arm()
         self.function = name
         self.host_error = None
+        self.context = context
         previous = getattr(_current, "instance", None)
         _current.instance = self
         try:
@@ -429,6 +435,7 @@ class _Instance:
             raise self._trap_error(trap, self._fuel_used()) from None
         finally:
             _current.instance = previous
+            self.context = None
         fuel = self._fuel_used() if plugin._fuel_on else 0
         output_offset, output_length, error_offset = memory.result()
         if error_offset:
@@ -500,8 +507,7 @@ class _Instance:
         failed = memory.alloc_failed() if memory is not None else 0
         if fault is not None:
             hint = (
-                f" (an earlier alloc of {failed} bytes failed: the kernel memory limit is "
-                f"{limits.memory_mib} MiB)"
+                f" (an earlier alloc of {failed} bytes failed: the kernel memory limit is {limits.memory_mib} MiB)"
                 if failed
                 else ""
             )
@@ -575,7 +581,11 @@ def _host_trampoline(fn: HostFunction) -> Callable[..., Any]:
         instance = current_instance()
         try:
             host = HostCall(
-                instance.plugin.name, instance.function, instance.memory, _allocator(instance, caller)
+                instance.plugin.name,
+                instance.function,
+                instance.memory,
+                _allocator(instance, caller),
+                instance.context,
             )
             return check(callback(host, *args))
         except BaseException as error:

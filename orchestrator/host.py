@@ -1,0 +1,325 @@
+"""The host functions ("airlocks") a capsule imports from `extism:host/user`, as plain Python
+over bytes.
+
+Each function takes the per-call `CallState` and its arguments as bytes (the capsule layer
+reads them from kernel memory) and returns bytes, an int, or None. Functions that return
+data return a **HostResult**: `0x00` + payload, or `0x01` + a UTF-8 message for a recoverable
+error (not found, too large, invalid key, invalid path, rate limited, I/O error). A
+**capability denial** raises `CapabilityDenied` (the guest's call traps) after publishing
+an `orch.audit.denied` event: a denial is a configuration error to be seen, not something for
+guest code to work around. The ABI is documented for capsule authors in docs/abi.md.
+
+No wasm and no asyncio here, so every function is testable with fakes: the KV store is
+reached through `KVAccess`, the bus through `Publisher`.
+
+Used by orchestrator.capsule, which binds `HOST_FUNCTIONS` to the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .errors import CapabilityDenied
+from .gate import (
+    MAX_FILE_BYTES,
+    MAX_KEY_BYTES,
+    MAX_PAYLOAD_BYTES,
+    MAX_VALUE_BYTES,
+    GateError,
+    PathGate,
+    RateLimiter,
+    TopicGate,
+    check_key,
+    check_size,
+)
+
+OK, ERR = b"\x00", b"\x01"
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+AUDIT_TOPIC = "orch.audit.denied"
+
+
+class KVAccess(Protocol):
+    """One capsule's view of the KV store, from a worker thread."""
+
+    def get(self, key: str) -> bytes | None: ...
+    def set(self, key: str, value: bytes) -> int: ...  # returns the commit sequence number
+    def delete(self, key: str) -> int: ...
+    def keys(self, prefix: str) -> list[str]: ...
+
+
+class Publisher(Protocol):
+    def publish(self, topic: str, payload: Any = None, *, source: str = "orch") -> Any: ...
+
+
+@dataclass
+class HostContext:
+    """Everything the airlocks of one capsule may reach. Built once per capsule."""
+
+    capsule: str
+    config: Mapping[str, str]
+    paths: PathGate
+    publish: TopicGate
+    rate: RateLimiter
+    bus: Publisher
+    kv: KVAccess | None = None  # None: the manifest does not grant kv
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("orchestrator.capsule"))
+    clock_ms: Callable[[], int] = field(default_factory=lambda: lambda: int(time.time() * 1000))
+
+
+@dataclass
+class CallState:
+    """One call's view: the capsule's context plus what this call did (for the commit)."""
+
+    host: HostContext
+    function: str = ""
+    kv_seq: int = 0  # the highest KV write sequence number this call staged
+
+
+def ok(payload: bytes = b"") -> bytes:
+    return OK + payload
+
+
+def err(message: str) -> bytes:
+    return ERR + message.encode("utf-8", "replace")
+
+
+def _text(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise GateError(f"{what} is not valid UTF-8 (byte {error.start})") from None
+
+
+def deny(call: CallState, error: CapabilityDenied) -> CapabilityDenied:
+    """Publish the audit event for a denial and hand the error back for raising."""
+    host = call.host
+    host.bus.publish(
+        AUDIT_TOPIC,
+        {
+            "capsule": host.capsule,
+            "function": call.function,
+            "capability": error.capability,
+            "target": error.target,
+            "message": str(error),
+        },
+        source="orch",
+    )
+    host.log.warning("capsule %s: %s", host.capsule, error)
+    return error
+
+
+# -- logging, config, clock --------------------------------------------------------------
+def astrid_log(call: CallState, level: bytes, message: bytes) -> None:
+    name = level.decode("utf-8", "replace").strip().lower()
+    call.host.log.log(LOG_LEVELS.get(name, logging.INFO), "%s", message[:65536].decode("utf-8", "replace"))
+
+
+def astrid_get_config(call: CallState, key: bytes) -> bytes:
+    value = call.host.config.get(key.decode("utf-8", "replace"))
+    return value.encode() if value else b""
+
+
+def astrid_clock_ms(call: CallState) -> int:
+    return call.host.clock_ms()
+
+
+# -- key-value -----------------------------------------------------------------------------
+def _kv(call: CallState) -> KVAccess:
+    if call.host.kv is None:
+        raise deny(
+            call,
+            CapabilityDenied(
+                "capability denied: kv (add `kv = true` to [capabilities] in Capsule.toml)",
+                capability="kv",
+            ),
+        )
+    return call.host.kv
+
+
+def astrid_kv_get(call: CallState, key: bytes) -> bytes:
+    kv = _kv(call)
+    try:
+        value = kv.get(check_key(key))
+    except GateError as error:
+        return err(str(error))
+    return ok(value or b"")
+
+
+def astrid_kv_set(call: CallState, key: bytes, value: bytes) -> bytes:
+    kv = _kv(call)
+    try:
+        name = check_key(key)
+        check_size("value", len(value), MAX_VALUE_BYTES)
+    except GateError as error:
+        return err(str(error))
+    call.kv_seq = max(call.kv_seq, kv.set(name, value))
+    return ok()
+
+
+def astrid_kv_delete(call: CallState, key: bytes) -> bytes:
+    kv = _kv(call)
+    try:
+        name = check_key(key)
+    except GateError as error:
+        return err(str(error))
+    call.kv_seq = max(call.kv_seq, kv.delete(name))
+    return ok()
+
+
+def astrid_kv_list_keys(call: CallState, prefix: bytes) -> bytes:
+    kv = _kv(call)
+    try:
+        check_size("prefix", len(prefix), MAX_KEY_BYTES)
+        text = _text(prefix, "prefix")
+    except GateError as error:
+        return err(str(error))
+    return ok(json.dumps(kv.keys(text), ensure_ascii=False).encode())
+
+
+# -- bus -----------------------------------------------------------------------------------
+def astrid_ipc_publish(call: CallState, topic: bytes, payload: bytes) -> bytes:
+    host = call.host
+    try:
+        name = _text(topic, "topic")
+        check_size("payload", len(payload), MAX_PAYLOAD_BYTES)
+        try:
+            host.publish.check(name)
+        except CapabilityDenied as denied:
+            raise deny(call, denied) from None
+        try:
+            value = json.loads(payload) if payload else None
+        except ValueError as error:
+            return err(f"payload is not valid JSON: {error}")
+        host.rate.check(len(payload))
+    except GateError as error:
+        return err(str(error))
+    host.bus.publish(name, value, source=host.capsule)
+    return ok()
+
+
+# -- files ---------------------------------------------------------------------------------
+def _path(call: CallState, data: bytes, *, write: bool) -> Path:
+    """The checked real path; GateError for malformed input, CapabilityDenied (audited)."""
+    text = _text(data, "path")
+    try:
+        return call.host.paths.check_write(text) if write else call.host.paths.check_read(text)
+    except CapabilityDenied as denied:
+        raise deny(call, denied) from None
+
+
+def _io_error(path: bytes, error: OSError) -> bytes:
+    shown = path.decode("utf-8", "replace")
+    if isinstance(error, FileNotFoundError):
+        return err(f"not found: {shown}")
+    if isinstance(error, IsADirectoryError):
+        return err(f"is a directory: {shown}")
+    if isinstance(error, NotADirectoryError):
+        return err(f"not a directory: {shown}")
+    return err(f"I/O error on {shown}: {error.strerror or error}")
+
+
+def astrid_read_file(call: CallState, path: bytes) -> bytes:
+    try:
+        real = _path(call, path, write=False)
+        with open(real, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            check_size("file", size, MAX_FILE_BYTES)
+            data = handle.read(MAX_FILE_BYTES + 1)
+        check_size("file", len(data), MAX_FILE_BYTES)
+    except GateError as error:
+        return err(str(error))
+    except OSError as error:
+        return _io_error(path, error)
+    return ok(data)
+
+
+def astrid_write_file(call: CallState, path: bytes, data: bytes) -> bytes:
+    try:
+        check_size("file", len(data), MAX_FILE_BYTES)
+        real = _path(call, path, write=True)
+        real.parent.mkdir(parents=True, exist_ok=True)
+        _path(call, path, write=True)  # re-check: the folders now exist (no symlink was made)
+        fd, tmp = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, real)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except GateError as error:
+        return err(str(error))
+    except OSError as error:
+        return _io_error(path, error)
+    return ok()
+
+
+def astrid_fs_readdir(call: CallState, path: bytes) -> bytes:
+    try:
+        real = _path(call, path, write=False)
+        names = sorted(entry.name for entry in os.scandir(real))
+    except GateError as error:
+        return err(str(error))
+    except OSError as error:
+        return _io_error(path, error)
+    return ok(json.dumps(names, ensure_ascii=False).encode())
+
+
+def astrid_fs_stat(call: CallState, path: bytes) -> bytes:
+    try:
+        info = os.stat(_path(call, path, write=False))
+    except GateError as error:
+        return err(str(error))
+    except OSError as error:
+        return _io_error(path, error)
+    result = {
+        "size": info.st_size,
+        "is_dir": stat.S_ISDIR(info.st_mode),
+        "modified_ms": int(info.st_mtime * 1000),
+    }
+    return ok(json.dumps(result).encode())
+
+
+def astrid_fs_exists(call: CallState, path: bytes) -> bytes:
+    try:
+        real = _path(call, path, write=False)
+    except GateError as error:
+        return err(str(error))
+    return ok(b"true" if real.exists() else b"false")
+
+
+@dataclass(frozen=True)
+class Airlock:
+    """How a host function is bound: its name, number of (offset) arguments and result kind
+    ("result": a HostResult offset, "data": a raw data offset, "i64": a number, "none")."""
+
+    name: str
+    arity: int
+    result: str
+    function: Callable[..., Any]
+
+
+HOST_FUNCTIONS: tuple[Airlock, ...] = (
+    Airlock("astrid_log", 2, "none", astrid_log),
+    Airlock("astrid_get_config", 1, "data", astrid_get_config),
+    Airlock("astrid_clock_ms", 0, "i64", astrid_clock_ms),
+    Airlock("astrid_kv_get", 1, "result", astrid_kv_get),
+    Airlock("astrid_kv_set", 2, "result", astrid_kv_set),
+    Airlock("astrid_kv_delete", 1, "result", astrid_kv_delete),
+    Airlock("astrid_kv_list_keys", 1, "result", astrid_kv_list_keys),
+    Airlock("astrid_ipc_publish", 2, "result", astrid_ipc_publish),
+    Airlock("astrid_read_file", 1, "result", astrid_read_file),
+    Airlock("astrid_write_file", 2, "result", astrid_write_file),
+    Airlock("astrid_fs_readdir", 1, "result", astrid_fs_readdir),
+    Airlock("astrid_fs_stat", 1, "result", astrid_fs_stat),
+    Airlock("astrid_fs_exists", 1, "result", astrid_fs_exists),
+)

@@ -1,0 +1,365 @@
+"""Capsule.toml: the models, the loader, and configuration resolution against `[env]`.
+
+A manifest says what a capsule is (`[package]`, its `[[component]]` wasm), what it offers
+(`[[tool]]`, `[[interceptor]]`), what it reads (`[env.KEY]`), what it may touch
+(`[capabilities]`, deny by default) and its default `[limits]`. Every model forbids unknown
+keys; every error names the file, the line when the TOML text has one, the field, and what
+is allowed (with the nearest valid key for a typo). The loader reads the file and nothing
+else: the wasm is the capsule layer's business.
+
+Used by orchestrator.capsule, the CLI (`orch capsule check`) and, later, the reconciler.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import jsonschema
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ManifestError, Problem
+from .gate import GateError, check_pattern
+
+MANIFEST = "Capsule.toml"
+NAME = r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$"
+SEMVER = r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
+EXPORT = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+SECRET_MASK = "***"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Package(_Model):
+    """[package]: who the capsule is."""
+
+    name: str = Field(pattern=NAME, description="lowercase letters, digits and '-', at most 64")
+    version: str = Field(pattern=SEMVER, description="semantic version, e.g. 0.1.0")
+    description: str = Field("", description="one line for people")
+
+
+class Component(_Model):
+    """[[component]]: the WebAssembly module."""
+
+    id: str = Field("main", pattern=EXPORT, description="the component's id")
+    file: str = Field(description="the .wasm file, relative to the capsule folder")
+    hash: str | None = Field(None, pattern=r"^sha256:[0-9a-f]{64}$", description="optional pin: sha256:<64 hex>")
+
+    @field_validator("file")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if not value or path.is_absolute() or ".." in path.parts or "\\" in value:
+            raise ValueError("must be a relative path inside the capsule folder (no '..')")
+        return value
+
+
+class Build(_Model):
+    """[build]: how the dev loop rebuilds the capsule when its sources change."""
+
+    command: str = Field(min_length=1, description="shell command run in the capsule folder")
+    watch: list[str] = Field(default_factory=list, description="source globs that trigger it")
+
+
+EnvType = Literal["string", "secret", "number", "bool", "json"]
+
+
+class EnvVar(_Model):
+    """[env.KEY]: a configuration key the capsule reads with astrid_get_config."""
+
+    type: EnvType = Field("string", description="string | secret | number | bool | json")
+    default: Any = Field(None, description="used when config.yaml gives no value")
+    description: str = Field("", description="what it is for")
+
+    @model_validator(mode="after")
+    def _default_matches_type(self) -> EnvVar:
+        if self.default is not None:
+            render_config_value(self.type, self.default)  # raises ValueError
+        return self
+
+
+class Capabilities(_Model):
+    """[capabilities]: deny by default; anything not listed is refused."""
+
+    kv: bool = Field(False, description="a key-value store scoped to the capsule")
+    fs_read: list[str] = Field(default_factory=list, description="paths it may read (cwd://...)")
+    fs_write: list[str] = Field(default_factory=list, description="paths it may write")
+    ipc_publish: list[str] = Field(default_factory=list, description="topic patterns it may publish")
+    ipc_subscribe: list[str] = Field(default_factory=list, description="topic patterns it may receive")
+    net: list[str] = Field(default_factory=list, description="hosts it may reach (not granted yet)")
+
+    @field_validator("fs_read", "fs_write")
+    @classmethod
+    def _paths(cls, values: list[str]) -> list[str]:
+        for value in values:
+            rest = value.removeprefix("cwd://")
+            if "\0" in value or PurePosixPath(rest).is_absolute() or ".." in PurePosixPath(rest).parts:
+                raise ValueError(f"{value!r}: grants are cwd://paths inside the workspace, without '..'")
+            if "://" in rest:
+                raise ValueError(f"{value!r}: only cwd:// paths can be granted")
+        return values
+
+    @field_validator("ipc_publish", "ipc_subscribe")
+    @classmethod
+    def _patterns(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                check_pattern(value)
+            except GateError as error:
+                raise ValueError(f"{value!r}: {error}") from None
+        return values
+
+
+class Tool(_Model):
+    """[[tool]]: a named function with a JSON-schema input, called through the export of the
+    same name (or `astrid_tool_call`)."""
+
+    name: str = Field(pattern=EXPORT, description="letters, digits, '_'; the export's name")
+    description: str = Field("", description="what it does, for people and agents")
+    input_schema: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object"}, description="a JSON Schema for the arguments"
+    )
+
+    @field_validator("input_schema")
+    @classmethod
+    def _valid_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        try:
+            jsonschema.Draft202012Validator.check_schema(schema)
+        except jsonschema.SchemaError as error:
+            where = "/".join(str(p) for p in error.absolute_path)
+            raise ValueError(f"not a valid JSON Schema{' at ' + where if where else ''}: {error.message}") from None
+        return schema
+
+
+class Interceptor(_Model):
+    """[[interceptor]]: call `action` for every bus event matching `event`."""
+
+    event: str = Field(description="topic pattern (NATS syntax: '*' one token, '>' the rest)")
+    action: str = Field(pattern=EXPORT, description="the export to call with the event as JSON")
+    priority: int = Field(100, description="lower runs first when several match one event")
+
+    @field_validator("event")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        try:
+            check_pattern(value)
+        except GateError as error:
+            raise ValueError(str(error)) from None
+        return value
+
+
+class ManifestLimits(_Model):
+    """[limits]: the author's defaults; config.yaml may override."""
+
+    fuel: int | None = Field(None, gt=0, description="instructions per call")
+    memory_mib: int | None = Field(None, gt=0, le=4096, description="MiB per linear memory")
+    timeout_ms: int | None = Field(None, gt=0, description="wall-clock ms per call")
+
+
+class Manifest(_Model):
+    """A whole Capsule.toml."""
+
+    package: Package
+    components: list[Component] = Field(alias="component", min_length=1, max_length=1)
+    build: Build | None = None
+    env: dict[str, EnvVar] = Field(default_factory=dict)
+    capabilities: Capabilities = Field(default_factory=Capabilities)
+    tools: list[Tool] = Field(default_factory=list, alias="tool")
+    interceptors: list[Interceptor] = Field(default_factory=list, alias="interceptor")
+    limits: ManifestLimits = Field(default_factory=ManifestLimits)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        names = [t.name for t in self.tools]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"tool names must be unique: {', '.join(duplicates)} repeated")
+        for interceptor in self.interceptors:
+            if not any(pattern_covers(g, interceptor.event) for g in self.capabilities.ipc_subscribe):
+                raise ValueError(
+                    f"interceptor on {interceptor.event!r} needs a matching [capabilities] "
+                    f'ipc_subscribe grant, e.g. ipc_subscribe = ["{interceptor.event}"]'
+                )
+        return self
+
+    @property
+    def component(self) -> Component:
+        return self.components[0]
+
+    @property
+    def secret_keys(self) -> frozenset[str]:
+        return frozenset(k for k, v in self.env.items() if v.type == "secret")
+
+    def tool(self, name: str) -> Tool | None:
+        return next((t for t in self.tools if t.name == name), None)
+
+
+def pattern_covers(grant: str, pattern: str) -> bool:
+    """Whether every topic matching `pattern` also matches `grant`."""
+    granted, wanted = grant.split("."), pattern.split(".")
+    for i, token in enumerate(granted):
+        if token == ">":
+            return len(wanted) > i
+        if i >= len(wanted) or wanted[i] == ">":
+            return False
+        if token != "*" and token != wanted[i]:
+            return False
+    return len(wanted) == len(granted)
+
+
+def render_config_value(kind: str, value: Any) -> str:
+    """The raw string a guest receives for `value` of type `kind`; ValueError if it does not fit."""
+    if kind in ("string", "secret"):
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"expected a {kind} (text), got {type(value).__name__}")
+        return "true" if value is True else "false" if value is False else str(value)
+    if kind == "number":
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                raise ValueError(f"expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"expected a number, got {value!r}")
+        return str(value)
+    if kind == "bool":
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower()
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return "true" if value else "false"
+    if isinstance(value, str):  # json given as text (e.g. from the command line)
+        try:
+            json.loads(value)
+        except ValueError:
+            raise ValueError(f"expected JSON, got {value!r}") from None
+        return value
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def resolve_config(manifest: Manifest, overrides: Mapping[str, Any], *, source: str = "config") -> dict[str, str]:
+    """The config map a capsule receives: its `[env]` defaults overlaid with `overrides`.
+
+    Raises ManifestError listing every key the manifest does not declare (with the nearest
+    declared key) and every value of the wrong type.
+    """
+    problems: list[Problem] = []
+    for key in overrides:
+        if key not in manifest.env:
+            problems.append(Problem(f"{key!r} is not declared in [env]{_suggest(key, manifest.env)}", file=source))
+    resolved: dict[str, str] = {}
+    for key, declared in manifest.env.items():
+        value = overrides.get(key, declared.default)
+        if value is None:
+            continue
+        try:
+            resolved[key] = render_config_value(declared.type, value)
+        except ValueError as error:
+            problems.append(Problem(str(error), file=source, field=key))
+    if problems:
+        raise ManifestError(problems)
+    return resolved
+
+
+def mask_config(manifest: Manifest, config: Mapping[str, str]) -> dict[str, str]:
+    """`config` with every secret value replaced by ***."""
+    secrets = manifest.secret_keys
+    return {k: (SECRET_MASK if k in secrets else v) for k, v in config.items()}
+
+
+def load_manifest(folder: Path) -> Manifest:
+    """Read and validate `folder/Capsule.toml`. Raises ManifestError listing every problem."""
+    path = folder / MANIFEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(
+            [Problem(f"no {MANIFEST} in {folder}: every capsule folder needs one", file=str(path))]
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ManifestError([Problem(f"cannot read: {error}", file=str(path))]) from None
+    return parse_manifest(text, file=str(path))
+
+
+def parse_manifest(text: str, *, file: str = MANIFEST) -> Manifest:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        match = re.search(r"at line (\d+)", str(error))
+        raise ManifestError(
+            [Problem(f"not valid TOML: {error}", file=file, line=int(match.group(1)) if match else None)]
+        ) from None
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as error:
+        raise ManifestError([_problem(e, text, file) for e in error.errors()]) from None
+
+
+def _problem(error: Any, text: str, file: str) -> Problem:
+    loc = tuple(error["loc"])
+    field = ".".join(str(p) for p in loc)
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        message = f"unknown key{_suggest(str(loc[-1]), allowed)}; allowed here: {', '.join(sorted(allowed))}"
+    elif error["type"] == "missing":
+        message = "required"
+    return Problem(message, file=file, line=_line_of(text, loc), field=field)
+
+
+def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
+    """The keys valid in the table at `parent` (for "unknown key" messages)."""
+    sections: dict[str, type[BaseModel]] = {
+        "package": Package,
+        "component": Component,
+        "build": Build,
+        "env": EnvVar,
+        "capabilities": Capabilities,
+        "tool": Tool,
+        "interceptor": Interceptor,
+        "limits": ManifestLimits,
+    }
+    model = sections.get(str(parent[0])) if parent else Manifest
+    if model is None:
+        return []
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _suggest(key: str, allowed: Mapping[str, Any] | list[str]) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
+    """Best-effort line of `loc` in the TOML text: the deepest key or table header on the path
+    (an error inside an inline table points at the key that holds it)."""
+    lines: dict[tuple[Any, ...], int] = {}
+    table: tuple[Any, ...] = ()
+    counts: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        header = re.match(r"^(\[\[?)\s*([^\]]+?)\s*\]", line)
+        if header:
+            parts = tuple(p.strip().strip('"') for p in header.group(2).split("."))
+            if header.group(1) == "[[":
+                name = ".".join(parts)
+                counts[name] = counts.get(name, -1) + 1
+                parts = (*parts, counts[name])
+            table = parts
+            lines.setdefault(table, number)
+            continue
+        key = re.match(r'^("[^"]*"|[A-Za-z0-9_-]+)\s*=', line)
+        if key:
+            lines.setdefault((*table, key.group(1).strip('"')), number)
+    for depth in range(len(loc), 0, -1):
+        if loc[:depth] in lines:
+            return lines[loc[:depth]]
+    return None
