@@ -35,7 +35,7 @@ from typing import Any
 
 import jsonschema
 
-from .bus import EventBus, Subscription
+from .bus import Event, EventBus, Subscription
 from .engine import HostCall, HostFunction, Limits, Plugin, WasmEngine
 from .errors import (
     CapsuleError,
@@ -125,6 +125,8 @@ class Capsule:
         self._interceptors = sorted(manifest.interceptors, key=lambda i: i.priority)
         self._subscription: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
+        self._handled_seq = 0  # the last bus event the interceptors finished with
+        self._handled = asyncio.Condition()
         self.calls = 0
         self.errors = 0
 
@@ -252,24 +254,31 @@ class Capsule:
     def interceptors_for(self, topic: str) -> list[Interceptor]:
         return [i for i in self._interceptors if topic_matches(i.event, topic)]
 
+    async def caught_up(self, seq: int) -> None:
+        """Return once the interceptors have handled every event up to bus sequence `seq`
+        (at once when the capsule has no interceptors)."""
+        if self._task is None:
+            return
+        async with self._handled:
+            await self._handled.wait_for(lambda: self._handled_seq >= seq or self._task is None)
+
     async def _deliver(self) -> None:
         assert self._subscription is not None
         async for event in self._subscription:
-            for interceptor in self.interceptors_for(event.topic):
-                data = json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
-                try:
-                    await self._run(interceptor.action, data, label=interceptor.action)
-                except OrchestratorError as error:
-                    logger.warning("capsule %s: interceptor %s failed: %s", self.name, interceptor.action, error)
-                    self._bus.publish(
-                        f"orch.capsule.{self.name}.interceptor_failed",
-                        {
-                            "capsule": self.name,
-                            "action": interceptor.action,
-                            "event": event.seq,
-                            "error": str(error),
-                        },
-                    )
+            await self._intercept(event)
+            async with self._handled:
+                self._handled_seq = event.seq
+                self._handled.notify_all()
+
+    async def _intercept(self, event: Event) -> None:
+        data = json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+        for interceptor in self.interceptors_for(event.topic):
+            try:
+                await self._run(interceptor.action, data, label=interceptor.action)
+            except OrchestratorError as error:
+                logger.warning("capsule %s: interceptor %s failed: %s", self.name, interceptor.action, error)
+                failure = {"capsule": self.name, "action": interceptor.action, "event": event.seq, "error": str(error)}
+                self._bus.publish(f"orch.capsule.{self.name}.interceptor_failed", failure)
 
     # -- lifecycle -----------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
@@ -298,6 +307,9 @@ class Capsule:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            self._task = None
+            async with self._handled:
+                self._handled.notify_all()
         self.plugin.close()
         self._executor.shutdown(wait=False)
 

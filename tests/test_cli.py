@@ -137,3 +137,77 @@ def test_demo_runs_the_examples(tmp_path: Path) -> None:
     assert "'Hello, Ada!'" in text and "'Bonjour, Grace!'" in text
     assert "-> '12'" in text  # tally keeps state across calls
     assert '{"count":11}' in text
+
+
+# -- orch capsule check / call ---------------------------------------------------------------
+COUNTER = str(REPO / "capsules" / "counter")
+NOTES = str(REPO / "capsules" / "notes")
+
+
+def test_capsule_check_shows_what_it_may_touch() -> None:
+    result = orch("capsule", "check", COUNTER)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout.decode()
+    assert text.startswith("counter 0.1.0")
+    assert "kv            yes" in text and "publish       counter.*" in text
+    assert "read files    nothing" in text and "tool          increment" in text
+
+
+def test_capsule_check_lists_every_problem(tmp_path: Path) -> None:
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "Capsule.toml").write_text(
+        '[package]\nname = "Broken"\nversion = "1"\n[[component]]\nfile = "missing.wasm"\n'
+        '[capabilities]\nfs_wirte = ["cwd://x"]\n'
+    )
+    result = orch("capsule", "check", str(folder))
+    assert result.returncode == 1
+    text = result.stderr.decode()
+    assert "3 problems" in text
+    assert "Capsule.toml:2: package.name" in text and "Capsule.toml:3: package.version" in text
+    assert "did you mean 'fs_write'?" in text
+
+
+def test_capsule_check_reports_module_problems(tmp_path: Path) -> None:
+    folder = tmp_path / "lacking"
+    folder.mkdir()
+    (folder / "Capsule.toml").write_text(
+        '[package]\nname = "lacking"\nversion = "1.0.0"\n[[component]]\nfile = "m.wat"\n[[tool]]\nname = "go"\n'
+    )
+    (folder / "m.wat").write_text('(module (import "env" "abort" (func)))')
+    result = orch("capsule", "check", str(folder))
+    assert result.returncode == 1
+    assert b"env::abort" in result.stderr
+
+
+def test_capsule_call_keeps_kv_across_invocations(tmp_path: Path) -> None:
+    state = str(tmp_path / "state")
+    first = orch("capsule", "call", COUNTER, "increment", '{"by": 2}', "--state-dir", state)
+    assert (first.returncode, json.loads(first.stdout)) == (0, {"count": 2}), first.stderr
+    second = orch("capsule", "call", COUNTER, "increment", "-", "--state-dir", state, stdin=b'{"by": 3}')
+    assert json.loads(second.stdout) == {"count": 5}
+    third = orch("capsule", "call", COUNTER, "increment", "--state-dir", state, "--config", "step=10")
+    assert json.loads(third.stdout) == {"count": 15}
+
+
+def test_capsule_call_failures_are_one_line(tmp_path: Path) -> None:
+    state = str(tmp_path / "state")
+    workspace = str(tmp_path)
+    denied = orch(
+        "capsule", "call", NOTES, "peek", '{"path": "/etc/passwd"}', "--state-dir", state, "--workspace", workspace
+    )
+    assert denied.returncode == 1 and b"capability denied" in denied.stderr
+    assert len(denied.stderr.decode().strip().splitlines()) == 1
+    bad = orch("capsule", "call", COUNTER, "increment", '{"by": "x"}', "--state-dir", state)
+    assert bad.returncode == 1 and b"/by" in bad.stderr
+    garbage = orch("capsule", "call", COUNTER, "increment", "{nope", "--state-dir", state)
+    assert garbage.returncode == 1 and b"not valid JSON" in garbage.stderr
+    unknown = orch("capsule", "call", COUNTER, "explode", "--state-dir", state)
+    assert unknown.returncode == 1 and b"no tool 'explode'" in unknown.stderr
+
+
+def test_capsule_call_writes_files_in_the_workspace(tmp_path: Path) -> None:
+    args = ("--state-dir", str(tmp_path / "state"), "--workspace", str(tmp_path))
+    written = orch("capsule", "call", NOTES, "write", '{"name": "a", "text": "hello"}', *args)
+    assert written.returncode == 0, written.stderr
+    assert (tmp_path / "notes" / "a").read_text() == "hello"
