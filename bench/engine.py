@@ -73,9 +73,7 @@ def bench_calls(rounds: int, quick: bool) -> dict[str, object]:
                 assert ours.call(function, data) == expected, (function, label)
                 n = (2000 if label == "50B" else 40) // (4 if quick else 1)
                 key = f"{function}/{label}"
-                samples.setdefault(f"{key}/ours", []).append(
-                    per_call_us(lambda f=function, d=data: ours.call(f, d), n)
-                )
+                samples.setdefault(f"{key}/ours", []).append(per_call_us(lambda f=function, d=data: ours.call(f, d), n))
                 samples.setdefault(f"{key}/extism", []).append(
                     per_call_us(lambda f=function, d=data: theirs.call(f, d), n)
                 )
@@ -129,8 +127,7 @@ def bench_load(rounds: int) -> dict[str, object]:
 def big_module(min_bytes: int = 1_100_000) -> bytes:
     """A valid module of at least `min_bytes`: many functions of straight-line arithmetic."""
     body = " ".join(
-        f"(local.set $x (i64.add (i64.mul (local.get $x) (i64.const {i + 3})) (i64.const {i})))"
-        for i in range(60)
+        f"(local.set $x (i64.add (i64.mul (local.get $x) (i64.const {i + 3})) (i64.const {i})))" for i in range(60)
     )
     functions = []
     count = 0

@@ -113,7 +113,7 @@ def deny(call: CallState, error: CapabilityDenied) -> CapabilityDenied:
         },
         source="orch",
     )
-    host.log.info("capsule %s: %s", host.capsule, error)  # the audit event is the record
+    host.log.debug("capsule %s: %s", host.capsule, error)  # the audit event is the record
     return error
 
 
