@@ -124,6 +124,33 @@ class FastFunc:
         return int(self._vals[0].i32) if self._returns else 0
 
 
+class FastCallI64:
+    """An `(i64) -> i64` function (the kernel's `alloc`) called from inside a host function
+    through the caller's context, without the public wrapper's ~10 us of conversions."""
+
+    __slots__ = ("_func_ref", "_funcs", "_trap", "_trap_ref", "_vals")
+
+    def __init__(self, func: Func) -> None:
+        self._funcs = func._func
+        self._func_ref = ctypes.byref(self._funcs)
+        self._vals = (bindings.wasmtime_val_raw_t * 1)()
+        self._trap = _TrapPtr()
+        self._trap_ref = ctypes.byref(self._trap)
+
+    def __call__(self, caller: Any, value: int) -> int:
+        vals = self._vals
+        vals[0].i64 = value
+        error = _call_unchecked(caller._context(), self._func_ref, vals, 1, self._trap_ref)
+        if error:
+            raise WasmtimeError._from_ptr(error)
+        if self._trap:
+            trap = Trap._from_ptr(self._trap)
+            self._trap = _TrapPtr()
+            self._trap_ref = ctypes.byref(self._trap)
+            raise trap
+        return int(vals[0].i64)
+
+
 def memory_view(store: Store, memory: Memory) -> memoryview:
     """A writable view over the whole current linear memory, with no copy.
 
@@ -215,6 +242,7 @@ def export_at(store: Store, instance: Instance, index: int) -> Any:
 
 
 __all__ = [
+    "FastCallI64",
     "FastFunc",
     "StoreHandle",
     "clear_host_exception",

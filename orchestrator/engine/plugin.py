@@ -342,7 +342,7 @@ class _Instance:
             assert isinstance(kernel_memory, wasmtime.Memory)
             self.memory = KernelMemory(store, kernel_memory)
             self.kernel = kernel
-            self._alloc: Func | None = None
+            self._alloc: _lowlevel.FastCallI64 | None = None
             imports: list[Any] = []
             for kind, field, how in plugin._imports:
                 if kind == "kernel":
@@ -375,8 +375,8 @@ class _Instance:
         if alloc is None:
             export = _lowlevel.export_at(self.store, self.kernel, self.plugin.engine.kernel_exports["alloc"])
             assert isinstance(export, Func)
-            self._alloc = alloc = export
-        return int(alloc(caller, size))
+            self._alloc = alloc = _lowlevel.FastCallI64(export)
+        return alloc(caller, size)
 
     def _arm(self) -> None:
         if self.plugin._fuel_on:
