@@ -123,12 +123,12 @@ async def bench_capsule(rounds: int, quick: bool) -> dict[str, object]:
         samples: dict[str, list[float]] = {"nothing": [], "write1": [], "write100": []}
         host: dict[str, list[float]] = {"clock": [], "kv_get": []}
         for _ in range(rounds):
-            for tool in samples:
+            for tool, rates in samples.items():
                 count = calls // (10 if tool == "write100" else 1)
-                samples[tool].append(await throughput(capsule, tool, count))
+                rates.append(await throughput(capsule, tool, count))
             base = await per_call_us(capsule, "loop")
-            for tool in host:
-                host[tool].append((await per_call_us(capsule, tool) - base) / 10_000)
+            for tool, costs in host.items():
+                costs.append((await per_call_us(capsule, tool) - base) / 10_000)
         commits = store.stats["commits"]
         rows = store.stats["rows_written"]
         await capsule.close()

@@ -271,8 +271,15 @@ class Capsule:
                 self._handled.notify_all()
 
     async def _intercept(self, event: Event) -> None:
-        data = json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
-        for interceptor in self.interceptors_for(event.topic):
+        matching = self.interceptors_for(event.topic)
+        if not matching:
+            return
+        try:
+            data = json.dumps(event.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as error:  # a payload no guest could read
+            logger.warning("capsule %s: event %d is not JSON-encodable: %s", self.name, event.seq, error)
+            return
+        for interceptor in matching:
             try:
                 await self._run(interceptor.action, data, label=interceptor.action)
             except OrchestratorError as error:

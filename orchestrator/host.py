@@ -43,7 +43,16 @@ from .gate import (
 )
 
 OK, ERR = b"\x00", b"\x01"
-LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
+LOG_LEVELS = {
+    "trace": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once at import (os.umask can only be read by setting it)
 AUDIT_TOPIC = "orch.audit.denied"
 
 
@@ -124,7 +133,10 @@ def astrid_log(call: CallState, level: bytes, message: bytes) -> None:
 
 
 def astrid_get_config(call: CallState, key: bytes) -> bytes:
-    value = call.host.config.get(key.decode("utf-8", "replace"))
+    try:
+        value = call.host.config.get(key.decode("utf-8"))
+    except UnicodeDecodeError:
+        return b""  # no declared key is invalid UTF-8
     return value.encode() if value else b""
 
 
@@ -196,7 +208,7 @@ def astrid_ipc_publish(call: CallState, topic: bytes, payload: bytes) -> bytes:
         except CapabilityDenied as denied:
             raise deny(call, denied) from None
         try:
-            value = json.loads(payload) if payload else None
+            value = parse_json(payload) if payload else None
         except ValueError as error:
             return err(f"payload is not valid JSON: {error}")
         host.rate.check(len(payload))
@@ -204,6 +216,25 @@ def astrid_ipc_publish(call: CallState, topic: bytes, payload: bytes) -> bytes:
         return err(str(error))
     host.bus.publish(name, value, source=host.capsule)
     return ok()
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(data: bytes) -> Any:
+    """Strict JSON from UTF-8 bytes: no BOM, no NaN/Infinity, no lone surrogates (so every
+    subscriber, in any language, can read it back)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8 (byte {error.start})") from None
+    value = json.loads(text, parse_constant=_no_constant)
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate (\\uD800-\\uDFFF escape)") from None
+    return value
 
 
 # -- files ---------------------------------------------------------------------------------
@@ -230,9 +261,15 @@ def _io_error(path: bytes, error: OSError) -> bytes:
 def astrid_read_file(call: CallState, path: bytes) -> bytes:
     try:
         real = _path(call, path, write=False)
-        with open(real, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            check_size("file", size, MAX_FILE_BYTES)
+        # O_NONBLOCK: opening a FIFO must not hang the worker thread; it is refused below.
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError(21, "is a directory")
+            if not stat.S_ISREG(info.st_mode):
+                return err(f"not a regular file: {path.decode('utf-8', 'replace')}")
+            check_size("file", info.st_size, MAX_FILE_BYTES)
             data = handle.read(MAX_FILE_BYTES + 1)
         check_size("file", len(data), MAX_FILE_BYTES)
     except GateError as error:
@@ -248,10 +285,15 @@ def astrid_write_file(call: CallState, path: bytes, data: bytes) -> bytes:
         real = _path(call, path, write=True)
         real.parent.mkdir(parents=True, exist_ok=True)
         _path(call, path, write=True)  # re-check: the folders now exist (no symlink was made)
+        try:
+            mode = stat.S_IMODE(os.stat(real).st_mode)  # a rewrite keeps the file's mode
+        except FileNotFoundError:
+            mode = 0o666 & ~_UMASK
         fd, tmp = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
+                os.fchmod(handle.fileno(), mode)
             os.replace(tmp, real)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -266,7 +308,8 @@ def astrid_write_file(call: CallState, path: bytes, data: bytes) -> bytes:
 def astrid_fs_readdir(call: CallState, path: bytes) -> bytes:
     try:
         real = _path(call, path, write=False)
-        names = sorted(entry.name for entry in os.scandir(real))
+        # Names that are not UTF-8 cannot travel as JSON text: they show with U+FFFD.
+        names = sorted(os.fsencode(entry.name).decode("utf-8", "replace") for entry in os.scandir(real))
     except GateError as error:
         return err(str(error))
     except OSError as error:
@@ -291,10 +334,14 @@ def astrid_fs_stat(call: CallState, path: bytes) -> bytes:
 
 def astrid_fs_exists(call: CallState, path: bytes) -> bytes:
     try:
-        real = _path(call, path, write=False)
+        os.stat(_path(call, path, write=False))
     except GateError as error:
         return err(str(error))
-    return ok(b"true" if real.exists() else b"false")
+    except (FileNotFoundError, NotADirectoryError):
+        return ok(b"false")
+    except OSError as error:
+        return _io_error(path, error)
+    return ok(b"true")
 
 
 @dataclass(frozen=True)

@@ -301,3 +301,14 @@ def test_acknowledged_tool_writes_survive_sigkill(tmp_path: Path) -> None:
         return int(value)
 
     assert asyncio.run(count()) >= acknowledged
+
+
+async def test_an_unencodable_event_does_not_stop_interceptors(host: Host) -> None:
+    milestones = await host.load("milestones")
+    counter = await host.load("counter")
+    host.bus.publish("counter.changed", "\ud800")  # no guest could read this
+    await call(counter, "increment", {"by": 3})
+    await milestones.caught_up(host.bus.last_seq)
+    assert await call(milestones, "status") == {"last": 3, "seen": 1}
+    await counter.close()
+    await milestones.close()

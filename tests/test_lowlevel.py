@@ -189,3 +189,46 @@ def test_instantiate_pre_matches_public_instantiate() -> None:
     trapping = linker.instantiate_pre(wasmtime.Module(engine, "(module (func $s unreachable) (start $s))"))
     with pytest.raises(wasmtime.Trap):
         _lowlevel.instantiate_pre(store, trapping)
+
+
+def test_host_func_passes_raw_values_and_traps_on_exceptions() -> None:
+    engine = wasmtime.Engine()
+    store = wasmtime.Store(engine)
+    i64 = wasmtime.ValType.i64()
+    seen: list[int] = []
+
+    def double(context: object, values: object) -> None:
+        seen.append(values[0].i64)  # type: ignore[index]
+        if values[0].i64 < 0:  # type: ignore[index]
+            raise ValueError("negative")
+        values[0].i64 = values[0].i64 * 2  # type: ignore[index]
+
+    host = _lowlevel.host_func(store, wasmtime.FuncType([i64], [i64]), double)
+    module = wasmtime.Module(
+        engine,
+        '(module (import "h" "double" (func $d (param i64) (result i64)))'
+        ' (func (export "f") (param i64) (result i64) (call $d (local.get 0))))',
+    )
+    instance = wasmtime.Instance(store, module, [host])
+    f = instance.exports(store)["f"]
+    assert isinstance(f, wasmtime.Func)
+    assert f(store, 21) == 42
+    assert f(store, 2**40) == 2**41
+    with pytest.raises((wasmtime.Trap, wasmtime.WasmtimeError), match="host function failed: ValueError"):
+        f(store, -1)
+    assert seen == [21, 2**40, -1]
+    before = len(_lowlevel._handlers)
+    del instance, f, host
+    store.close()  # dropping the store releases the handler
+    assert len(_lowlevel._handlers) == before - 1
+
+
+def test_fast_call_i64_from_a_store_context() -> None:
+    engine = wasmtime.Engine()
+    store = wasmtime.Store(engine)
+    module = wasmtime.Module(
+        engine, '(module (func (export "inc") (param i64) (result i64) (i64.add (local.get 0) (i64.const 1))))'
+    )
+    inc = wasmtime.Instance(store, module, []).exports(store)["inc"]
+    assert isinstance(inc, wasmtime.Func)
+    assert _lowlevel.FastCallI64(inc)(store._context(), 41) == 42

@@ -14,10 +14,12 @@ Used only by orchestrator.engine.plugin and orchestrator.engine.engine.
 from __future__ import annotations
 
 import ctypes
+import itertools
+from collections.abc import Callable
 from typing import Any
 
 import wasmtime
-from wasmtime import Func, Instance, InstancePre, Memory, Module, Store, Trap, WasmtimeError
+from wasmtime import Func, FuncType, Instance, InstancePre, Memory, Module, Store, Trap, WasmtimeError
 from wasmtime import _bindings as bindings  # private: see the module docstring
 from wasmtime import _func as func_module
 from wasmtime._extern import get_extern_ptr, wrap_extern
@@ -124,6 +126,45 @@ class FastFunc:
         return int(self._vals[0].i32) if self._returns else 0
 
 
+# -- host functions without wasmtime-py's trampoline ----------------------------------------
+# wasmtime-py wraps every host call in a Caller object and converts each argument and
+# result through `Val` (~6 us per call). Host functions created here get the raw values:
+# `handler(context, values)` reads its i32/i64 arguments from `values[i]` and writes its
+# result to `values[0]`; `context` is the calling store's context (for calling back into
+# the kernel). An exception becomes a trap carrying its message.
+HostHandler = Callable[[Any, Any], None]
+_handlers: dict[int, HostHandler] = {}
+_handler_ids = itertools.count(1)
+_caller_context = bindings._wasmtime_caller_context
+_trap_new = bindings._wasmtime_trap_new
+_func_new_unchecked = bindings._wasmtime_func_new_unchecked
+
+
+@bindings.wasmtime_func_unchecked_callback_t  # type: ignore[untyped-decorator]
+def _dispatch(env: int | None, caller: Any, values: Any, count: int) -> int:
+    try:
+        _handlers[env or 0](_caller_context(caller), values)
+        return 0
+    except BaseException as error:  # reported to the guest as a trap; the caller keeps the error
+        message = f"host function failed: {type(error).__name__}".encode()
+        trap = _trap_new(ctypes.create_string_buffer(message), len(message))
+        return int(ctypes.cast(trap, ctypes.c_void_p).value or 0)
+
+
+@ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # type: ignore[untyped-decorator]
+def _forget(env: int | None) -> None:
+    _handlers.pop(env or 0, None)
+
+
+def host_func(store: Store, ty: FuncType, handler: HostHandler) -> Func:
+    """A Func in `store` that runs `handler(context, values)`; dropped with the store."""
+    key = next(_handler_ids)
+    _handlers[key] = handler
+    func = bindings.wasmtime_func_t()
+    _func_new_unchecked(store._context(), ty.ptr(), _dispatch, key, _forget, ctypes.byref(func))
+    return Func._from_raw(func)
+
+
 class FastCallI64:
     """An `(i64) -> i64` function (the kernel's `alloc`) called from inside a host function
     through the caller's context, without the public wrapper's ~10 us of conversions."""
@@ -137,10 +178,11 @@ class FastCallI64:
         self._trap = _TrapPtr()
         self._trap_ref = ctypes.byref(self._trap)
 
-    def __call__(self, caller: Any, value: int) -> int:
+    def __call__(self, context: Any, value: int) -> int:
+        """Call it in `context` (a store context, e.g. the one a host handler receives)."""
         vals = self._vals
         vals[0].i64 = value
-        error = _call_unchecked(caller._context(), self._func_ref, vals, 1, self._trap_ref)
+        error = _call_unchecked(context, self._func_ref, vals, 1, self._trap_ref)
         if error:
             raise WasmtimeError._from_ptr(error)
         if self._trap:
@@ -247,6 +289,7 @@ __all__ = [
     "StoreHandle",
     "clear_host_exception",
     "export_at",
+    "host_func",
     "instantiate",
     "instantiate_pre",
     "memory_size",

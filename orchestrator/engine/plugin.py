@@ -16,6 +16,7 @@ Used through orchestrator.engine.WasmEngine.load.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import queue
@@ -370,13 +371,17 @@ class _Instance:
             _current.instance = previous
 
     def alloc(self, caller: wasmtime.Caller, size: int) -> int:
-        """Allocate `size` bytes in the kernel memory from inside a host function."""
+        """Allocate `size` bytes in the kernel memory from inside a (wasmtime-py) host function."""
+        return self.alloc_in(caller._context(), size)
+
+    def alloc_in(self, context: Any, size: int) -> int:
+        """The same, given the calling store's raw context."""
         alloc = self._alloc
         if alloc is None:
             export = _lowlevel.export_at(self.store, self.kernel, self.plugin.engine.kernel_exports["alloc"])
             assert isinstance(export, Func)
             self._alloc = alloc = _lowlevel.FastCallI64(export)
-        return alloc(caller, size)
+        return alloc(context, size)
 
     def _arm(self) -> None:
         if self.plugin._fuel_on:
@@ -569,30 +574,40 @@ def _trap_cause(trap: Trap) -> str:
 
 def _bind_host_function(store: Store, fn: HostFunction) -> Func:
     ty = FuncType([_valtype(p) for p in fn.params], [_valtype(r) for r in fn.results])
-    return Func(store, ty, _host_trampoline(fn), access_caller=True)
+    return _lowlevel.host_func(store, ty, _host_handler(fn))
 
 
-def _host_trampoline(fn: HostFunction) -> Callable[..., Any]:
+_READ = {"i32": "i32", "i64": "i64", "f32": "f32", "f64": "f64"}
+
+
+def _host_handler(fn: HostFunction) -> _lowlevel.HostHandler:
+    """The raw handler for `fn`: unpack the arguments, call it with a HostCall, check and
+    store its result, and keep any exception on the instance for the caller."""
     callback = fn.callback
     source = f"{fn.namespace}::{fn.name}"
     check = _result_checker(fn)
+    fields = [_READ[p] for p in fn.params]
+    result_field = _READ[fn.results[0]] if fn.results else None
 
-    def call(caller: wasmtime.Caller, *args: Any) -> Any:
+    def handle(context: Any, values: Any) -> None:
         instance = current_instance()
         try:
+            args = [getattr(values[i], name) for i, name in enumerate(fields)]
             host = HostCall(
                 instance.plugin.name,
                 instance.function,
                 instance.memory,
-                _allocator(instance, caller),
+                functools.partial(instance.alloc_in, context),
                 instance.context,
             )
-            return check(callback(host, *args))
+            result = check(callback(host, *args))
+            if result_field is not None:
+                setattr(values[0], result_field, result)
         except BaseException as error:
             instance.host_error, instance.host_source = error, source
             raise
 
-    return call
+    return handle
 
 
 _RANGES = {"i32": (-(2**31), 2**32 - 1), "i64": (-(2**63), 2**64 - 1)}
@@ -617,13 +632,6 @@ def _result_checker(fn: HostFunction) -> Callable[[Any], Any]:
         return value
 
     return check
-
-
-def _allocator(instance: _Instance, caller: wasmtime.Caller) -> Callable[[int], int]:
-    def alloc(n: int) -> int:
-        return instance.alloc(caller, n)
-
-    return alloc
 
 
 def ticks_for(timeout_ms: int, tick_ms: float) -> int:
