@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: run test lint setup capsules bench clean
 
 run: $(STAMP)
-	$(BIN)/orch demo
+	$(BIN)/orch up config.yaml
 
 test: $(STAMP) capsules/node_modules/.package-lock.json
 	$(BIN)/ruff check orchestrator tests bench

@@ -43,6 +43,7 @@ from .errors import (
     ManifestError,
     OrchestratorError,
     Problem,
+    StaleSpec,
     ToolInputError,
     UnknownTool,
 )
@@ -129,6 +130,8 @@ class Capsule:
         self._handled = asyncio.Condition()
         self.calls = 0
         self.errors = 0
+        self.fuel_total = 0
+        self.fuel_last = 0
 
     # -- loading -------------------------------------------------------------------------
     @classmethod
@@ -145,13 +148,23 @@ class Capsule:
         limits: Mapping[str, Any] | None = None,
         instances: int = 1,
         rate: RateLimiter | None = None,
+        expect_sha256: str | None = None,
+        interceptors: bool = True,
     ) -> Capsule:
-        """Load the capsule in `folder`. Raises ManifestError or InvalidModule."""
+        """Load the capsule in `folder`. Raises ManifestError or InvalidModule, or
+        `StaleSpec` when `expect_sha256` is given and the wasm on disk is another one (it
+        changed since it was planned: a newer change event follows).
+
+        `interceptors=False` leaves interceptors off until `start_interceptors()` (the
+        reconciler starts them when it swaps versions, so no event is handled twice).
+        """
         folder = Path(folder)
         manifest = load_manifest(folder)
         name = name or manifest.package.name
         manifest_file = str(folder / "Capsule.toml")
         wasm, digest = read_component(folder, manifest)
+        if expect_sha256 is not None and digest != expect_sha256:
+            raise StaleSpec(f"{folder / manifest.component.file} changed while loading (sha256 {digest[:12]})")
         resolved = resolve_config(manifest, config or {}, source=manifest_file)
         wasm_limit = wasm_limits(Limits(), manifest.limits.model_dump(), limits)
         caps = manifest.capabilities
@@ -192,7 +205,8 @@ class Capsule:
             wasm_sha256=digest,
             executor=executor,
         )
-        capsule._start_interceptors()
+        if interceptors:
+            capsule.start_interceptors()
         return capsule
 
     # -- tools ---------------------------------------------------------------------------
@@ -242,14 +256,36 @@ class Capsule:
             raise
         if state.kv_seq and self._store is not None:
             await self._store.commit(state.kv_seq)
+        self.fuel_total += fuel
+        self.fuel_last = fuel
         return ToolResult(output, fuel, time.perf_counter() - started)
 
     # -- interceptors --------------------------------------------------------------------
-    def _start_interceptors(self) -> None:
-        if not self._interceptors:
+    def start_interceptors(self, after_seq: int | None = None) -> None:
+        """Start delivering bus events to the interceptors. With `after_seq`, begin with the
+        events after that sequence number still in the bus history (a newer version picks up
+        exactly where the old one stopped)."""
+        if not self._interceptors or self._task is not None:
             return
-        self._subscription = self._bus.subscribe(">")
+        if after_seq is None:
+            self._subscription = self._bus.subscribe(">")
+        else:
+            self._subscription = self._bus.subscribe(">", history=self._bus.last_seq - after_seq)
+            self._handled_seq = after_seq
         self._task = asyncio.get_running_loop().create_task(self._deliver(), name=f"interceptors-{self.name}")
+
+    async def stop_interceptors(self) -> int:
+        """Stop delivering (after the event being handled); return the last event handled."""
+        if self._subscription is not None:
+            self._subscription.close()
+        if self._task is not None:
+            task, self._task = self._task, None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            async with self._handled:
+                self._handled.notify_all()
+        return self._handled_seq
 
     def interceptors_for(self, topic: str) -> list[Interceptor]:
         return [i for i in self._interceptors if topic_matches(i.event, topic)]
@@ -265,6 +301,8 @@ class Capsule:
     async def _deliver(self) -> None:
         assert self._subscription is not None
         async for event in self._subscription:
+            if event.seq <= self._handled_seq:
+                continue  # handled by the previous version
             await self._intercept(event)
             async with self._handled:
                 self._handled_seq = event.seq
@@ -308,15 +346,7 @@ class Capsule:
 
     async def close(self) -> None:
         """Stop interceptors, let calls in flight finish, release the instances."""
-        if self._subscription is not None:
-            self._subscription.close()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-            async with self._handled:
-                self._handled.notify_all()
+        await self.stop_interceptors()
         self.plugin.close()
         self._executor.shutdown(wait=False)
 

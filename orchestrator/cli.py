@@ -5,7 +5,9 @@
                    [--cache-dir DIR] [--stats]
     orch capsule check DIR
     orch capsule call DIR TOOL [JSON | -] [--state-dir DIR] [--workspace DIR] [--config KEY=VALUE]...
-    orch demo [--cache-dir DIR]
+    orch up [CONFIG] [--log-format text|json] [--no-watch]
+    orch validate [CONFIG]
+    orch plan [CONFIG] [--json] [--exit-code]
 
 `wasm call` is like `extism call`: the output bytes go to stdout; a failed call prints one
 line to stderr and exits 1; bad usage or an unreadable or invalid module exits 2;
@@ -23,11 +25,11 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import CapsuleError, InvalidModule, OrchestratorError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,9 +83,23 @@ def _parser() -> argparse.ArgumentParser:
     ccall.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="a config value (repeatable)")
     ccall.set_defaults(run=_capsule_call)
 
-    demo = verbs.add_parser("demo", help="load the example capsules and call them")
-    demo.add_argument("--cache-dir", type=Path, default=REPO_ROOT / ".orch" / "cache")
-    demo.set_defaults(run=_demo)
+    up = verbs.add_parser("up", help="run the orchestrator on a config.yaml, in the foreground")
+    up.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"), help="default: ./config.yaml")
+    up.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="json: every bus event as a JSON line"
+    )
+    up.add_argument("--no-watch", action="store_true", help="do not watch files (apply once, then serve)")
+    up.set_defaults(run=_up)
+
+    validate = verbs.add_parser("validate", help="check a config.yaml and every capsule it names")
+    validate.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"))
+    validate.set_defaults(run=_validate)
+
+    plan = verbs.add_parser("plan", help="what applying a config.yaml would change")
+    plan.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"))
+    plan.add_argument("--json", action="store_true", help='print {"actions": [...]}')
+    plan.add_argument("--exit-code", action="store_true", help="exit 0: no changes, 2: changes, 1: errors")
+    plan.set_defaults(run=_plan)
     return parser
 
 
@@ -263,44 +279,60 @@ async def _call_capsule_tool(args: argparse.Namespace, config: dict[str, str], a
         bus.close()
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """Load each example plugin and call it: the README's first command runs this."""
-    from .engine import Limits, WasmEngine
+def _validate(args: argparse.Namespace) -> int:
+    from .desired import load_desired
+    from .errors import ConfigError
 
-    capsules = REPO_ROOT / "capsules"
-    calls: list[tuple[str, dict[str, str], str, str]] = [
-        ("greet", {}, "greet", "Ada"),
-        ("greet", {"greeting": "Bonjour"}, "greet", "Grace"),
-        ("tally", {}, "add", "5"),
-        ("tally", {}, "add", "7"),
-        ("vowels", {}, "count_vowels", "The quick brown fox jumps over the lazy dog"),
-    ]
-    engine = WasmEngine(cache_dir=args.cache_dir)
-    plugins = {}
-    status = EXIT_OK
     try:
-        for name, config, function, data in calls:
-            key = f"{name}:{sorted(config.items())}"
-            if key not in plugins:
-                started = time.perf_counter()
-                plugins[key] = engine.load(
-                    capsules / name / f"{name}.wasm", name=name, config=config, limits=Limits(fuel=10**8)
-                )
-                print(f"loaded {name} {config or ''} in {(time.perf_counter() - started) * 1000:.1f} ms")
-            plugin = plugins[key]
-            try:
-                output, fuel = plugin.call_metered(function, data)
-                print(f"  {name}.{function}({data!r}) -> {output.decode(errors='replace')!r}  [{fuel:,} fuel]")
-            except OrchestratorError as error:
-                status = EXIT_FAILED
-                print(f"  {name}.{function}({data!r}) failed: {_one_line(error)}")
-    except InvalidModule as error:
-        return _fail(_one_line(error), EXIT_USAGE)
-    finally:
-        for plugin in plugins.values():
-            plugin.close()
-        engine.close()
-    return status
+        desired = load_desired(args.config)
+    except ConfigError as error:
+        return _problems(args.config, [str(p) for p in error.problems])
+    enabled = sum(1 for s in desired.specs.values() if s.enabled)
+    print(f"{args.config}: valid ({len(desired.specs)} capsules, {enabled} enabled)")
+    return EXIT_OK
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .desired import load_desired
+    from .errors import ConfigError
+    from .plan import plan
+    from .runtime import read_applied
+
+    try:
+        desired = load_desired(args.config)
+    except ConfigError as error:
+        _problems(args.config, [str(p) for p in error.problems])
+        return EXIT_FAILED
+    actual = read_applied(desired.config.state_dir)
+    result = plan(desired.specs, actual)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_plan(result)
+    if args.exit_code:
+        return 2 if result.has_changes else EXIT_OK
+    return EXIT_OK
+
+
+def print_plan(result: Any) -> None:
+    symbols = {"start": "+", "reload": "~", "stop": "-", "keep": "="}
+    if not result.has_changes:
+        print("no changes")
+    for action in result.actions:
+        if action.action == "keep" and not action.reasons:
+            continue
+        reasons = "; ".join(action.reasons)
+        print(f"{symbols[action.action]} {action.capsule:<20} {action.action:<7} {reasons}")
+        for escalation in action.escalations:
+            print(f"    ! escalation: {escalation}")
+
+
+def _up(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .console import run_up
+
+    return asyncio.run(run_up(args.config, log_format=args.log_format, watch=not args.no_watch))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -146,3 +146,27 @@ class ToolInputError(OrchestratorError):
 
 class UnknownTool(OrchestratorError):
     """The capsule declares no tool of that name."""
+
+
+class ConfigError(FileProblems):
+    """config.yaml is invalid: syntax, unknown keys, bad values, or references (unknown
+    depends_on targets, cycles, missing capsule folders, undeclared config keys).
+
+    `partial` is the loaded config when the file itself was well-formed and only its
+    references were wrong (so every capsule can still be checked and every problem listed).
+    """
+
+    partial: object = None
+
+
+class StaleSpec(OrchestratorError):
+    """A capsule's files changed between planning and loading (a file caught mid-write);
+    nothing is applied, and the change event that follows triggers a new attempt."""
+
+
+class CapsuleNotRunning(OrchestratorError):
+    """The deployment exists but has no running version (starting, failed or stopped)."""
+
+
+class UnknownCapsule(OrchestratorError):
+    """No deployment of that name in the configuration."""

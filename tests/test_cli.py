@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +16,29 @@ GREET = str(capsule_wasm("greet"))
 CONFORMANCE = str(capsule_wasm("conformance"))
 
 
-def orch(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        input=stdin,
-        capture_output=True,
-        timeout=60,
-        cwd=REPO,
-        check=False,
+def orch(*args: str, stdin: bytes | None = None, timeout_stop: bool = False) -> subprocess.CompletedProcess[bytes]:
+    """Run `orch`. With `timeout_stop`, send SIGINT once the orchestrator reports it is up."""
+    if not timeout_stop:
+        return subprocess.run(
+            [sys.executable, "-m", "orchestrator", *args],
+            input=stdin,
+            capture_output=True,
+            timeout=60,
+            cwd=REPO,
+            check=False,
+        )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO
     )
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if b"orch.reconcile.finished" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=30)
+    return subprocess.CompletedProcess(process.args, process.returncode, b"".join(lines) + out, err)
 
 
 def test_call_prints_output_bytes() -> None:
@@ -130,15 +145,6 @@ def test_cache_dir_is_used(tmp_path: Path) -> None:
     assert len(list(cache.glob("*.cwasm"))) == 2
 
 
-def test_demo_runs_the_examples(tmp_path: Path) -> None:
-    result = orch("demo", "--cache-dir", str(tmp_path / "cache"))
-    assert result.returncode == 0, result.stderr
-    text = result.stdout.decode()
-    assert "'Hello, Ada!'" in text and "'Bonjour, Grace!'" in text
-    assert "-> '12'" in text  # tally keeps state across calls
-    assert '{"count":11}' in text
-
-
 # -- orch capsule check / call ---------------------------------------------------------------
 COUNTER = str(REPO / "capsules" / "counter")
 NOTES = str(REPO / "capsules" / "notes")
@@ -211,3 +217,80 @@ def test_capsule_call_writes_files_in_the_workspace(tmp_path: Path) -> None:
     written = orch("capsule", "call", NOTES, "write", '{"name": "a", "text": "hello"}', *args)
     assert written.returncode == 0, written.stderr
     assert (tmp_path / "notes" / "a").read_text() == "hello"
+
+
+# -- orch validate / plan / up ---------------------------------------------------------------
+def example_deployment(root: Path) -> Path:
+    """The repository's example config and capsules, copied under `root`."""
+    import shutil
+
+    for name in ("counter", "milestones", "notes"):
+        shutil.copytree(REPO / "capsules" / name, root / "capsules" / name, ignore=shutil.ignore_patterns("assembly"))
+    shutil.copy(REPO / "config.yaml", root / "config.yaml")
+    return root / "config.yaml"
+
+
+def test_validate(tmp_path: Path) -> None:
+    config = example_deployment(tmp_path)
+    good = orch("validate", str(config))
+    assert good.returncode == 0 and b"valid (3 capsules, 3 enabled)" in good.stdout
+    config.write_text(
+        config.read_text().replace("depends_on: [counter]", "depends_on: [countr]").replace("step: 1", "stp: 1")
+    )
+    bad = orch("validate", str(config))
+    assert bad.returncode == 1
+    text = bad.stderr.decode()
+    assert "did you mean 'counter'?" in text and "'stp'" in text and "config.yaml:" in text
+
+
+def test_plan_against_the_applied_state(tmp_path: Path) -> None:
+    config = example_deployment(tmp_path)
+    before = orch("plan", str(config), "--json", "--exit-code")
+    assert before.returncode == 2
+    actions = json.loads(before.stdout)["actions"]
+    assert {(a["capsule"], a["action"]) for a in actions} == {
+        ("counter", "start"),
+        ("milestones", "start"),
+        ("notes", "start"),
+    }
+    up = orch("up", str(config), "--no-watch", "--log-format", "json", timeout_stop=True)
+    assert up.returncode == 0, up.stderr
+    assert orch("plan", str(config), "--exit-code").returncode == 0
+    config.write_text(config.read_text().replace("step: 1", "step: 5"))
+    changed = orch("plan", str(config), "--exit-code")
+    assert changed.returncode == 2
+    assert b'config.step "1"\xe2\x86\x92"5"' in changed.stdout or 'config.step "1"→"5"'.encode() in changed.stdout
+    config.write_text("version: 2\n")
+    assert orch("plan", str(config), "--exit-code").returncode == 1
+
+
+def test_up_prints_events_as_json_lines_and_stops_cleanly(tmp_path: Path) -> None:
+    config = example_deployment(tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "up", str(config), "--log-format", "json"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    seen = []
+    for line in process.stdout:
+        event = json.loads(line)
+        assert set(event) >= {"topic", "payload", "seq", "timestamp_ms"}
+        seen.append(event["topic"])
+        if event["topic"] == "orch.reconcile.finished":
+            break
+    process.send_signal(signal.SIGINT)
+    rest, errors = process.communicate(timeout=30)
+    process.stdout.close()
+    process.stderr.close()
+    assert process.returncode == 0, errors
+    assert "orch.capsule.counter.running" in seen
+    tail = [json.loads(line)["topic"] for line in rest.decode().splitlines()]
+    assert "orch.capsule.counter.stopped" in tail
+
+
+def test_up_with_an_invalid_config_exits_1(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("version: 1\ncapsules:\n  x:\n    path: nowhere\n")
+    result = orch("up", str(tmp_path / "config.yaml"))
+    assert result.returncode == 1 and b"nothing started" in result.stderr

@@ -1,0 +1,549 @@
+"""config.yaml: the operator's desired state, as one validated, frozen tree.
+
+Owns the models (`OrchestratorConfig` and its parts), the loader (`load_config` reads the
+file; `parse_config` does the rest) and `topological_order`. The YAML is composed into nodes
+first, so every problem names the file, the line of the offending key or value, the dotted
+field, and what is allowed (with the nearest valid key for a typo); duplicate keys,
+non-text keys and unknown keys are errors, never silently dropped. `${VAR}` and
+`${VAR:-default}` are expanded in capsule config values only. References are checked once
+the structure is valid: `depends_on` targets, cycles, and that each capsule folder has a
+Capsule.toml. Checking config keys against a capsule's `[env]` is the manifest layer's job,
+with `LoadedConfig.line_of` for the line.
+
+No I/O beyond reading the file and looking at the capsule folders it names. Used by the
+reconciler, the runtime and the CLI (`validate`, `plan`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import heapq
+import os
+import re
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from .errors import ConfigError, Problem
+
+CONFIG_FILE = "config.yaml"
+MANIFEST = "Capsule.toml"
+NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+MAX_NODES = 100_000  # alias expansion beyond this is refused ("billion laughs")
+
+Loc = tuple[str | int, ...]
+
+
+def _none_is_empty(value: Any, empty: Callable[[], Any]) -> Any:
+    """A key written with nothing after it (`config:`) means an empty mapping or list."""
+    return empty() if value is None else value
+
+
+def _check_name(name: str) -> str:
+    if not NAME.match(name):
+        raise ValueError(
+            f"invalid deployment name {name!r}: use lowercase letters, digits and '-' "
+            "(not first or last), at most 64 characters"
+        )
+    return name
+
+
+def _check_path(value: str) -> str:
+    if not value or "\0" in value:
+        raise ValueError("must be a non-empty path without NUL characters")
+    return value
+
+
+DeploymentName = Annotated[str, AfterValidator(_check_name)]
+PathText = Annotated[str, AfterValidator(_check_path)]
+EmptyDict = BeforeValidator(lambda v: _none_is_empty(v, dict))
+EmptyList = BeforeValidator(lambda v: _none_is_empty(v, list))
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class LimitsOverride(_Model):
+    """Per-call limits; each one given overrides the capsule's [limits] (and the defaults)."""
+
+    fuel: int | None = Field(None, gt=0, description="a whole number > 0: WebAssembly instructions per call")
+    memory_mib: int | None = Field(None, gt=0, le=4096, description="a whole number 1..4096: MiB per linear memory")
+    timeout_ms: int | None = Field(None, gt=0, description="a whole number > 0: wall-clock milliseconds per call")
+
+
+class Defaults(_Model):
+    """defaults: what applies to every deployment that does not say otherwise."""
+
+    limits: Annotated[LimitsOverride, EmptyDict] = Field(
+        default_factory=LimitsOverride, description="a mapping of fuel, memory_mib, timeout_ms"
+    )
+
+
+class Deployment(_Model):
+    """capsules.<name>: one capsule folder running under one name."""
+
+    path: PathText = Field(description="the capsule folder, relative to config.yaml's folder (or absolute)")
+    config: Annotated[dict[str, Any], EmptyDict] = Field(
+        default_factory=dict, description="a mapping of [env] keys to values (overrides the manifest's defaults)"
+    )
+    limits: Annotated[LimitsOverride, EmptyDict] = Field(
+        default_factory=LimitsOverride, description="a mapping of fuel, memory_mib, timeout_ms"
+    )
+    instances: int = Field(1, ge=1, le=64, description="a whole number 1..64: parallel instances")
+    depends_on: Annotated[list[str], EmptyList] = Field(
+        default_factory=list, description="a list of deployment names started before this one"
+    )
+    enabled: bool = Field(True, description="true or false (false: stopped, state kept)")
+
+
+class OrchestratorConfig(_Model):
+    """A whole config.yaml."""
+
+    version: Literal[1] = Field(description="the config format version: 1")
+    workspace: PathText = Field(".", description="a path: the root of cwd:// paths, relative to config.yaml's folder")
+    state_dir: PathText = Field(".orch", description="a path: KV database, module cache, socket, applied state")
+    defaults: Annotated[Defaults, EmptyDict] = Field(default_factory=Defaults, description="a mapping with limits")
+    capsules: Annotated[dict[DeploymentName, Deployment], EmptyDict] = Field(
+        default_factory=dict, description="a mapping of deployment names to deployments"
+    )
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _exactly_one(cls, value: Any) -> Any:
+        if type(value) is not int or value != 1:
+            raise ValueError(f"unsupported version {value!r}: this orchestrator reads version 1")
+        return value
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated config.yaml with its paths resolved and the line of every key."""
+
+    path: Path
+    model: OrchestratorConfig
+    workspace: Path
+    state_dir: Path
+    text_sha256: str
+    lines: Mapping[Loc, int] = field(default_factory=dict, repr=False, compare=False)
+
+    def folder(self, name: str) -> Path:
+        """The absolute capsule folder of deployment `name` (KeyError if there is none)."""
+        return _resolve(self.path.parent, self.model.capsules[name].path)
+
+    def line_of(self, *loc: str | int) -> int | None:
+        """The line of key path `loc` (e.g. "capsules", "hello", "config", "greeting"); for a
+        path the file does not spell out, the line of its deepest ancestor that it does."""
+        return _line(self.lines, loc)
+
+
+def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -> LoadedConfig:
+    """Read and validate a config.yaml (a folder means its config.yaml). Raises ConfigError."""
+    path = Path(os.path.abspath(path))
+    try:
+        if path.is_dir():
+            path = path / CONFIG_FILE
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            [Problem(f"no {path.name} here: create one or pass the path of an existing one", file=str(path))]
+        ) from None
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ConfigError([Problem(f"cannot read: {reason}; check the path and permissions", file=str(path))]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ConfigError([Problem("not UTF-8 text: save the file as UTF-8", file=str(path), line=line)]) from None
+    return parse_config(text, path=path, environ=environ)
+
+
+def parse_config(text: str, *, path: Path, environ: Mapping[str, str] | None = None) -> LoadedConfig:
+    """Validate config.yaml text read from `path`. Raises ConfigError listing every problem."""
+    path = Path(os.path.abspath(path))
+    file = str(path)
+    reader = _Reader(file)
+    data = reader.read(text)
+    if data is None:
+        raise ConfigError(reader.problems)
+    problems = reader.problems
+    lines = reader.lines
+    data = _expand_capsule_config(data, os.environ if environ is None else environ, problems, lines, file)
+    model: OrchestratorConfig | None = None
+    try:
+        model = OrchestratorConfig.model_validate(data)
+    except ValidationError as error:
+        problems.extend(_validation_problem(e, lines, file) for e in error.errors(include_url=False))
+    if model is not None:
+        problems.extend(_reference_problems(model, path.parent, lines, file))
+    if model is None:
+        problems.sort(key=lambda p: p.line or 0)
+        raise ConfigError(problems)
+    loaded = LoadedConfig(
+        path=path,
+        model=model,
+        workspace=_resolve(path.parent, model.workspace),
+        state_dir=_resolve(path.parent, model.state_dir),
+        text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        lines=MappingProxyType(lines),
+    )
+    if problems:
+        problems.sort(key=lambda p: p.line or 0)
+        references = ConfigError(problems)
+        references.partial = loaded  # well-formed, but with reference problems: callers may check further
+        raise references
+    return loaded
+
+
+def topological_order(model: OrchestratorConfig) -> list[str]:
+    """Deployment names, dependencies first, ties by name. ValueError on a cycle."""
+    needs = {
+        name: {d for d in dep.depends_on if d in model.capsules and d != name} for name, dep in model.capsules.items()
+    }
+    ready = [name for name, deps in needs.items() if not deps]
+    heapq.heapify(ready)
+    order: list[str] = []
+    while ready:
+        name = heapq.heappop(ready)
+        order.append(name)
+        for other, deps in needs.items():
+            if name in deps:
+                deps.discard(name)
+                if not deps:
+                    heapq.heappush(ready, other)
+    if len(order) < len(needs):
+        raise ValueError(f"depends_on cycle among: {', '.join(sorted(set(needs) - set(order)))}")
+    return order
+
+
+class _Reader:
+    """YAML text -> plain data, recording the line of every key path and refusing what PyYAML
+    would accept silently (duplicate keys, non-text keys, unknown tags)."""
+
+    SCALARS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null"))
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.problems: list[Problem] = []
+        self.lines: dict[Loc, int] = {}
+        self.loader: yaml.SafeLoader | None = None
+        self.active: set[int] = set()
+        self.count = 0
+
+    def read(self, text: str) -> dict[str, Any] | None:
+        """The top-level mapping, or None (with a problem) when there is none to validate."""
+        try:
+            self.loader = yaml.SafeLoader(text)
+            root = self.loader.get_single_node()
+            if root is None:
+                self._problem("the file is empty: a config needs at least 'version: 1'", None)
+                return None
+            if not isinstance(root, MappingNode):
+                self._problem(
+                    f"the document must be a mapping of keys (version, capsules, ...), not {_kind(root)}", root
+                )
+                return None
+            data = self._build(root, ())
+        except yaml.MarkedYAMLError as error:
+            self._syntax_problem(error)
+            return None
+        except yaml.YAMLError as error:  # ReaderError: a character YAML does not allow
+            position = getattr(error, "position", None)
+            line = text[:position].count("\n") + 1 if isinstance(position, int) else None
+            reason = getattr(error, "reason", "") or str(error)
+            self.problems.append(Problem(f"not valid YAML: {reason}", file=self.file, line=line))
+            return None
+        except _TooLarge:
+            self._problem(f"too many values (more than {MAX_NODES} after expanding aliases)", None)
+            return None
+        finally:
+            if self.loader is not None:
+                self.loader.dispose()
+        return data if isinstance(data, dict) else None
+
+    def _syntax_problem(self, error: yaml.MarkedYAMLError) -> None:
+        mark = error.problem_mark or error.context_mark
+        message = f"not valid YAML: {error.problem or error.context or error}"
+        if "'\\t'" in message:
+            message += "; indent with spaces, not tabs"
+        if error.context and error.problem and error.context_mark and mark is not error.context_mark:
+            message += f" ({error.context} at line {error.context_mark.line + 1})"
+        self.problems.append(Problem(message, file=self.file, line=mark.line + 1 if mark else None))
+
+    def _problem(self, message: str, node: Node | None, loc: Loc = ()) -> None:
+        line = node.start_mark.line + 1 if node is not None else None
+        self.problems.append(Problem(message, file=self.file, line=line, field=_dotted(loc)))
+
+    def _build(self, node: Node, loc: Loc) -> Any:
+        self.count += 1
+        if self.count > MAX_NODES:
+            raise _TooLarge
+        if id(node) in self.active:
+            self._problem("an alias refers to a value that contains it", node, loc)
+            return None
+        if isinstance(node, ScalarNode):
+            return self._scalar(node, loc)
+        self.active.add(id(node))
+        try:
+            if isinstance(node, SequenceNode) and node.tag == "tag:yaml.org,2002:seq":
+                items = []
+                for i, item in enumerate(node.value):
+                    self.lines[(*loc, i)] = item.start_mark.line + 1
+                    items.append(self._build(item, (*loc, i)))
+                return items
+            if isinstance(node, MappingNode) and node.tag == "tag:yaml.org,2002:map":
+                return self._mapping(node, loc)
+            self._problem(f"unsupported YAML tag {node.tag!r}: write a plain mapping or list", node, loc)
+            return None
+        finally:
+            self.active.discard(id(node))
+
+    def _scalar(self, node: ScalarNode, loc: Loc) -> Any:
+        if node.tag == "tag:yaml.org,2002:timestamp":
+            return node.value  # dates stay text: capsule config values are strings, numbers, bools, JSON
+        if node.tag not in self.SCALARS:
+            self._problem(f"unsupported YAML tag {node.tag!r}: write a plain value", node, loc)
+            return None
+        assert self.loader is not None
+        return self.loader.construct_object(node, deep=True)
+
+    def _mapping(self, node: MappingNode, loc: Loc) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        merges = [v for k, v in node.value if k.tag == "tag:yaml.org,2002:merge"]
+        for merge in merges:  # '<<: *anchor' or '<<: [*a, *b]' (earlier ones win)
+            sources = merge.value if isinstance(merge, SequenceNode) else [merge]
+            for source in reversed(sources):
+                if not isinstance(source, MappingNode):
+                    self._problem("'<<' merges a mapping or a list of mappings", source, loc)
+                    continue
+                merged = self._build(source, loc)
+                if isinstance(merged, dict):
+                    result.update(merged)
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            line = key_node.start_mark.line + 1
+            if not isinstance(key_node, ScalarNode):
+                self._problem(f"keys must be text, not {_kind(key_node)}", key_node, loc)
+                continue
+            if key_node.tag != "tag:yaml.org,2002:str":
+                self._problem(f"keys must be text, not {key_node.value!r}: quote it", key_node, (*loc, key_node.value))
+                continue
+            key = str(key_node.value)
+            if key in first_line:
+                self._problem(
+                    f"duplicate key {key!r} (first at line {first_line[key]}): keep only one",
+                    key_node,
+                    (*loc, key),
+                )
+            first_line.setdefault(key, line)
+            self.lines[(*loc, key)] = line
+            result[key] = self._build(value_node, (*loc, key))
+        return result
+
+
+class _TooLarge(Exception):
+    pass
+
+
+_REFERENCE = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})?")
+
+
+def _expand_capsule_config(
+    data: dict[str, Any], environ: Mapping[str, str], problems: list[Problem], lines: Mapping[Loc, int], file: str
+) -> dict[str, Any]:
+    """`data` with ${VAR} expanded in every string inside capsules.*.config."""
+    capsules = data.get("capsules")
+    if not isinstance(capsules, dict):
+        return data
+
+    def expand(value: Any, loc: Loc) -> Any:
+        if isinstance(value, dict):
+            return {k: expand(v, (*loc, k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [expand(v, (*loc, i)) for i, v in enumerate(value)]
+        if not isinstance(value, str):
+            return value
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if match.group(0) == "$${":
+                return "${"
+            if name is None:
+                message = "malformed '${': write ${NAME} or ${NAME:-default}, and $${ for a literal '${'"
+                problems.append(Problem(message, file=file, line=_line(lines, loc), field=_dotted(loc)))
+                return match.group(0)
+            found = environ.get(name)
+            if found is None or (found == "" and default is not None):
+                if default is not None:
+                    return default
+                message = f"environment variable {name!r} is not set: set it, or give a default: ${{{name}:-default}}"
+                problems.append(Problem(message, file=file, line=_line(lines, loc), field=_dotted(loc)))
+                return match.group(0)
+            return found
+
+        return _REFERENCE.sub(substitute, value)
+
+    expanded = dict(capsules)
+    for name, deployment in capsules.items():
+        if isinstance(deployment, dict) and isinstance(deployment.get("config"), dict):
+            expanded[name] = {**deployment, "config": expand(deployment["config"], ("capsules", name, "config"))}
+    return {**data, "capsules": expanded}
+
+
+def _validation_problem(error: Any, lines: Mapping[Loc, int], file: str) -> Problem:
+    loc: Loc = tuple(p for p in error["loc"] if p != "[key]")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    model = _model_at(loc[:-1])
+    info = model.model_fields.get(str(loc[-1])) if model is not None and loc else None
+    if error["type"] == "extra_forbidden":
+        allowed = sorted(model.model_fields) if model is not None else []
+        message = f"unknown key {loc[-1]!r}{_suggest(str(loc[-1]), allowed)}; allowed here: {', '.join(allowed)}"
+    elif error["type"] == "missing":
+        message = f"required: {info.description}" if info is not None else "required"
+    elif error["type"] == "model_type" and (target := _model_at(loc)) is not None:
+        message = f"expected a mapping with keys {', '.join(target.model_fields)}, got {_show(error['input'])}"
+    elif error["type"] != "value_error":
+        message += f", got {_show(error['input'])}" + (f"; expected {info.description}" if info is not None else "")
+    return Problem(message, file=file, line=_line(lines, loc), field=_dotted(loc))
+
+
+def _model_at(loc: Loc) -> type[BaseModel] | None:
+    match loc:
+        case ():
+            return OrchestratorConfig
+        case ("defaults",):
+            return Defaults
+        case ("defaults", "limits") | ("capsules", _, "limits"):
+            return LimitsOverride
+        case ("capsules", _):
+            return Deployment
+    return None
+
+
+def _reference_problems(model: OrchestratorConfig, base: Path, lines: Mapping[Loc, int], file: str) -> list[Problem]:
+    problems: list[Problem] = []
+
+    def add(message: str, *loc: str | int) -> None:
+        problems.append(Problem(message, file=file, line=_line(lines, loc), field=_dotted(loc)))
+
+    names = list(model.capsules)
+    graph: dict[str, list[tuple[str, int]]] = {}
+    for name, deployment in model.capsules.items():
+        graph[name] = []
+        seen: dict[str, int] = {}
+        for i, target in enumerate(deployment.depends_on):
+            loc = ("capsules", name, "depends_on", i)
+            if target in seen:
+                add(
+                    f"{target!r} is listed twice (first at line {_line(lines, (*loc[:3], seen[target]))}): remove one",
+                    *loc,
+                )
+                continue
+            seen[target] = i
+            if target == name:
+                add(f"{name!r} depends on itself (depends_on cycle: {name} -> {name}); remove it", *loc)
+            elif target not in model.capsules:
+                others = ", ".join(n for n in names if n != name) or "none"
+                add(f"unknown deployment {target!r}{_suggest(target, names)}; deployments: {others}", *loc)
+            else:
+                graph[name].append((target, i))
+        add_folder_problem = _folder_problem(base, deployment.path)
+        if add_folder_problem:
+            add(add_folder_problem, "capsules", name, "path")
+    for cycle in _cycles(graph):
+        first, second = cycle[0], cycle[1]
+        index = next(i for t, i in graph[first] if t == second)
+        add(
+            f"depends_on cycle: {' -> '.join(cycle)}; remove one of these dependencies",
+            "capsules",
+            first,
+            "depends_on",
+            index,
+        )
+    return problems
+
+
+def _folder_problem(base: Path, value: str) -> str | None:
+    folder = _resolve(base, value)
+    where = "" if Path(value).is_absolute() else f" ({value!r} relative to {base})"
+    try:
+        if not folder.exists():
+            return f"capsule folder {folder} does not exist{where}: create it or fix the path"
+        if not folder.is_dir():
+            return f"{folder} is not a folder{where}: path names a capsule folder containing {MANIFEST}"
+        if not (folder / MANIFEST).is_file():
+            return f"no {MANIFEST} in {folder}: every capsule folder needs one"
+    except OSError as error:
+        return f"cannot look at {folder}: {error.strerror or error}"
+    return None
+
+
+def _cycles(graph: Mapping[str, list[tuple[str, int]]]) -> list[list[str]]:
+    """Each distinct shortest cycle through some deployment, rotated to start at its least name."""
+    found: list[list[str]] = []
+    for start in sorted(graph):
+        parent: dict[str, str] = {}
+        queue = deque([start])
+        while queue and start not in parent:
+            node = queue.popleft()
+            for target, _ in graph[node]:
+                if target not in parent:
+                    parent[target] = node
+                    queue.append(target)
+        if start not in parent:
+            continue
+        chain: list[str] = []
+        node = parent[start]
+        while node != start:  # walk back from the last hop to the first
+            chain.append(node)
+            node = parent[node]
+        ring = [start, *reversed(chain)]
+        least = ring.index(min(ring))
+        cycle = [*ring[least:], *ring[:least], ring[least]]
+        if cycle not in found:
+            found.append(cycle)
+    return found
+
+
+def _resolve(base: Path, value: str) -> Path:
+    return Path(os.path.normpath(base / value))
+
+
+def _line(lines: Mapping[Loc, int], loc: Loc) -> int | None:
+    for depth in range(len(loc), 0, -1):
+        if loc[:depth] in lines:
+            return lines[loc[:depth]]
+    return None
+
+
+def _dotted(loc: Loc) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _suggest(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _kind(node: Node) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    return "a list" if isinstance(node, SequenceNode) else f"the value {node.value!r}"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

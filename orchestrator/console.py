@@ -1,0 +1,115 @@
+"""`orch up` in a terminal: run the orchestrator in the foreground and print its events.
+
+With `--log-format json` every bus event goes to stdout as one JSON object per line
+(`topic`, `payload`, `source`, `seq`, `timestamp_ms`), for scripts to follow; logs go to
+stderr. With `text` (the default) events are printed as short readable lines.
+
+SIGINT or SIGTERM starts a phased shutdown with a deadline and the process exits 0; a
+second signal exits at once (status 130). Part of the CLI layer, like cli.py: it prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .bus import Event, Subscription
+from .errors import ConfigError
+from .runtime import Orchestrator
+
+SHUTDOWN_SECONDS = 10.0
+logger = logging.getLogger(__name__)
+
+
+async def run_up(config: Path, *, log_format: str = "text", watch: bool = True) -> int:
+    orchestrator = Orchestrator(config, watch=watch)
+    events = orchestrator.bus.subscribe(">", queue_size=100_000)
+    printer = asyncio.get_running_loop().create_task(_print_events(events, log_format))
+    stop = asyncio.Event()
+    _install_signals(stop)
+    try:
+        plan = await orchestrator.start()
+    except ConfigError as error:
+        events.close()
+        await printer
+        print(f"orch: {config}: {len(error.problems)} problem(s); nothing started", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    if log_format == "text":
+        assert orchestrator.reconciler is not None
+        running = sum(1 for status in orchestrator.reconciler.status() if status["phase"] == "Running")
+        print(
+            f"orch: {running} capsule(s) running from {orchestrator.config_path}"
+            f"{'; watching for changes' if watch else ''}. Ctrl+C to stop.",
+            flush=True,
+        )
+        del plan
+    await stop.wait()
+    if log_format == "text":
+        print("orch: stopping...", flush=True)
+    await orchestrator.stop(SHUTDOWN_SECONDS)
+    events.close()
+    with contextlib.suppress(asyncio.CancelledError):
+        await printer
+    return 0
+
+
+def _install_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(number: int) -> None:
+        if stop.is_set():
+            print("orch: second signal: exiting now", file=sys.stderr, flush=True)
+            os._exit(130)
+        stop.set()
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(number, on_signal, number)
+
+
+async def _print_events(events: Subscription, log_format: str) -> None:
+    async for event in events:
+        if log_format == "json":
+            sys.stdout.write(json.dumps(event.to_dict(), ensure_ascii=False, default=str) + "\n")
+        else:
+            sys.stdout.write(describe(event) + "\n")
+        sys.stdout.flush()  # scripts follow the stream line by line
+
+
+def describe(event: Event) -> str:
+    """One readable line for an event."""
+    clock = time.strftime("%H:%M:%S", time.localtime(event.timestamp_ms / 1000))
+    payload: Any = event.payload
+    parts = event.topic.split(".")
+    if event.topic.startswith("orch.capsule.") and len(parts) == 4 and isinstance(payload, dict):
+        name, what = parts[2], parts[3]
+        detail = ""
+        if what in ("running", "reloaded"):
+            detail = f" version {payload.get('version')}"
+        elif what in ("failed", "degraded"):
+            detail = f": {payload.get('last_error')}"
+            if payload.get("next_retry_ms"):
+                wait = max(0.0, payload["next_retry_ms"] / 1000 - time.time())
+                detail += f" (retry in {wait:.1f} s)"
+        elif what == "build_failed":
+            detail = f" (exit {payload.get('exit_code')}):\n{payload.get('output', '')}"
+        return f"{clock} {name:<16} {what}{detail}"
+    if event.topic == "orch.reconcile.started" and isinstance(payload, dict):
+        actions = ", ".join(f"{a['action']} {a['capsule']}" for a in payload.get("actions", []))
+        return f"{clock} reconcile        {actions}"
+    if event.topic == "orch.reconcile.finished" and isinstance(payload, dict):
+        failing = payload.get("failing") or []
+        return f"{clock} reconciled       " + (f"failing: {', '.join(failing)}" if failing else "all healthy")
+    if event.topic == "orch.reconcile.rejected" and isinstance(payload, dict):
+        return f"{clock} rejected         " + "\n    ".join(payload.get("problems", []))
+    text = json.dumps(payload, ensure_ascii=False, default=str)
+    return f"{clock} {event.topic} {text[:200]} (from {event.source})"

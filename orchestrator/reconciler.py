@@ -1,0 +1,378 @@
+"""The reconciler: applies plans, keeps the last good version serving, reports status.
+
+Every deployment has a *slot*: its phase, the version running now, counters, the last
+error. `apply(desired)` plans against what runs (orchestrator.plan, pure) and executes the
+plan wave by wave: stops first (dependents before their dependencies), then starts and
+reloads (dependencies first); the capsules of one wave in parallel.
+
+- start: `Starting`, then `Running`; if loading fails, `Failed` with the error and a retry
+  after a backoff (1 s doubling to 60 s, ±20 % jitter), shown as `next_retry_ms`.
+- reload: the new version is built completely *beside* the old one; only when it loaded
+  does the slot switch to it (interceptors hand over at an exact bus sequence number).
+  Calls already running finish on the old version, which is closed once they have. If
+  loading fails, the old version keeps serving and the slot shows `Degraded` with the error.
+- stop: `Stopping`, then `Stopped`; calls in flight finish first (bounded wait). KV is kept.
+- a file caught mid-write (`StaleSpec`) changes nothing: the next change event retries.
+
+Every phase change is published as `orch.capsule.<name>.<phase>` with the slot's status;
+a successful swap as `orch.capsule.<name>.reloaded`; each apply as
+`orch.reconcile.started` / `orch.reconcile.finished` with the plan.
+
+Dependencies are passed in (`launcher`, `bus`, clocks, `sleep`, `random`) so tests drive it
+with fakes and a fake clock. Used by the runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .bus import EventBus
+from .errors import CapsuleNotRunning, OrchestratorError, StaleSpec, UnknownCapsule
+from .plan import Action, Plan, plan
+from .spec import CapsuleSpec
+
+logger = logging.getLogger(__name__)
+
+PENDING, STARTING, RUNNING, DEGRADED, FAILED, STOPPING, STOPPED = (
+    "Pending",
+    "Starting",
+    "Running",
+    "Degraded",
+    "Failed",
+    "Stopping",
+    "Stopped",
+)
+PHASES = (PENDING, STARTING, RUNNING, DEGRADED, FAILED, STOPPING, STOPPED)
+DRAIN_SECONDS = 30.0
+
+
+class Handle(Protocol):
+    """A running capsule version, as the reconciler sees it (orchestrator.capsule.Capsule)."""
+
+    fuel_last: int
+
+    async def call_tool(self, tool: str, arguments: Any = None) -> Any: ...
+    def start_interceptors(self, after_seq: int | None = None) -> None: ...
+    async def stop_interceptors(self) -> int: ...
+    async def close(self) -> None: ...
+
+
+class Launcher(Protocol):
+    async def launch(self, spec: CapsuleSpec) -> Handle: ...
+
+
+@dataclass
+class Slot:
+    """One deployment: what runs, and what people see of it."""
+
+    name: str
+    phase: str = PENDING
+    spec: CapsuleSpec | None = None  # the version running now
+    handle: Handle | None = None
+    since_ms: int = 0
+    last_error: str | None = None
+    next_retry_ms: int | None = None
+    failed_hash: str | None = None  # the spec that failed to start, and when to retry it
+    retry_at: float = 0.0
+    attempts: int = 0
+    reload_count: int = 0
+    calls: int = 0
+    errors: int = 0
+    fuel_total: int = 0
+    fuel_last: int = 0
+    retry_task: asyncio.Task[None] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def status(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "name": self.name,
+            "phase": self.phase,
+            "version": spec.version if spec else None,
+            "spec_hash": spec.spec_hash if spec else None,
+            "instances": spec.instances if spec else 0,
+            "calls": self.calls,
+            "errors": self.errors,
+            "fuel_last": self.fuel_last,
+            "fuel_mean": round(self.fuel_total / self.calls) if self.calls else 0,
+            "last_error": self.last_error,
+            "since_ms": self.since_ms,
+            "next_retry_ms": self.next_retry_ms,
+            "reload_count": self.reload_count,
+        }
+
+
+class Reconciler:
+    """Converges running capsules on desired specs. One per orchestrator."""
+
+    def __init__(
+        self,
+        *,
+        launcher: Launcher,
+        bus: EventBus,
+        wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        jitter: Callable[[], float] = random.random,
+        backoff_base: float = 1.0,
+        backoff_max: float = 60.0,
+    ) -> None:
+        self._launcher = launcher
+        self._bus = bus
+        self._wall_ms = wall_ms
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._jitter = jitter
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._slots: dict[str, Slot] = {}
+        self._desired: dict[str, CapsuleSpec] = {}
+        self._lock = asyncio.Lock()
+        self._inflight: dict[int, int] = {}  # id(handle) -> calls running on it
+        self._drained: dict[int, asyncio.Event] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    # -- what runs -----------------------------------------------------------------------
+    def actual(self) -> dict[str, CapsuleSpec]:
+        """The specs of the versions serving now (Running or Degraded)."""
+        return {n: s.spec for n, s in self._slots.items() if s.handle is not None and s.spec is not None}
+
+    def plan(self, desired: Mapping[str, CapsuleSpec]) -> Plan:
+        return plan(desired, self.actual())
+
+    def status(self) -> list[dict[str, Any]]:
+        return [self._slots[name].status() for name in sorted(self._slots)]
+
+    def slot(self, name: str) -> Slot | None:
+        return self._slots.get(name)
+
+    # -- applying ------------------------------------------------------------------------
+    async def apply(self, desired: Mapping[str, CapsuleSpec]) -> Plan:
+        """Converge on `desired` (every deployment, enabled or not). Returns the plan applied."""
+        async with self._lock:
+            self._desired = dict(desired)
+            for name, spec in desired.items():
+                if name not in self._slots:
+                    self._slots[name] = Slot(name, phase=PENDING if spec.enabled else STOPPED, since_ms=self._wall_ms())
+            current = plan(desired, self.actual())
+            changes = [a.to_dict() for a in current.changes]
+            if changes:
+                self._bus.publish("orch.reconcile.started", {"actions": changes})
+            for wave in current.waves():
+                await asyncio.gather(*(self._execute(action) for action in wave))
+            for action in current.actions:
+                if action.action == "keep":
+                    self._keep(action.capsule)
+            self._forget_unwanted(desired)
+            if changes:
+                failed = [n for n, s in self._slots.items() if s.phase in (FAILED, DEGRADED)]
+                self._bus.publish("orch.reconcile.finished", {"actions": changes, "failing": sorted(failed)})
+            return current
+
+    def _forget_unwanted(self, desired: Mapping[str, CapsuleSpec]) -> None:
+        """Slots with nothing running that are no longer wanted: stop retrying; forget those
+        removed from the config, show the disabled ones as Stopped."""
+        for name, slot in list(self._slots.items()):
+            spec = desired.get(name)
+            if slot.handle is not None or (spec is not None and spec.enabled):
+                continue
+            self._cancel_retry(slot)
+            slot.failed_hash = None
+            if spec is None:
+                del self._slots[name]
+            elif slot.phase != STOPPED:
+                self._set_phase(slot, STOPPED)
+
+    async def _execute(self, action: Action) -> None:
+        name = action.capsule
+        if action.action == "start":
+            await self._start(self._slots[name], self._desired[name])
+        elif action.action == "reload":
+            await self._reload(self._slots[name], self._desired[name])
+        elif action.action == "stop":
+            await self._stop(self._slots[name], remove=name not in self._desired)
+
+    def _keep(self, name: str) -> None:
+        slot = self._slots[name]
+        wanted = self._desired.get(name)
+        if wanted is not None and slot.spec is not None and wanted.spec_hash == slot.spec.spec_hash:
+            slot.spec = wanted  # same version; its depends_on may have changed
+        if slot.phase == DEGRADED:  # the desired state went back to what is serving
+            slot.last_error = None
+            self._set_phase(slot, RUNNING)
+
+    async def _start(self, slot: Slot, spec: CapsuleSpec) -> None:
+        if slot.failed_hash == spec.spec_hash and self._monotonic() < slot.retry_at:
+            return  # the same spec failed recently: its retry is scheduled
+        self._cancel_retry(slot)
+        self._set_phase(slot, STARTING)
+        try:
+            handle = await self._launcher.launch(spec)
+        except StaleSpec as error:
+            logger.info("capsule %s: %s; waiting for the next change", slot.name, error)
+            self._set_phase(slot, PENDING)
+            return
+        except OrchestratorError as error:
+            self._failed(slot, spec, error)
+            return
+        handle.start_interceptors()
+        slot.handle, slot.spec = handle, spec
+        slot.attempts, slot.failed_hash, slot.next_retry_ms, slot.last_error = 0, None, None, None
+        self._set_phase(slot, RUNNING)
+
+    def _failed(self, slot: Slot, spec: CapsuleSpec, error: OrchestratorError) -> None:
+        slot.attempts += 1
+        delay = min(self._backoff_base * 2 ** (slot.attempts - 1), self._backoff_max)
+        delay *= 0.8 + 0.4 * self._jitter()
+        slot.failed_hash = spec.spec_hash
+        slot.retry_at = self._monotonic() + delay
+        slot.next_retry_ms = self._wall_ms() + int(delay * 1000)
+        slot.last_error = str(error)
+        self._set_phase(slot, FAILED)
+        slot.retry_task = asyncio.get_running_loop().create_task(self._retry(slot.name, delay))
+
+    async def _retry(self, name: str, delay: float) -> None:
+        await self._sleep(delay)
+        async with self._lock:
+            slot = self._slots.get(name)
+            spec = self._desired.get(name)
+            if slot is None or spec is None or not spec.enabled or slot.handle is not None:
+                return
+            slot.retry_task = None
+            slot.retry_at = 0.0
+            await self._start(slot, spec)
+
+    def _cancel_retry(self, slot: Slot) -> None:
+        if slot.retry_task is not None and slot.retry_task is not asyncio.current_task():
+            slot.retry_task.cancel()
+        slot.retry_task = None
+
+    async def _reload(self, slot: Slot, spec: CapsuleSpec) -> None:
+        old = slot.handle
+        assert old is not None
+        try:
+            new = await self._launcher.launch(spec)
+        except StaleSpec as error:
+            logger.info("capsule %s: %s; waiting for the next change", slot.name, error)
+            return
+        except OrchestratorError as error:
+            slot.last_error = str(error)
+            self._set_phase(slot, DEGRADED)
+            return
+        handed_over = await old.stop_interceptors()
+        new.start_interceptors(after_seq=handed_over)
+        slot.handle, slot.spec = new, spec  # new calls go to the new version from here on
+        slot.reload_count += 1
+        slot.last_error = None
+        self._retire(old)
+        if slot.phase != RUNNING:
+            self._set_phase(slot, RUNNING)
+        self._publish(slot, "reloaded")
+
+    async def _stop(self, slot: Slot, *, remove: bool) -> None:
+        self._cancel_retry(slot)
+        handle = slot.handle
+        self._set_phase(slot, STOPPING)
+        slot.handle = None
+        if handle is not None:
+            await self._drain_and_close(handle)
+        self._set_phase(slot, STOPPED)
+        if remove:
+            del self._slots[slot.name]
+
+    def _retire(self, handle: Handle) -> None:
+        task = asyncio.get_running_loop().create_task(self._drain_and_close(handle))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _drain_and_close(self, handle: Handle, timeout: float = DRAIN_SECONDS) -> None:
+        key = id(handle)
+        if self._inflight.get(key):
+            drained = self._drained.setdefault(key, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(drained.wait(), timeout)
+        try:
+            await handle.close()
+        except Exception:
+            logger.exception("closing a capsule version failed")
+
+    # -- calls ---------------------------------------------------------------------------
+    async def call_tool(self, name: str, tool: str, arguments: Any = None) -> Any:
+        """Call `tool` on the version of `name` serving now. Raises UnknownCapsule,
+        CapsuleNotRunning, or whatever the tool call raises."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise UnknownCapsule(f"no capsule {name!r} (deployed: {', '.join(sorted(self._slots)) or 'none'})")
+        handle = slot.handle
+        if handle is None:
+            raise CapsuleNotRunning(f"capsule {name!r} is {slot.phase.lower()}, not running" + _why(slot))
+        key = id(handle)
+        self._inflight[key] = self._inflight.get(key, 0) + 1
+        try:
+            result = await handle.call_tool(tool, arguments)
+        except OrchestratorError:
+            slot.calls += 1
+            slot.errors += 1
+            raise
+        finally:
+            left = self._inflight[key] - 1
+            if left:
+                self._inflight[key] = left
+            else:
+                del self._inflight[key]
+                drained = self._drained.pop(key, None)
+                if drained is not None:
+                    drained.set()
+        slot.calls += 1
+        slot.fuel_total += handle.fuel_last
+        slot.fuel_last = handle.fuel_last
+        return result
+
+    # -- shutdown ------------------------------------------------------------------------
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop every capsule (dependents first), waiting at most `timeout` for calls in flight."""
+        async with self._lock:
+            for slot in self._slots.values():
+                self._cancel_retry(slot)
+            current = plan({}, self.actual())
+            for wave in current.waves():
+                await asyncio.gather(*(self._stop_within(self._slots[a.capsule], timeout) for a in wave))
+            for task in list(self._closing):
+                task.cancel()
+
+    async def _stop_within(self, slot: Slot, timeout: float) -> None:
+        handle = slot.handle
+        self._set_phase(slot, STOPPING)
+        slot.handle = None
+        if handle is not None:
+            await self._drain_and_close(handle, timeout)
+        self._set_phase(slot, STOPPED)
+
+    # -- events --------------------------------------------------------------------------
+    def _set_phase(self, slot: Slot, phase: str) -> None:
+        if slot.phase == phase and phase not in (FAILED, DEGRADED):
+            return
+        slot.phase = phase
+        slot.since_ms = self._wall_ms()
+        if phase != FAILED:
+            slot.next_retry_ms = None
+        self._publish(slot, phase.lower())
+
+    def _publish(self, slot: Slot, event: str) -> None:
+        status = slot.status()
+        slot.history.append({"event": event, "at_ms": slot.since_ms, "version": status["version"]})
+        del slot.history[:-50]
+        self._bus.publish(f"orch.capsule.{slot.name}.{event}", status)
+
+
+def _why(slot: Slot) -> str:
+    if slot.last_error:
+        return f": {slot.last_error}"
+    return ""

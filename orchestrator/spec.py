@@ -1,0 +1,117 @@
+"""CapsuleSpec: one capsule's desired state as an immutable value, and its spec hash.
+
+A spec is everything that decides how a capsule runs: the wasm's sha256, the manifest, the
+resolved configuration, the limits, the number of instances and the capabilities (part of
+the manifest, kept apart for diffs). `spec_hash` covers all of it, so "did anything change"
+is one comparison. Specs also say how the deployment is wired (`depends_on`, `enabled`),
+which affects ordering but never requires a reload.
+
+A spec can be turned into a JSON record and back (`record`, `from_record`): the record is
+what the state dir keeps as the last applied state, so `orch plan` can diff without a
+running orchestrator. Secret values never enter a record: they are replaced by a keyed
+digest, which is enough to tell that a secret changed without being able to recover it.
+
+Pure values; used by plan.py (pure), desired.py (loading) and the reconciler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+SECRET_PREFIX = "secret-sha256:"
+
+
+def secret_digest(name: str, key: str, value: str) -> str:
+    """A digest of a secret value that cannot be compared across capsules or keys."""
+    return SECRET_PREFIX + hashlib.sha256(f"{name}\0{key}\0{value}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CapsuleSpec:
+    """One deployment's desired state."""
+
+    name: str  # the deployment's name (a capsule may run under two names)
+    folder: str  # absolute path of the capsule folder
+    wasm_sha256: str
+    manifest: Mapping[str, Any]  # the manifest as plain data (Manifest.model_dump(by_alias=True))
+    config: Mapping[str, str]  # resolved; secret values in plain text (never recorded)
+    secret_keys: frozenset[str]
+    limits: Mapping[str, int]  # fuel, memory_mib, timeout_ms
+    instances: int = 1
+    depends_on: tuple[str, ...] = ()
+    enabled: bool = True
+    spec_hash: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.spec_hash:
+            object.__setattr__(self, "spec_hash", self.compute_hash())
+
+    @property
+    def capabilities(self) -> Mapping[str, Any]:
+        caps = self.manifest.get("capabilities", {})
+        return caps if isinstance(caps, Mapping) else {}
+
+    @property
+    def version(self) -> str:
+        """The short wasm hash people see."""
+        return self.wasm_sha256[:12]
+
+    def config_view(self) -> dict[str, str]:
+        """The config with secret values replaced by their digests (safe to store and diff)."""
+        return {
+            key: secret_digest(self.name, key, value)
+            if key in self.secret_keys and not value.startswith(SECRET_PREFIX)
+            else value
+            for key, value in self.config.items()
+        }
+
+    def compute_hash(self) -> str:
+        material = {
+            "wasm": self.wasm_sha256,
+            "manifest": self.manifest,
+            "config": self.config_view(),
+            "limits": dict(self.limits),
+            "instances": self.instances,
+        }
+        return hashlib.sha256(_canonical(material)).hexdigest()
+
+    def record(self) -> dict[str, Any]:
+        """A JSON-able record without secret values."""
+        return {
+            "name": self.name,
+            "folder": self.folder,
+            "wasm_sha256": self.wasm_sha256,
+            "manifest": self.manifest,
+            "config": self.config_view(),
+            "secret_keys": sorted(self.secret_keys),
+            "limits": dict(self.limits),
+            "instances": self.instances,
+            "depends_on": list(self.depends_on),
+            "enabled": self.enabled,
+            "spec_hash": self.spec_hash,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> CapsuleSpec:
+        """A spec rebuilt from `record` (its secrets are digests; the hash is the same)."""
+        spec = cls(
+            name=str(record["name"]),
+            folder=str(record["folder"]),
+            wasm_sha256=str(record["wasm_sha256"]),
+            manifest=record["manifest"],
+            config={str(k): str(v) for k, v in record["config"].items()},
+            secret_keys=frozenset(record.get("secret_keys", ())),
+            limits={str(k): int(v) for k, v in record["limits"].items()},
+            instances=int(record.get("instances", 1)),
+            depends_on=tuple(record.get("depends_on", ())),
+            enabled=bool(record.get("enabled", True)),
+        )
+        return spec
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
