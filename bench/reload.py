@@ -24,6 +24,10 @@ Everything runs on generated capsules: WAT text modules (no build tools) whose t
   `apply(same specs)`, a plan with nothing to do, is timed. Target: median <= 50 ms.
   `load_desired` of that config is timed too, in full and re-reading one deployment (the
   watcher's path after a change in one capsule folder, part of every reload's latency).
+- reload_among_1000: the reload of `reload`, in an orchestrator running all 1,000 of those
+  capsules (no target; shows how reload latency grows with the size of the config).
+
+`--quick` uses 10 reloads, 30 capsules for startup and 200 for the last two.
 
 Figures are medians over rounds; the machine is shared, so treat single figures with care.
 """
@@ -184,6 +188,16 @@ class Poller:
         return None
 
 
+async def until_watching(module: Path, poller: Poller) -> int:
+    """Rewrite `module` until a change is served (the watch starts after `start()` returns);
+    return the next unused constant."""
+    for value in range(1, 21):
+        replace_atomically(module, module_wat(f"v{value}"))
+        if await poller.until(f"v{value}".encode(), time.perf_counter() + 1.0) is not None:
+            return value + 1
+    raise RuntimeError("the watcher never picked up a change")
+
+
 async def reload_rounds(module: Path, poller: Poller, first: int, count: int) -> tuple[list[float], int]:
     """`count` reloads with constants first, first+1, ...: (seconds to serve each, missed)."""
     latencies: list[float] = []
@@ -211,16 +225,7 @@ async def bench_reload(reloads: int) -> tuple[dict[str, object], dict[str, objec
         poller = Poller(orchestrator, "v")
         try:
             module = base / "v" / "v.wat"
-            # Warm-up: wait until the watch is live (the watch task starts after start() returns).
-            value = 1
-            while True:
-                replace_atomically(module, module_wat(f"v{value}"))
-                if await poller.until(f"v{value}".encode(), time.perf_counter() + 1.0) is not None:
-                    break
-                value += 1
-                if value > 20:
-                    raise RuntimeError("the watcher never picked up a change")
-            first = value + 1
+            first = await until_watching(module, poller)
             idle, idle_missed = await reload_rounds(module, poller, first, reloads)
             idle_poll = (poller.calls, poller.failed)
 
@@ -349,8 +354,54 @@ def timed(fn: Any, repeat: int) -> list[float]:
     return samples
 
 
-async def bench_noop(count: int, rounds: int) -> dict[str, object]:
-    with tempfile.TemporaryDirectory(prefix="orch-noop-") as tmp:
+async def noop_reconcile(specs: Mapping[str, CapsuleSpec], rounds: int) -> dict[str, object]:
+    """Apply `specs` to a Reconciler with a fake launcher, then time applies that change nothing."""
+    bus = EventBus(history=10_000)
+    launcher = FakeLauncher()
+    reconciler = Reconciler(launcher=launcher, bus=bus)
+    await reconciler.apply(specs)
+    assert launcher.launched == len(specs) and all(s["phase"] == "Running" for s in reconciler.status())
+    applies, plans = [], []
+    for _ in range(max(5, rounds * 3)):
+        started = time.perf_counter()
+        result = await reconciler.apply(specs)
+        applies.append(time.perf_counter() - started)
+        assert not result.has_changes
+        started = time.perf_counter()
+        reconciler.plan(specs)
+        plans.append(time.perf_counter() - started)
+    assert launcher.launched == len(specs)
+    await reconciler.shutdown()
+    bus.close()
+    return {"capsules": len(specs), "median_ms": median_ms(applies), "plan_median_ms": median_ms(plans)}
+
+
+async def reload_among(config: Path, name: str, module: Path, reloads: int) -> dict[str, object]:
+    """Reload latency of one capsule while the orchestrator runs every deployment of `config`."""
+    started = time.perf_counter()
+    orchestrator = Orchestrator(config, watch=True, environ={})
+    await orchestrator.start()
+    start_s = time.perf_counter() - started
+    try:
+        poller = Poller(orchestrator, name)
+        first = await until_watching(module, poller)
+        latencies, missed = await reload_rounds(module, poller, first, reloads)
+    finally:
+        await orchestrator.stop()
+    return {
+        "reloads": reloads,
+        "missed": missed,
+        "median_ms": median_ms(latencies) if latencies else None,
+        "p95_ms": p95_ms(latencies) if latencies else None,
+        "cold_start_s": round(start_s, 3),
+        "failed": poller.failed,
+    }
+
+
+async def bench_scale(count: int, rounds: int, reloads: int) -> tuple[dict[str, object], dict[str, object]]:
+    """The no-op reconcile of `count` specs (with `load_desired` timings), and a reload among
+    `count` running capsules."""
+    with tempfile.TemporaryDirectory(prefix="orch-scale-") as tmp:
         base = Path(tmp)
         names = [f"c{i:04d}" for i in range(count)]
         for name in names:
@@ -360,38 +411,18 @@ async def bench_noop(count: int, rounds: int) -> dict[str, object]:
         desired = load_desired(config, environ={})
         full = timed(lambda: load_desired(config, environ={}), rounds)
         one = timed(lambda: load_desired(config, environ={}, previous=desired, only=[names[0]]), rounds)
-    specs = desired.specs
-    bus = EventBus(history=10_000)
-    launcher = FakeLauncher()
-    reconciler = Reconciler(launcher=launcher, bus=bus)
-    await reconciler.apply(specs)
-    assert launcher.launched == count and all(s["phase"] == "Running" for s in reconciler.status())
-    repeat = max(5, rounds * 3)
-    applies, plans = [], []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        result = await reconciler.apply(specs)
-        applies.append(time.perf_counter() - started)
-        assert not result.has_changes
-        started = time.perf_counter()
-        reconciler.plan(specs)
-        plans.append(time.perf_counter() - started)
-    assert launcher.launched == count
-    bus.close()
-    return {
-        "capsules": count,
-        "median_ms": median_ms(applies),
-        "plan_median_ms": median_ms(plans),
-        "load_desired_ms": median_ms(full),
-        "load_desired_one_changed_ms": median_ms(one),
-    }
+        noop = await noop_reconcile(desired.specs, rounds)
+        noop["load_desired_ms"] = median_ms(full)
+        noop["load_desired_one_changed_ms"] = median_ms(one)
+        among = await reload_among(config, names[0], base / "caps" / names[0] / "v.wat", reloads)
+    return noop, {"capsules": count, **among}
 
 
 # -- main ----------------------------------------------------------------------------------------
 async def run(rounds: int, quick: bool) -> dict[str, Any]:
     reload_report, load_report = await bench_reload(10 if quick else 50)
-    startup = await bench_startup(30 if quick else 100, 1 if quick else max(2, rounds // 2))
-    noop = await bench_noop(200 if quick else 1000, rounds)
+    startup = await bench_startup(30 if quick else 100, 1 if quick else rounds)
+    noop, scale = await bench_scale(200 if quick else 1000, rounds, 5 if quick else 10)
     median, p95 = reload_report["median_ms"], reload_report["p95_ms"]
     targets = {
         "reload_median_le_50ms": isinstance(median, float) and median <= 50 and reload_report["missed"] == 0,
@@ -407,6 +438,7 @@ async def run(rounds: int, quick: bool) -> dict[str, Any]:
         "under_load": load_report,
         "startup_100": startup,
         "noop_reconcile_1000": noop,
+        "reload_among_1000": scale,
         "targets_met": targets,
     }
 
