@@ -225,6 +225,10 @@ def topological_order(model: OrchestratorConfig) -> list[str]:
     return order
 
 
+# libyaml's loader when PyYAML was built with it (~6x faster; the same nodes and marks).
+_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class _Reader:
     """YAML text -> plain data, recording the line of every key path and refusing what PyYAML
     would accept silently (duplicate keys, non-text keys, unknown tags)."""
@@ -235,14 +239,19 @@ class _Reader:
         self.file = file
         self.problems: list[Problem] = []
         self.lines: dict[Loc, int] = {}
-        self.loader: yaml.SafeLoader | None = None
+        self.loader: Any = None
         self.active: set[int] = set()
         self.count = 0
 
-    def read(self, text: str) -> dict[str, Any] | None:
+    def read(self, text: str, loader: Any = _LOADER) -> dict[str, Any] | None:
         """The top-level mapping, or None (with a problem) when there is none to validate."""
+        if loader is not yaml.SafeLoader:
+            try:
+                yaml.compose(text, Loader=loader)
+            except yaml.YAMLError:  # explain syntax errors with the Python loader's clearer words
+                return self.read(text, yaml.SafeLoader)
         try:
-            self.loader = yaml.SafeLoader(text)
+            self.loader = loader(text)
             root = self.loader.get_single_node()
             if root is None:
                 self._problem("the file is empty: a config needs at least 'version: 1'", None)

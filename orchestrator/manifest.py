@@ -13,6 +13,7 @@ Used by orchestrator.capsule, the CLI (`orch capsule check`) and, later, the rec
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import re
@@ -131,12 +132,21 @@ class Tool(_Model):
     @field_validator("input_schema")
     @classmethod
     def _valid_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        try:
-            jsonschema.Draft202012Validator.check_schema(schema)
-        except jsonschema.SchemaError as error:
-            where = "/".join(str(p) for p in error.absolute_path)
-            raise ValueError(f"not a valid JSON Schema{' at ' + where if where else ''}: {error.message}") from None
+        problem = _schema_problem(json.dumps(schema, sort_keys=True, default=str))
+        if problem:
+            raise ValueError(problem)
         return schema
+
+
+@functools.lru_cache(maxsize=1024)
+def _schema_problem(schema_json: str) -> str:
+    """Why a JSON Schema is invalid ("" when valid); cached: checking is slow, schemas repeat."""
+    try:
+        jsonschema.Draft202012Validator.check_schema(json.loads(schema_json))
+    except jsonschema.SchemaError as error:
+        where = "/".join(str(p) for p in error.absolute_path)
+        return f"not a valid JSON Schema{' at ' + where if where else ''}: {error.message}"
+    return ""
 
 
 class Interceptor(_Model):

@@ -303,6 +303,23 @@ class Reconciler:
         except Exception:
             logger.exception("closing a capsule version failed")
 
+    async def restart(self, name: str) -> dict[str, Any]:
+        """Build a fresh version of `name` (same spec) and swap to it, as a reload does; a
+        capsule waiting to retry a failed start is started now. Returns its status."""
+        async with self._lock:
+            slot = self._slots.get(name)
+            spec = self._desired.get(name)
+            if slot is None or spec is None:
+                raise UnknownCapsule(f"no capsule {name!r} (deployed: {', '.join(sorted(self._slots)) or 'none'})")
+            if not spec.enabled:
+                raise CapsuleNotRunning(f"capsule {name!r} is disabled in the config (enabled: false)")
+            if slot.handle is None:
+                slot.failed_hash, slot.retry_at, slot.attempts = None, 0.0, 0
+                await self._start(slot, spec)
+            else:
+                await self._reload(slot, slot.spec or spec)
+            return slot.status()
+
     # -- calls ---------------------------------------------------------------------------
     async def call_tool(self, name: str, tool: str, arguments: Any = None) -> Any:
         """Call `tool` on the version of `name` serving now. Raises UnknownCapsule,

@@ -107,6 +107,7 @@ class Orchestrator:
         self._watcher: Watcher | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._changes = asyncio.Lock()
+        self._git: str | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> Plan:
@@ -165,7 +166,8 @@ class Orchestrator:
         plan = await self.reconciler.apply(desired.specs)
         self.desired = desired
         self.last_plan = plan
-        self._record(desired)
+        record = self._applied_record(desired)
+        await asyncio.get_running_loop().run_in_executor(None, _write_applied, desired.config.state_dir, record)
         return plan
 
     async def reconcile(self) -> Plan:
@@ -174,21 +176,16 @@ class Orchestrator:
             desired = load_desired(self.config_path, environ=self.environ)
             return await self._apply(desired)
 
-    def _record(self, desired: DesiredState) -> None:
+    def _applied_record(self, desired: DesiredState) -> dict[str, Any]:
         assert self.reconciler is not None
-        record = {
+        self._git = git_revision(self.config_path.parent)
+        return {
             "config_path": str(self.config_path),
             "config_sha256": desired.config.text_sha256,
+            "git_revision": self._git,
             "applied_at_ms": int(time.time() * 1000),
             "capsules": {name: spec.record() for name, spec in self.reconciler.actual().items()},
         }
-        path = desired.config.state_dir / APPLIED
-        try:
-            tmp = path.with_name(f".{APPLIED}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-            os.replace(tmp, path)
-        except OSError as error:
-            logger.warning("could not record the applied state in %s: %s", path, error)
 
     # -- watching ------------------------------------------------------------------------
     def _folders(self, desired: DesiredState) -> list[Path]:
@@ -225,12 +222,13 @@ class Orchestrator:
             self._watcher.set_folders(self._folders(desired))
 
     def _deployments_in(self, desired: DesiredState, folders: Mapping[Path, set[Path]]) -> list[str]:
-        wanted = {f.resolve() for f in folders}
-        return [n for n in desired.config.model.capsules if desired.config.folder(n).resolve() in wanted]
+        by_folder = _by_folder(desired)
+        return [name for folder in folders for name in by_folder.get(folder.absolute(), ())]
 
     def _run_builds(self, desired: DesiredState, folders: Mapping[Path, set[Path]]) -> None:
+        by_folder = _by_folder(desired)
         for folder, paths in folders.items():
-            names = [n for n in desired.manifests if desired.config.folder(n).resolve() == folder.resolve()]
+            names = [n for n in by_folder.get(folder.absolute(), ()) if n in desired.manifests]
             build = desired.manifests[names[0]].build if names else None
             if build is not None and build.watch:
                 self.builder.changed(folder, build, paths, names)
@@ -241,14 +239,41 @@ class Orchestrator:
         return {
             "config_path": str(self.config_path),
             "config_sha256": desired.config.text_sha256 if desired else None,
-            "git_revision": git_revision(self.config_path.parent),
+            "git_revision": self._git,
             "uptime_s": round(time.time() - self.started_at, 3),
             "state_dir": str(desired.config.state_dir) if desired else None,
         }
 
 
+_folders_cache: dict[int, tuple[DesiredState, dict[Path, list[str]]]] = {}
+
+
+def _by_folder(desired: DesiredState) -> dict[Path, list[str]]:
+    """Deployment names by capsule folder (absolute), computed once per desired state."""
+    cached = _folders_cache.get(id(desired))
+    if cached is not None and cached[0] is desired:
+        return cached[1]
+    mapping: dict[Path, list[str]] = {}
+    for name in desired.config.model.capsules:
+        mapping.setdefault(desired.config.folder(name).absolute(), []).append(name)
+    _folders_cache.clear()
+    _folders_cache[id(desired)] = (desired, mapping)
+    return mapping
+
+
 def _hashes(desired: DesiredState) -> dict[str, str]:
     return {name: spec.spec_hash for name, spec in desired.specs.items()}
+
+
+def _write_applied(state_dir: Path, record: dict[str, Any]) -> None:
+    """Write applied.json atomically (on a worker thread: it can be a megabyte)."""
+    path = state_dir / APPLIED
+    try:
+        tmp = path.with_name(f".{APPLIED}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, separators=(",", ":"), sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as error:
+        logger.warning("could not record the applied state in %s: %s", path, error)
 
 
 def read_applied(state_dir: Path) -> dict[str, CapsuleSpec]:

@@ -136,13 +136,15 @@ class Watcher:
 
     def _classify(self, items: list[tuple[str, Path]]) -> Changes:
         changes = Changes()
+        folders = set(self._folders)
         for kind, path in items:
             if kind == "config":
                 changes.config = True
                 continue
-            for folder in self._folders:
-                if path == folder or folder in path.parents:
+            for folder in (path, *path.parents):  # the innermost watched folder holding it
+                if folder in folders:
                     changes.folders.setdefault(folder, set()).add(path)
+                    break
         return changes
 
     async def close(self) -> None:

@@ -335,3 +335,20 @@ async def test_shutdown_waits_for_calls_in_flight_but_not_forever() -> None:
 
 
 AsyncFn = Callable[[], Awaitable[Any]]
+
+
+async def test_restart_swaps_to_a_fresh_version_or_starts_a_failed_one() -> None:
+    reconciler, launcher, bus, _ = make()
+    await reconciler.apply(desired(spec("a"), spec("b")))
+    first = launcher.handles["a"]
+    status = await reconciler.restart("a")
+    assert status["reload_count"] == 1 and launcher.handles["a"] is not first
+    await asyncio.sleep(0)
+    assert first.closed
+    launcher.fail.add("c")
+    await reconciler.apply(desired(spec("a"), spec("b"), spec("c")))
+    launcher.fail.clear()
+    assert (await reconciler.restart("c"))["phase"] == "Running"
+    with pytest.raises(UnknownCapsule):
+        await reconciler.restart("zzz")
+    assert "reloaded" in phases(bus, "a")

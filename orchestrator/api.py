@@ -1,0 +1,333 @@
+"""The control API: HTTP/JSON over a unix socket, served by aiohttp (the only aiohttp server).
+
+The socket is `<state_dir>/orch.sock`, created 0600 inside a state dir that others cannot
+write (refused otherwise), so only the user who runs the orchestrator gets in. Works with
+`curl --unix-socket .orch/orch.sock http://orch/v1/status`. Endpoints (contract):
+
+    GET    /v1/status                         the orchestrator and every capsule's status
+    GET    /v1/capsules/{name}                status + manifest summary (secrets masked)
+    POST   /v1/capsules/{name}/tools/{tool}   body: JSON arguments -> the tool's output
+    POST   /v1/capsules/{name}/restart
+    GET    /v1/events?topic=P&history=N       server-sent events: history, then live
+    GET    /v1/kv/{name}?prefix=P             {"keys": [...]}
+    GET|PUT|DELETE /v1/kv/{name}/{key}        the raw value
+    POST   /v1/reconcile                      re-read files and apply; returns the plan
+    GET    /v1/plan                           what a reconcile would do now
+
+Errors are JSON `{"error": {"kind", "message"}}` with 400 (bad input), 403 (denied), 404
+(no such capsule, tool, key or route), 409 (capsule not running), 413 (body too large),
+422 (guest error, invalid config), 504 (timeout or fuel), 500 otherwise. A slow event
+client loses events (counted, and announced with an `event: lost` message); it never slows
+the orchestrator.
+
+Used by the runtime's host (console.run_up); the CLI and the dashboard are its clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import stat
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .errors import (
+    CallTimeout,
+    CapabilityDenied,
+    CapsuleNotRunning,
+    ConfigError,
+    FuelExhausted,
+    GuestError,
+    OrchestratorError,
+    ToolInputError,
+    UnknownCapsule,
+    UnknownTool,
+)
+from .gate import GateError, check_key, check_pattern
+from .manifest import SECRET_MASK
+from .plan import plan
+from .runtime import Orchestrator
+
+logger = logging.getLogger(__name__)
+
+SOCKET = "orch.sock"
+MAX_BODY = 1 << 20  # request bodies (tool arguments, KV values)
+MAX_HISTORY = 10_000
+EVENT_QUEUE = 4096
+
+STATUS_OF: list[tuple[type[BaseException], int]] = [
+    (ToolInputError, 400),
+    (GateError, 400),
+    (CapabilityDenied, 403),
+    (UnknownCapsule, 404),
+    (UnknownTool, 404),
+    (CapsuleNotRunning, 409),
+    (GuestError, 422),
+    (ConfigError, 422),
+    (CallTimeout, 504),
+    (FuelExhausted, 504),
+]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+def error_response(status: int, kind: str, message: str) -> web.Response:
+    return web.json_response({"error": {"kind": kind, "message": message}}, status=status)
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except ApiError as error:
+        return error_response(error.status, error.kind, str(error))
+    except web.HTTPException as error:  # aiohttp's own: 404 route, 405, 413 ...
+        kind = {404: "NotFound", 405: "MethodNotAllowed", 413: "TooLarge"}.get(error.status, type(error).__name__)
+        return error_response(error.status, kind, error.reason or str(error))
+    except OrchestratorError as error:
+        status = next((code for kind, code in STATUS_OF if isinstance(error, kind)), 500)
+        return error_response(status, type(error).__name__, " ".join(str(error).split()))
+
+
+class ControlApi:
+    """The HTTP application over one Orchestrator."""
+
+    def __init__(self, orchestrator: Orchestrator, *, max_body: int = MAX_BODY) -> None:
+        self.orchestrator = orchestrator
+        self.app = web.Application(middlewares=[errors_as_json], client_max_size=max_body)
+        self.streams = 0
+        routes = [
+            web.get("/v1/status", self.status),
+            web.get("/v1/capsules/{name}", self.capsule),
+            web.post("/v1/capsules/{name}/tools/{tool}", self.call),
+            web.post("/v1/capsules/{name}/restart", self.restart),
+            web.get("/v1/events", self.events),
+            web.get("/v1/kv/{name}", self.kv_list),
+            web.get("/v1/kv/{name}/{key:.+}", self.kv_get),
+            web.put("/v1/kv/{name}/{key:.+}", self.kv_put),
+            web.delete("/v1/kv/{name}/{key:.+}", self.kv_delete),
+            web.post("/v1/reconcile", self.reconcile),
+            web.get("/v1/plan", self.plan),
+        ]
+        self.app.add_routes(routes)
+
+    # -- helpers ---------------------------------------------------------------------------
+    @property
+    def reconciler(self) -> Any:
+        assert self.orchestrator.reconciler is not None
+        return self.orchestrator.reconciler
+
+    def deployment(self, name: str) -> Any:
+        desired = self.orchestrator.desired
+        if desired is None or name not in desired.specs:
+            known = ", ".join(sorted(desired.specs)) if desired else ""
+            raise ApiError(404, "UnknownCapsule", f"no capsule {name!r} (deployed: {known or 'none'})")
+        return desired.specs[name]
+
+    # -- status ----------------------------------------------------------------------------
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response({"orchestrator": self.orchestrator.info(), "capsules": self.reconciler.status()})
+
+    async def capsule(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        spec = self.deployment(name)
+        slot = self.reconciler.slot(name)
+        manifest = spec.manifest
+        summary = {
+            "status": slot.status() if slot else None,
+            "history": list(slot.history) if slot else [],
+            "package": manifest.get("package", {}),
+            "tools": manifest.get("tool", []),
+            "interceptors": manifest.get("interceptor", []),
+            "capabilities": manifest.get("capabilities", {}),
+            "env": {k: {kk: vv for kk, vv in v.items() if kk != "default"} for k, v in manifest.get("env", {}).items()},
+            "limits": dict(spec.limits),
+            "instances": spec.instances,
+            "depends_on": list(spec.depends_on),
+            "enabled": spec.enabled,
+            "config": {k: SECRET_MASK if k in spec.secret_keys else v for k, v in spec.config.items()},
+            "wasm_sha256": spec.wasm_sha256,
+            "folder": spec.folder,
+        }
+        return web.json_response(summary)
+
+    # -- calls -----------------------------------------------------------------------------
+    async def call(self, request: web.Request) -> web.Response:
+        name, tool = request.match_info["name"], request.match_info["tool"]
+        body = await request.read()
+        try:
+            arguments = json.loads(body) if body.strip() else None
+        except ValueError as error:
+            raise ApiError(400, "BadJson", f"the body is not valid JSON: {error}") from None
+        result = await self.reconciler.call_tool(name, tool, arguments)
+        output: bytes = result.output
+        try:
+            json.loads(output)
+            content_type = "application/json"
+        except ValueError:
+            content_type = "application/octet-stream"
+        return web.Response(
+            body=output,
+            content_type=content_type,
+            headers={"X-Fuel-Used": str(result.fuel_used), "X-Seconds": f"{result.seconds:.6f}"},
+        )
+
+    async def restart(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.reconciler.restart(request.match_info["name"]))
+
+    # -- events ----------------------------------------------------------------------------
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        pattern = request.query.get("topic", ">")
+        try:
+            check_pattern(pattern)
+            history = int(request.query.get("history", "0"))
+        except GateError as error:
+            raise ApiError(400, "BadPattern", f"topic: {error}") from None
+        except ValueError:
+            raise ApiError(400, "BadRequest", "history must be an integer") from None
+        if not 0 <= history <= MAX_HISTORY:
+            raise ApiError(400, "BadRequest", f"history must be between 0 and {MAX_HISTORY}")
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        await response.prepare(request)
+        subscription = self.orchestrator.bus.subscribe(pattern, queue_size=EVENT_QUEUE, history=history)
+        self.streams += 1
+        announced = 0
+        try:
+            while True:
+                first = await subscription.get()
+                batch = [first, *subscription.drain()]
+                chunks = []
+                if subscription.dropped > announced:
+                    lost = subscription.dropped - announced
+                    announced = subscription.dropped
+                    chunks.append(f"event: lost\ndata: {json.dumps({'dropped': lost, 'total': announced})}\n\n")
+                for event in batch:
+                    data = json.dumps(event.to_dict(), ensure_ascii=False, default=str)
+                    chunks.append(f"id: {event.seq}\ndata: {data}\n\n")
+                await response.write("".join(chunks).encode())
+        except (ConnectionResetError, asyncio.CancelledError, OSError):
+            pass
+        except Exception:  # the bus closed (shutdown) or the client went away
+            logger.debug("event stream ended", exc_info=True)
+        finally:
+            subscription.close()
+            self.streams -= 1
+        return response
+
+    # -- kv --------------------------------------------------------------------------------
+    def _store(self) -> Any:
+        store = self.orchestrator.store
+        assert store is not None
+        return store
+
+    def _key(self, request: web.Request) -> tuple[str, str]:
+        name = request.match_info["name"]
+        self.deployment(name)
+        return name, check_key(request.match_info["key"].encode())
+
+    async def kv_list(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.deployment(name)
+        prefix = request.query.get("prefix", "")
+        return web.json_response(
+            {"capsule": name, "prefix": prefix, "keys": await self._store().list_keys(name, prefix)}
+        )
+
+    async def kv_get(self, request: web.Request) -> web.Response:
+        name, key = self._key(request)
+        value = await self._store().get(name, key)
+        if value is None:
+            raise ApiError(404, "NoSuchKey", f"capsule {name!r} has no key {key!r}")
+        return web.Response(body=value, content_type="application/octet-stream")
+
+    async def kv_put(self, request: web.Request) -> web.Response:
+        name, key = self._key(request)
+        value = await request.read()
+        await self._store().set(name, key, value)
+        return web.json_response({"capsule": name, "key": key, "bytes": len(value)})
+
+    async def kv_delete(self, request: web.Request) -> web.Response:
+        name, key = self._key(request)
+        if not await self._store().delete(name, key):
+            raise ApiError(404, "NoSuchKey", f"capsule {name!r} has no key {key!r}")
+        return web.json_response({"capsule": name, "key": key, "deleted": True})
+
+    # -- plans -----------------------------------------------------------------------------
+    async def reconcile(self, request: web.Request) -> web.Response:
+        applied = await self.orchestrator.reconcile()
+        return web.json_response(applied.to_dict())
+
+    async def plan(self, request: web.Request) -> web.Response:
+        from .desired import load_desired
+
+        desired = load_desired(self.orchestrator.config_path, environ=self.orchestrator.environ)
+        return web.json_response(plan(desired.specs, self.reconciler.actual()).to_dict())
+
+
+class ControlServer:
+    """Serves a ControlApi on `<state_dir>/orch.sock`."""
+
+    def __init__(self, orchestrator: Orchestrator, *, state_dir: Path, max_body: int = MAX_BODY) -> None:
+        self.api = ControlApi(orchestrator, max_body=max_body)
+        self.path = Path(state_dir) / SOCKET
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        check_private(self.path.parent)
+        if self.path.exists() or self.path.is_symlink():
+            if socket_alive(self.path):
+                raise OrchestratorError(f"another orchestrator is already serving {self.path}")
+            self.path.unlink()
+        self._runner = web.AppRunner(self.api.app, access_log=None, shutdown_timeout=1.0, handle_signals=False)
+        await self._runner.setup()
+        site = web.UnixSite(self._runner, str(self.path))
+        old = os.umask(0o177)  # the socket is born 0600: no window where others may connect
+        try:
+            await site.start()
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def check_private(folder: Path) -> None:
+    """Refuse a state dir that other users could write (they could replace the socket)."""
+    info = folder.stat()
+    if stat.S_IMODE(info.st_mode) & 0o022:
+        raise OrchestratorError(
+            f"the state dir {folder} is writable by other users (mode {stat.S_IMODE(info.st_mode):o}); "
+            f"run `chmod go-w {folder}` and start again"
+        )
+    if info.st_uid != os.getuid():
+        raise OrchestratorError(f"the state dir {folder} belongs to another user (uid {info.st_uid})")
+
+
+def socket_alive(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(0.5)
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()

@@ -1,0 +1,151 @@
+"""A client of the control API (the only aiohttp client): the CLI's operator verbs and the
+dashboard use it to talk to a running orchestrator over its unix socket.
+
+Errors from the server arrive as `RemoteError` with the server's kind, message and HTTP
+status; an absent orchestrator is `NotRunning`, whose message says how to start one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from .config import load_config
+from .errors import OrchestratorError
+
+SOCKET = "orch.sock"
+BASE = "http://orch"
+
+
+class NotRunning(OrchestratorError):
+    """Nothing answers on the socket."""
+
+
+class RemoteError(OrchestratorError):
+    """The orchestrator answered with an error."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+def socket_for(config: Path | None = None, socket: Path | None = None) -> Path:
+    """The control socket: `socket` if given, else `<state_dir>/orch.sock` of `config`."""
+    if socket is not None:
+        return Path(socket)
+    return load_config(config or Path("config.yaml")).state_dir / SOCKET
+
+
+class Client:
+    """`async with Client(path) as api: await api.status()`."""
+
+    def __init__(self, socket_path: Path, *, timeout: float = 60.0) -> None:
+        self.socket_path = Path(socket_path)
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Client:
+        connector = aiohttp.UnixConnector(path=str(self.socket_path))
+        self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _not_running(self) -> NotRunning:
+        return NotRunning(f"no orchestrator is running for {self.socket_path.parent}: start one with `orch up`")
+
+    async def request(
+        self, method: str, path: str, *, data: bytes | None = None, params: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, str], bytes]:
+        assert self._session is not None, "use `async with Client(...)`"
+        try:
+            async with self._session.request(method, BASE + path, data=data, params=params) as response:
+                body = await response.read()
+                headers = dict(response.headers)
+                status = response.status
+        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as error:
+            raise self._not_running() from error
+        if status >= 400:
+            try:
+                detail = json.loads(body)["error"]
+                raise RemoteError(status, str(detail["kind"]), str(detail["message"]))
+            except (ValueError, KeyError, TypeError):
+                raise RemoteError(status, "HTTPError", body.decode(errors="replace")[:500]) from None
+        return status, headers, body
+
+    async def json(
+        self, method: str, path: str, *, data: bytes | None = None, params: dict[str, str] | None = None
+    ) -> Any:
+        _, _, body = await self.request(method, path, data=data, params=params)
+        return json.loads(body)
+
+    # -- the endpoints ---------------------------------------------------------------------
+    async def status(self) -> Any:
+        return await self.json("GET", "/v1/status")
+
+    async def capsule(self, name: str) -> Any:
+        return await self.json("GET", f"/v1/capsules/{quote(name, safe='')}")
+
+    async def call(self, name: str, tool: str, arguments: bytes) -> tuple[bytes, dict[str, str]]:
+        _, headers, body = await self.request(
+            "POST", f"/v1/capsules/{quote(name, safe='')}/tools/{quote(tool, safe='')}", data=arguments
+        )
+        return body, headers
+
+    async def restart(self, name: str) -> Any:
+        return await self.json("POST", f"/v1/capsules/{quote(name, safe='')}/restart")
+
+    async def reconcile(self) -> Any:
+        return await self.json("POST", "/v1/reconcile")
+
+    async def plan(self) -> Any:
+        return await self.json("GET", "/v1/plan")
+
+    async def kv_list(self, name: str, prefix: str = "") -> Any:
+        return await self.json("GET", f"/v1/kv/{quote(name, safe='')}", params={"prefix": prefix})
+
+    async def kv_get(self, name: str, key: str) -> bytes:
+        return (await self.request("GET", _kv(name, key)))[2]
+
+    async def kv_set(self, name: str, key: str, value: bytes) -> Any:
+        return json.loads((await self.request("PUT", _kv(name, key), data=value))[2])
+
+    async def kv_delete(self, name: str, key: str) -> Any:
+        return json.loads((await self.request("DELETE", _kv(name, key)))[2])
+
+    async def events(self, topic: str = ">", history: int = 0) -> AsyncIterator[dict[str, Any]]:
+        """Server-sent events as dicts; a loss notice is `{"lost": {"dropped", "total"}}`."""
+        assert self._session is not None
+        params = {"topic": topic, "history": str(history)}
+        try:
+            response = await self._session.get(
+                BASE + "/v1/events", params=params, timeout=aiohttp.ClientTimeout(total=None)
+            )
+        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as error:
+            raise self._not_running() from error
+        async with response:
+            if response.status >= 400:
+                detail = json.loads(await response.read())["error"]
+                raise RemoteError(response.status, detail["kind"], detail["message"])
+            kind, data = "", ""
+            async for raw in response.content:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    data = line[6:]
+                elif line == "" and data:
+                    payload = json.loads(data)
+                    yield {"lost": payload} if kind == "lost" else payload
+                    kind, data = "", ""
+
+
+def _kv(name: str, key: str) -> str:
+    return f"/v1/kv/{quote(name, safe='')}/{quote(key, safe='')}"
