@@ -25,7 +25,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from .errors import CapsuleError, InvalidModule, OrchestratorError
 
@@ -94,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     validate = verbs.add_parser("validate", help="check a config.yaml and every capsule it names")
     validate.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"))
     validate.set_defaults(run=_validate)
+
+    from .remote import add_commands
+
+    add_commands(verbs)
 
     plan = verbs.add_parser("plan", help="what applying a config.yaml would change")
     plan.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"))
@@ -293,9 +296,13 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    """The plan of the running orchestrator when there is one, else against applied.json."""
+    import asyncio
+
     from .desired import load_desired
     from .errors import ConfigError
     from .plan import plan
+    from .remote import remote_plan
     from .runtime import read_applied
 
     try:
@@ -303,28 +310,21 @@ def _plan(args: argparse.Namespace) -> int:
     except ConfigError as error:
         _problems(args.config, [str(p) for p in error.problems])
         return EXIT_FAILED
-    actual = read_applied(desired.config.state_dir)
-    result = plan(desired.specs, actual)
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+    remote = asyncio.run(remote_plan(desired.config.state_dir / "orch.sock"))
+    if remote is not None:
+        actions = remote["actions"]
     else:
-        print_plan(result)
+        actions = plan(desired.specs, read_applied(desired.config.state_dir)).to_dict()["actions"]
+    has_changes = any(a["action"] != "keep" for a in actions)
+    if args.json:
+        print(json.dumps({"actions": actions}, indent=2))
+    else:
+        from .remote import print_actions
+
+        print_actions(actions)
     if args.exit_code:
-        return 2 if result.has_changes else EXIT_OK
+        return 2 if has_changes else EXIT_OK
     return EXIT_OK
-
-
-def print_plan(result: Any) -> None:
-    symbols = {"start": "+", "reload": "~", "stop": "-", "keep": "="}
-    if not result.has_changes:
-        print("no changes")
-    for action in result.actions:
-        if action.action == "keep" and not action.reasons:
-            continue
-        reasons = "; ".join(action.reasons)
-        print(f"{symbols[action.action]} {action.capsule:<20} {action.action:<7} {reasons}")
-        for escalation in action.escalations:
-            print(f"    ! escalation: {escalation}")
 
 
 def _up(args: argparse.Namespace) -> int:

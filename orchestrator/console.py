@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .api import ControlServer
 from .bus import Event, Subscription
-from .errors import ConfigError
+from .errors import ConfigError, OrchestratorError
 from .runtime import Orchestrator
 
 SHUTDOWN_SECONDS = 10.0
@@ -36,31 +37,43 @@ async def run_up(config: Path, *, log_format: str = "text", watch: bool = True) 
     stop = asyncio.Event()
     _install_signals(stop)
     try:
-        plan = await orchestrator.start()
-    except ConfigError as error:
+        await orchestrator.start()
+        assert orchestrator.desired is not None
+        server = ControlServer(orchestrator, state_dir=orchestrator.desired.config.state_dir)
+        await server.start()
+    except OrchestratorError as error:
+        if orchestrator.reconciler is not None:  # capsules started, but the API could not: stop them
+            await orchestrator.stop(SHUTDOWN_SECONDS)
         events.close()
         await printer
-        print(f"orch: {config}: {len(error.problems)} problem(s); nothing started", file=sys.stderr)
-        for problem in error.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _report(config, error)
         return 1
     if log_format == "text":
         assert orchestrator.reconciler is not None
         running = sum(1 for status in orchestrator.reconciler.status() if status["phase"] == "Running")
         print(
             f"orch: {running} capsule(s) running from {orchestrator.config_path}"
-            f"{'; watching for changes' if watch else ''}. Ctrl+C to stop.",
+            f"{'; watching for changes' if watch else ''}; control API on {server.path}. Ctrl+C to stop.",
             flush=True,
         )
-        del plan
     await stop.wait()
     if log_format == "text":
         print("orch: stopping...", flush=True)
+    await server.stop()
     await orchestrator.stop(SHUTDOWN_SECONDS)
     events.close()
     with contextlib.suppress(asyncio.CancelledError):
         await printer
     return 0
+
+
+def _report(config: Path, error: OrchestratorError) -> None:
+    if isinstance(error, ConfigError):
+        print(f"orch: {config}: {len(error.problems)} problem(s); nothing started", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  {problem}", file=sys.stderr)
+    else:
+        print(f"orch: {error}", file=sys.stderr)
 
 
 def _install_signals(stop: asyncio.Event) -> None:
