@@ -17,11 +17,12 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .config import LoadedConfig, load_config
 from .engine import Limits
 from .errors import ConfigError, ManifestError, Problem
-from .manifest import Manifest, load_manifest, render_config_value
+from .manifest import Manifest, load_manifest, resolve_config
 from .spec import CapsuleSpec, secret_digest
 
 
@@ -134,38 +135,18 @@ def load_spec(loaded: LoadedConfig, name: str) -> tuple[Manifest, CapsuleSpec]:
 
 def _resolve(loaded: LoadedConfig, name: str, manifest: Manifest) -> dict[str, str]:
     """The deployment's config against the manifest's [env]; problems point into config.yaml."""
-    overrides = loaded.model.capsules[name].config
-    problems: list[Problem] = []
-    resolved: dict[str, str] = {}
-    for key in overrides:
-        if key not in manifest.env:
-            declared = ", ".join(sorted(manifest.env)) or "none"
-            problems.append(
-                Problem(
-                    f"{manifest.package.name} does not declare {key!r} in its [env] (declared: {declared})",
-                    file=str(loaded.path),
-                    line=loaded.line_of("capsules", name, "config", key),
-                    field=f"capsules.{name}.config.{key}",
-                )
-            )
-    for key, declared_var in manifest.env.items():
-        value = overrides.get(key, declared_var.default)
-        if value is None:
-            continue
-        try:
-            resolved[key] = render_config_value(declared_var.type, value)
-        except ValueError as error:
-            problems.append(
-                Problem(
-                    str(error),
-                    file=str(loaded.path),
-                    line=loaded.line_of("capsules", name, "config", key),
-                    field=f"capsules.{name}.config.{key}",
-                )
-            )
-    if problems:
-        raise ConfigError(problems)
-    return resolved
+
+    def where(key: str) -> dict[str, Any]:
+        return {
+            "file": str(loaded.path),
+            "line": loaded.line_of("capsules", name, "config", key),
+            "field": f"capsules.{name}.config.{key}",
+        }
+
+    try:
+        return resolve_config(manifest, loaded.model.capsules[name].config, where=where)
+    except ManifestError as error:
+        raise ConfigError(error.problems) from None
 
 
 def _same_deployment(old: LoadedConfig, new: LoadedConfig, name: str) -> bool:

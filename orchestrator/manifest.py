@@ -18,7 +18,7 @@ import json
 import math
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -255,16 +255,30 @@ def render_config_value(kind: str, value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
-def resolve_config(manifest: Manifest, overrides: Mapping[str, Any], *, source: str = "config") -> dict[str, str]:
+Where = Callable[[str], dict[str, Any]]  # a config key -> Problem keyword arguments (file, line, field)
+
+
+def resolve_config(
+    manifest: Manifest, overrides: Mapping[str, Any], *, source: str = "config", where: Where | None = None
+) -> dict[str, str]:
     """The config map a capsule receives: its `[env]` defaults overlaid with `overrides`.
 
     Raises ManifestError listing every key the manifest does not declare (with the nearest
-    declared key) and every value of the wrong type.
+    declared key) and every value of the wrong type. `where(key)` says where a key was
+    written (file, line, field) when the overrides come from a file such as config.yaml.
     """
+    locate = where or (lambda key: {"file": source, "field": key})
     problems: list[Problem] = []
+    declared_keys = ", ".join(sorted(manifest.env)) or "none"
     for key in overrides:
         if key not in manifest.env:
-            problems.append(Problem(f"{key!r} is not declared in [env]{_suggest(key, manifest.env)}", file=source))
+            problems.append(
+                Problem(
+                    f"{manifest.package.name} does not declare {key!r} in its [env]"
+                    f"{_suggest(key, manifest.env)} (declared: {declared_keys})",
+                    **locate(key),
+                )
+            )
     resolved: dict[str, str] = {}
     for key, declared in manifest.env.items():
         value = overrides.get(key, declared.default)
@@ -273,7 +287,7 @@ def resolve_config(manifest: Manifest, overrides: Mapping[str, Any], *, source: 
         try:
             resolved[key] = render_config_value(declared.type, value)
         except ValueError as error:
-            problems.append(Problem(str(error), file=source, field=key))
+            problems.append(Problem(str(error), **locate(key)))
     if problems:
         raise ManifestError(problems)
     return resolved

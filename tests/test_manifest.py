@@ -223,7 +223,7 @@ def test_resolve_config_lists_every_problem() -> None:
     with pytest.raises(ManifestError) as caught:
         resolve_config(manifest, {"greting": "Hi", "retries": "lots", "verbose": "yes"}, source="config.yaml")
     text = str(caught.value)
-    assert "'greting' is not declared in [env] (did you mean 'greeting'?)" in text
+    assert "hello does not declare 'greting' in its [env] (did you mean 'greeting'?)" in text
     assert "retries: expected a number" in text and "verbose: expected true or false" in text
     assert text.count("config.yaml") == 3
 

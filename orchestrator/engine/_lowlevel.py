@@ -48,6 +48,17 @@ _instance_pre_instantiate = bindings._wasmtime_instance_pre_instantiate
 _TrapPtr = ctypes.POINTER(bindings.wasm_trap_t)
 
 
+def _raise_for(error: Any, trap: Any) -> None:
+    """Raise what a raw call reported: a WasmtimeError (an error pointer) or a Trap (the trap
+    pointer, whose ownership passes to the Trap object)."""
+    if error:
+        clear_host_exception()
+        raise WasmtimeError._from_ptr(error)
+    if trap:
+        clear_host_exception()
+        raise Trap._from_ptr(trap)
+
+
 def clear_host_exception() -> None:
     """Forget the exception wasmtime-py parks globally when a host function raises.
 
@@ -240,13 +251,7 @@ def instantiate(store: Store, module: Module, source: Instance, imports: list[An
             externs[i] = get_extern_ptr(item)
     instance = bindings.wasmtime_instance_t()
     trap = _TrapPtr()
-    error = _instance_new(ctx, module.ptr(), externs, count, ctypes.byref(instance), ctypes.byref(trap))
-    if error:
-        clear_host_exception()
-        raise WasmtimeError._from_ptr(error)
-    if trap:
-        clear_host_exception()
-        raise Trap._from_ptr(trap)
+    _raise_for(_instance_new(ctx, module.ptr(), externs, count, ctypes.byref(instance), ctypes.byref(trap)), trap)
     return Instance._from_raw(instance)
 
 
@@ -254,13 +259,7 @@ def instantiate_pre(store: Store, pre: InstancePre) -> Instance:
     """`pre.instantiate(store)` without the Python context-manager wrapper (~3 us less)."""
     instance = bindings.wasmtime_instance_t()
     trap = _TrapPtr()
-    error = _instance_pre_instantiate(pre.ptr(), store._context(), ctypes.byref(instance), ctypes.byref(trap))
-    if error:
-        clear_host_exception()
-        raise WasmtimeError._from_ptr(error)
-    if trap:
-        clear_host_exception()
-        raise Trap._from_ptr(trap)
+    _raise_for(_instance_pre_instantiate(pre.ptr(), store._context(), ctypes.byref(instance), ctypes.byref(trap)), trap)
     return Instance._from_raw(instance)
 
 
