@@ -16,7 +16,8 @@ write (refused otherwise), so only the user who runs the orchestrator gets in. W
 
 Errors are JSON `{"error": {"kind", "message"}}` with 400 (bad input), 403 (denied), 404
 (no such capsule, tool, key or route), 409 (capsule not running), 413 (body too large),
-422 (guest error, invalid config), 504 (timeout or fuel), 500 otherwise. A slow event
+422 (the guest failed: an error, a trap, its memory limit; or an invalid config), 504
+(timeout or fuel), 500 otherwise. A slow event
 client loses events (counted, and announced with an `event: lost` message); it never slows
 the orchestrator.
 
@@ -41,9 +42,11 @@ from .errors import (
     CallTimeout,
     CapabilityDenied,
     CapsuleNotRunning,
+    CapsuleTrap,
     ConfigError,
     FuelExhausted,
     GuestError,
+    MemoryLimitExceeded,
     OrchestratorError,
     ToolInputError,
     UnknownCapsule,
@@ -69,6 +72,8 @@ STATUS_OF: list[tuple[type[BaseException], int]] = [
     (UnknownTool, 404),
     (CapsuleNotRunning, 409),
     (GuestError, 422),
+    (CapsuleTrap, 422),  # the guest failed (an abort, an out-of-range access, a refused publish)
+    (MemoryLimitExceeded, 422),
     (ConfigError, 422),
     (CallTimeout, 504),
     (FuelExhausted, 504),

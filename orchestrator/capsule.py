@@ -65,6 +65,53 @@ class ToolResult:
     seconds: float
 
 
+class CallKV:
+    """One call's view of its capsule's KV: its writes wait in a buffer, readable by the
+    call itself, and reach the store only if the call succeeds (`commit`); a failed call's
+    writes are dropped, so a client may retry a failed call without doubling its effect."""
+
+    def __init__(self, store: KVStore, capsule: str) -> None:
+        self._store = store
+        self._capsule = capsule
+        self.writes: dict[str, bytes | None] = {}
+
+    def get(self, key: str) -> bytes | None:
+        if key in self.writes:
+            return self.writes[key]
+        return self._store.get_from_thread(self._capsule, key)
+
+    def set(self, key: str, value: bytes) -> int:
+        self.writes[key] = value
+        return 0
+
+    def delete(self, key: str) -> int:
+        self.writes[key] = None
+        return 0
+
+    def keys(self, prefix: str) -> list[str]:
+        keys = set(self._store.list_keys_from_thread(self._capsule, prefix))
+        for key, value in self.writes.items():
+            if key.startswith(prefix):
+                if value is None:
+                    keys.discard(key)
+                else:
+                    keys.add(key)
+        return sorted(keys)
+
+    async def commit(self) -> None:
+        """Stage the buffered writes and wait until they are durable."""
+        if not self.writes:
+            return
+        seq = 0
+        for key, value in self.writes.items():
+            if value is None:
+                seq = self._store.stage_delete(self._capsule, key)
+            else:
+                seq = self._store.stage_set(self._capsule, key, value)
+        self.writes = {}
+        await self._store.commit(seq)
+
+
 class CapsuleKV:
     """One capsule's slice of the KVStore, for host functions on worker threads."""
 
@@ -241,7 +288,8 @@ class Capsule:
         return await self._run(export, data, label=tool)
 
     async def _run(self, export: str, data: bytes, *, label: str) -> ToolResult:
-        state = CallState(self.host, function=export)
+        kv = CallKV(self._store, self.name) if self._store is not None else None
+        state = CallState(self.host, function=export, kv=kv)
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         self.calls += 1
@@ -250,12 +298,10 @@ class Capsule:
                 self._executor, functools.partial(self.plugin.call_metered, export, data, context=state)
             )
         except CapsuleError:
-            self.errors += 1
-            if state.kv_seq and self._store is not None:
-                await self._store.commit(state.kv_seq)  # what it wrote before failing stays
+            self.errors += 1  # its KV writes are dropped with `kv`
             raise
-        if state.kv_seq and self._store is not None:
-            await self._store.commit(state.kv_seq)
+        if kv is not None:
+            await kv.commit()
         self.fuel_total += fuel
         self.fuel_last = fuel
         return ToolResult(output, fuel, time.perf_counter() - started)

@@ -80,11 +80,21 @@ class LimitsOverride(_Model):
     timeout_ms: int | None = Field(None, gt=0, description="a whole number > 0: wall-clock milliseconds per call")
 
 
+class PublishRate(_Model):
+    """How fast a capsule may publish on the bus (a token bucket with one second of burst)."""
+
+    messages_per_second: float | None = Field(None, gt=0, description="a number > 0 (built-in: 1000)")
+    bytes_per_second: float | None = Field(None, gt=0, description="a number > 0 (built-in: 8388608)")
+
+
 class Defaults(_Model):
     """defaults: what applies to every deployment that does not say otherwise."""
 
     limits: Annotated[LimitsOverride, EmptyDict] = Field(
         default_factory=LimitsOverride, description="a mapping of fuel, memory_mib, timeout_ms"
+    )
+    publish_rate: Annotated[PublishRate, EmptyDict] = Field(
+        default_factory=PublishRate, description="a mapping of messages_per_second, bytes_per_second"
     )
 
 
@@ -97,6 +107,9 @@ class Deployment(_Model):
     )
     limits: Annotated[LimitsOverride, EmptyDict] = Field(
         default_factory=LimitsOverride, description="a mapping of fuel, memory_mib, timeout_ms"
+    )
+    publish_rate: Annotated[PublishRate, EmptyDict] = Field(
+        default_factory=PublishRate, description="a mapping of messages_per_second, bytes_per_second"
     )
     instances: int = Field(1, ge=1, le=64, description="a whole number 1..64: parallel instances")
     depends_on: Annotated[list[str], EmptyList] = Field(

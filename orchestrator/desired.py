@@ -127,6 +127,12 @@ def load_spec(loaded: LoadedConfig, name: str) -> tuple[Manifest, CapsuleSpec]:
         secret_keys=manifest.secret_keys,
         limits=limits,
         instances=deployment.instances,
+        publish_rate={
+            k: v
+            for layer in (loaded.model.defaults.publish_rate, deployment.publish_rate)
+            for k, v in layer.model_dump().items()
+            if v is not None
+        },
         depends_on=tuple(deployment.depends_on),
         enabled=deployment.enabled,
     )

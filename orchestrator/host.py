@@ -91,6 +91,7 @@ class CallState:
     host: HostContext
     function: str = ""
     kv_seq: int = 0  # the highest KV write sequence number this call staged
+    kv: KVAccess | None = None  # this call's own view of the KV (its writes kept until it ends)
 
 
 def ok(payload: bytes = b"") -> bytes:
@@ -146,7 +147,7 @@ def astrid_clock_ms(call: CallState) -> int:
 
 # -- key-value -----------------------------------------------------------------------------
 def _kv(call: CallState) -> KVAccess:
-    if call.host.kv is None:
+    if call.host.kv is None:  # the grant is the capsule's; the view may be the call's own
         raise deny(
             call,
             CapabilityDenied(
@@ -154,7 +155,7 @@ def _kv(call: CallState) -> KVAccess:
                 capability="kv",
             ),
         )
-    return call.host.kv
+    return call.kv if call.kv is not None else call.host.kv
 
 
 def astrid_kv_get(call: CallState, key: bytes) -> bytes:

@@ -34,6 +34,7 @@ from .capsule import Capsule
 from .desired import DesiredState, load_desired
 from .engine import WasmEngine
 from .errors import ConfigError, InvalidModule, ManifestError, StaleSpec
+from .gate import RateLimiter
 from .plan import Plan
 from .reconciler import Reconciler
 from .spec import CapsuleSpec
@@ -67,6 +68,7 @@ class CapsuleLauncher:
                 config=spec.config,
                 limits=spec.limits,
                 instances=spec.instances,
+                rate=publish_limiter(spec),
                 expect_sha256=spec.wasm_sha256,
                 interceptors=False,
             )
@@ -74,6 +76,16 @@ class CapsuleLauncher:
             if _changed_since(spec):  # caught mid-write: the next change event retries
                 raise StaleSpec(f"{folder} changed while loading") from error
             raise
+
+
+def publish_limiter(spec: CapsuleSpec) -> RateLimiter:
+    """The capsule's publish rate limiter: the spec's rates over the built-in ones."""
+    rates = spec.publish_rate
+    defaults = RateLimiter()
+    return RateLimiter(
+        messages_per_second=rates.get("messages_per_second", defaults.messages_per_second),
+        bytes_per_second=rates.get("bytes_per_second", defaults.bytes_per_second),
+    )
 
 
 def _changed_since(spec: CapsuleSpec) -> bool:

@@ -42,6 +42,7 @@ class CapsuleSpec:
     secret_keys: frozenset[str]
     limits: Mapping[str, int]  # fuel, memory_mib, timeout_ms
     instances: int = 1
+    publish_rate: Mapping[str, float] = field(default_factory=dict)  # messages_per_second, bytes_per_second
     depends_on: tuple[str, ...] = ()
     enabled: bool = True
     spec_hash: str = field(default="", compare=False)
@@ -77,6 +78,8 @@ class CapsuleSpec:
             "limits": dict(self.limits),
             "instances": self.instances,
         }
+        if self.publish_rate:  # only when set, so specs without one keep their hash
+            material["publish_rate"] = dict(self.publish_rate)
         return hashlib.sha256(_canonical(material)).hexdigest()
 
     def record(self) -> dict[str, Any]:
@@ -90,6 +93,7 @@ class CapsuleSpec:
             "secret_keys": sorted(self.secret_keys),
             "limits": dict(self.limits),
             "instances": self.instances,
+            "publish_rate": dict(self.publish_rate),
             "depends_on": list(self.depends_on),
             "enabled": self.enabled,
             "spec_hash": self.spec_hash,
@@ -107,6 +111,7 @@ class CapsuleSpec:
             secret_keys=frozenset(record.get("secret_keys", ())),
             limits={str(k): int(v) for k, v in record["limits"].items()},
             instances=int(record.get("instances", 1)),
+            publish_rate={str(k): float(v) for k, v in record.get("publish_rate", {}).items()},
             depends_on=tuple(record.get("depends_on", ())),
             enabled=bool(record.get("enabled", True)),
         )

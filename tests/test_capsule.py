@@ -312,3 +312,18 @@ async def test_an_unencodable_event_does_not_stop_interceptors(host: Host) -> No
     assert await call(milestones, "status") == {"last": 3, "seen": 1}
     await counter.close()
     await milestones.close()
+
+
+async def test_a_failed_call_leaves_no_writes_behind(host: Host) -> None:
+    from orchestrator.gate import RateLimiter
+
+    clock = [0.0]
+    rate = RateLimiter(messages_per_second=1, burst_seconds=1, clock=lambda: clock[0])
+    counter = await host.load("counter", rate=rate)
+    assert await call(counter, "increment") == {"count": 1}
+    with pytest.raises(CapsuleTrap, match="publish rate limit exceeded"):
+        await counter.call_tool("increment", {})  # wrote count=2, then its publish was refused
+    assert await host.store.get("counter", "count") == b"1"
+    clock[0] += 1.0
+    assert await call(counter, "increment") == {"count": 2}  # a retry does not count twice
+    await counter.close()

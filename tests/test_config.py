@@ -346,13 +346,13 @@ def test_text_sha256_changes_with_the_bytes(root: Path) -> None:
         # values
         ("version: 1\nworkspace: ''\n", 2, "workspace", "must be a non-empty path"),
         ("version: 1\nstate_dir: 5\n", 2, "state_dir", "Input should be a valid string, got 5; expected a path"),
-        ("version: 1\ndefaults: [1]\n", 2, "defaults", "expected a mapping with keys limits, got a list"),
+        ("version: 1\ndefaults: [1]\n", 2, "defaults", "expected a mapping with keys limits, publish_rate, got a list"),
         ("version: 1\ncapsules: [hello]\n", 2, "capsules", "Input should be a valid dictionary, got a list"),
         (
             "version: 1\ncapsules:\n  hello: capsules/hello\n",
             3,
             "capsules.hello",
-            "expected a mapping with keys path, config, limits, instances, depends_on, enabled, got 'capsules/hello'",
+            "expected a mapping with keys path, config, limits, publish_rate, instances, depends_on, enabled, got 'capsules/hello'",
         ),
         ("version: 1\ncapsules:\n  hello: {}\n", 3, "capsules.hello.path", "required: the capsule folder, relative to"),
         (capsule("", path="''"), 4, "capsules.hello.path", "must be a non-empty path"),

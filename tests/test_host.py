@@ -1278,17 +1278,18 @@ async def test_wasm_kv_not_granted_is_denied(wasm: WasmRig) -> None:
     assert await wasm.store.capsules() == []
 
 
-async def test_wasm_kv_writes_are_committed_when_the_call_returns(wasm: WasmRig) -> None:
+async def test_wasm_kv_writes_are_committed_when_the_call_returns_and_dropped_when_it_fails(wasm: WasmRig) -> None:
     capsule = await wasm.load("alpha")
     assert (await capsule.call_tool("put")).output == b"\x00"
     other = await KVStore.open(wasm.store.path)  # a second connection sees only committed data
     try:
         assert await other.get("alpha", "greeting") == b"hello"
         with pytest.raises(CapabilityDenied):
-            await capsule.call_tool("put_then_deny")  # what it wrote before failing stays
-        assert await other.get("alpha", "before-denial") == b"kept"
+            await capsule.call_tool("put_then_deny")  # a failed call's writes are dropped
+        assert await other.get("alpha", "before-denial") is None
+        assert await wasm.store.get("alpha", "before-denial") is None
         assert (await capsule.call_tool("delete")).output == b"\x00"
-        assert await other.list_keys("alpha") == ["before-denial"]
+        assert await other.list_keys("alpha") == []
     finally:
         await other.close()
 

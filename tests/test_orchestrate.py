@@ -269,3 +269,20 @@ async def test_example_config_runs(tmp_path: Path) -> None:
         }
     finally:
         await orchestrator.stop(2)
+
+
+def test_publish_rate_from_the_config_reaches_the_capsule(tmp_path: Path) -> None:
+    from orchestrator.desired import load_desired
+    from orchestrator.runtime import publish_limiter
+
+    write_capsule(tmp_path / "caps" / "ver", 1)
+    (tmp_path / "config.yaml").write_text(
+        CONFIG.replace("state_dir: state\n", "state_dir: state\ndefaults:\n  publish_rate: {bytes_per_second: 1000}\n")
+        + "    publish_rate: {messages_per_second: 5}\n"
+    )
+    spec = load_desired(tmp_path / "config.yaml").specs["ver"]
+    assert spec.publish_rate == {"messages_per_second": 5, "bytes_per_second": 1000}
+    limiter = publish_limiter(spec)
+    assert (limiter.messages_per_second, limiter.bytes_per_second) == (5, 1000)
+    plain = load_desired(tmp_path / "config.yaml").specs["ver"]
+    assert plain.spec_hash == spec.spec_hash
