@@ -352,7 +352,8 @@ def test_text_sha256_changes_with_the_bytes(root: Path) -> None:
             "version: 1\ncapsules:\n  hello: capsules/hello\n",
             3,
             "capsules.hello",
-            "expected a mapping with keys path, config, limits, publish_rate, instances, depends_on, enabled, got 'capsules/hello'",
+            "expected a mapping with keys path, config, limits, publish_rate, instances, depends_on, enabled, "
+            "got 'capsules/hello'",
         ),
         ("version: 1\ncapsules:\n  hello: {}\n", 3, "capsules.hello.path", "required: the capsule folder, relative to"),
         (capsule("", path="''"), 4, "capsules.hello.path", "must be a non-empty path"),
