@@ -35,6 +35,7 @@ import socket
 import stat
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 
@@ -63,6 +64,8 @@ SOCKET = "orch.sock"
 MAX_BODY = 1 << 20  # request bodies (tool arguments, KV values)
 MAX_HISTORY = 10_000
 EVENT_QUEUE = 4096
+HEARTBEAT_SECONDS = 2.0  # an idle stream sends a comment this often (and so notices a departed client)
+MAX_REQUEST_LINE = 16384  # a 4096-byte key, percent-encoded, fits
 
 STATUS_OF: list[tuple[type[BaseException], int]] = [
     (ToolInputError, 400),
@@ -86,6 +89,12 @@ class ApiError(Exception):
         self.status, self.kind = status, kind
 
 
+def _sse(events: list[Any]) -> bytes:
+    return "".join(
+        f"id: {event.seq}\ndata: {json.dumps(event.to_dict(), ensure_ascii=False, default=str)}\n\n" for event in events
+    ).encode()
+
+
 def error_response(status: int, kind: str, message: str) -> web.Response:
     return web.json_response({"error": {"kind": kind, "message": message}}, status=status)
 
@@ -99,7 +108,10 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
         return error_response(error.status, error.kind, str(error))
     except web.HTTPException as error:  # aiohttp's own: 404 route, 405, 413 ...
         kind = {404: "NotFound", 405: "MethodNotAllowed", 413: "TooLarge"}.get(error.status, type(error).__name__)
-        return error_response(error.status, kind, error.reason or str(error))
+        response = error_response(error.status, kind, error.reason or str(error))
+        if "Allow" in error.headers:
+            response.headers["Allow"] = error.headers["Allow"]
+        return response
     except OrchestratorError as error:
         status = next((code for kind, code in STATUS_OF if isinstance(error, kind)), 500)
         return error_response(status, type(error).__name__, " ".join(str(error).split()))
@@ -110,7 +122,11 @@ class ControlApi:
 
     def __init__(self, orchestrator: Orchestrator, *, max_body: int = MAX_BODY) -> None:
         self.orchestrator = orchestrator
-        self.app = web.Application(middlewares=[errors_as_json], client_max_size=max_body)
+        self.app = web.Application(
+            middlewares=[errors_as_json],
+            client_max_size=max_body,
+            handler_args={"max_line_size": MAX_REQUEST_LINE},
+        )
         self.streams = 0
         routes = [
             web.get("/v1/status", self.status),
@@ -173,7 +189,7 @@ class ControlApi:
         body = await request.read()
         try:
             arguments = json.loads(body) if body.strip() else None
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:
             raise ApiError(400, "BadJson", f"the body is not valid JSON: {error}") from None
         result = await self.reconciler.call_tool(name, tool, arguments)
         output: bytes = result.output
@@ -203,26 +219,30 @@ class ControlApi:
             raise ApiError(400, "BadRequest", "history must be an integer") from None
         if not 0 <= history <= MAX_HISTORY:
             raise ApiError(400, "BadRequest", f"history must be between 0 and {MAX_HISTORY}")
+        # Subscribe before answering, so no event published after the 200 can be missed; the
+        # queue holds the whole requested history plus room for live events.
+        subscription = self.orchestrator.bus.subscribe(pattern, queue_size=EVENT_QUEUE + history, history=history)
+        self.streams += 1
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
-        await response.prepare(request)
-        subscription = self.orchestrator.bus.subscribe(pattern, queue_size=EVENT_QUEUE, history=history)
-        self.streams += 1
         announced = 0
         try:
+            await response.prepare(request)
+            backlog = subscription.drain()
+            await response.write(_sse(backlog) + b"event: live\ndata: {}\n\n")  # history done, live from here
             while True:
-                first = await subscription.get()
+                try:
+                    first = await asyncio.wait_for(subscription.get(), HEARTBEAT_SECONDS)
+                except TimeoutError:  # a comment line: a client that went away is noticed now
+                    await response.write(b": keep-alive\n\n")
+                    continue
                 batch = [first, *subscription.drain()]
-                chunks = []
+                notice = b""
                 if subscription.dropped > announced:
-                    lost = subscription.dropped - announced
-                    announced = subscription.dropped
-                    chunks.append(f"event: lost\ndata: {json.dumps({'dropped': lost, 'total': announced})}\n\n")
-                for event in batch:
-                    data = json.dumps(event.to_dict(), ensure_ascii=False, default=str)
-                    chunks.append(f"id: {event.seq}\ndata: {data}\n\n")
-                await response.write("".join(chunks).encode())
+                    lost, announced = subscription.dropped - announced, subscription.dropped
+                    notice = f"event: lost\ndata: {json.dumps({'dropped': lost, 'total': announced})}\n\n".encode()
+                await response.write(notice + _sse(batch))
         except (ConnectionResetError, asyncio.CancelledError, OSError):
             pass
         except Exception:  # the bus closed (shutdown) or the client went away
@@ -239,9 +259,12 @@ class ControlApi:
         return store
 
     def _key(self, request: web.Request) -> tuple[str, str]:
+        """The capsule and the key, decoded from the raw path so that percent-encoded bytes
+        that are not UTF-8 are refused rather than kept as literal text."""
         name = request.match_info["name"]
         self.deployment(name)
-        return name, check_key(request.match_info["key"].encode())
+        raw = request.rel_url.raw_path.split("/", 4)[4]  # "", "v1", "kv", name, key
+        return name, check_key(unquote_to_bytes(raw))
 
     async def kv_list(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -292,24 +315,35 @@ class ControlServer:
 
     async def start(self) -> None:
         check_private(self.path.parent)
+        if self.path.is_dir() and not self.path.is_symlink():
+            raise OrchestratorError(f"{self.path} is a directory, not a socket: remove it and start again")
         if self.path.exists() or self.path.is_symlink():
             if socket_alive(self.path):
                 raise OrchestratorError(f"another orchestrator is already serving {self.path}")
             self.path.unlink()
-        self._runner = web.AppRunner(self.api.app, access_log=None, shutdown_timeout=1.0, handle_signals=False)
+        # Bind under a temporary name, make it 0600, then rename it into place: nobody can
+        # connect before it is private (and no process-wide umask change is needed).
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        listener.bind(str(temporary))
+        os.chmod(temporary, 0o600)
+        os.rename(temporary, self.path)
+        self._runner = web.AppRunner(
+            self.api.app,
+            access_log=None,
+            shutdown_timeout=1.0,
+            handle_signals=False,
+        )
         await self._runner.setup()
-        site = web.UnixSite(self._runner, str(self.path))
-        old = os.umask(0o177)  # the socket is born 0600: no window where others may connect
-        try:
-            await site.start()
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
+        await web.SockSite(self._runner, listener).start()
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._runner is None:
+            return  # never started: the path (if any) is not ours to remove
+        await self._runner.cleanup()
+        self._runner = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -67,8 +66,9 @@ class ToolResult:
 
 class CallKV:
     """One call's view of its capsule's KV: its writes wait in a buffer, readable by the
-    call itself, and reach the store only if the call succeeds (`commit`); a failed call's
-    writes are dropped, so a client may retry a failed call without doubling its effect."""
+    call itself, and reach the store only if the call succeeds (`stage`, then a commit); a
+    failed call's writes are dropped, so a client may retry a failed call without doubling
+    its effect."""
 
     def __init__(self, store: KVStore, capsule: str) -> None:
         self._store = store
@@ -98,10 +98,9 @@ class CallKV:
                     keys.add(key)
         return sorted(keys)
 
-    async def commit(self) -> None:
-        """Stage the buffered writes and wait until they are durable."""
-        if not self.writes:
-            return
+    def stage(self) -> int:
+        """Hand the buffered writes to the store (visible to every reader from now on);
+        returns the sequence number to commit, 0 when there were none."""
         seq = 0
         for key, value in self.writes.items():
             if value is None:
@@ -109,7 +108,7 @@ class CallKV:
             else:
                 seq = self._store.stage_set(self._capsule, key, value)
         self.writes = {}
-        await self._store.commit(seq)
+        return seq
 
 
 class CapsuleKV:
@@ -293,15 +292,21 @@ class Capsule:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         self.calls += 1
+
+        def run() -> tuple[bytes, int, int]:
+            output, fuel = self.plugin.call_metered(export, data, context=state)
+            # Stage the call's writes on its worker thread, before that thread takes the next
+            # call: the next call then reads them (staged writes are visible), so calls queued
+            # on one instance never lose each other's updates.
+            return output, fuel, kv.stage() if kv is not None else 0
+
         try:
-            output, fuel = await loop.run_in_executor(
-                self._executor, functools.partial(self.plugin.call_metered, export, data, context=state)
-            )
+            output, fuel, seq = await loop.run_in_executor(self._executor, run)
         except CapsuleError:
-            self.errors += 1  # its KV writes are dropped with `kv`
+            self.errors += 1  # its KV writes were never staged: dropped with `kv`
             raise
-        if kv is not None:
-            await kv.commit()
+        if seq and self._store is not None:
+            await self._store.commit(seq)
         self.fuel_total += fuel
         self.fuel_last = fuel
         return ToolResult(output, fuel, time.perf_counter() - started)

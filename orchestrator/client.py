@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import yarl
 
 from .config import load_config
 from .errors import OrchestratorError
@@ -66,7 +67,10 @@ class Client:
     ) -> tuple[int, dict[str, str], bytes]:
         assert self._session is not None, "use `async with Client(...)`"
         try:
-            async with self._session.request(method, BASE + path, data=data, params=params) as response:
+            url = yarl.URL(BASE + path, encoded=True)
+            if params:
+                url = url.with_query(params)
+            async with self._session.request(method, url, data=data) as response:
                 body = await response.read()
                 headers = dict(response.headers)
                 status = response.status
@@ -121,7 +125,8 @@ class Client:
         return json.loads((await self.request("DELETE", _kv(name, key)))[2])
 
     async def events(self, topic: str = ">", history: int = 0) -> AsyncIterator[dict[str, Any]]:
-        """Server-sent events as dicts; a loss notice is `{"lost": {"dropped", "total"}}`."""
+        """Server-sent events as dicts. A loss notice is `{"lost": {"dropped", "total"}}`;
+        `{"live": True}` marks the end of the history (everything after it is live)."""
         assert self._session is not None
         params = {"topic": topic, "history": str(history)}
         try:
@@ -132,7 +137,11 @@ class Client:
             raise self._not_running() from error
         async with response:
             if response.status >= 400:
-                detail = json.loads(await response.read())["error"]
+                body = await response.read()
+                try:
+                    detail = json.loads(body)["error"]
+                except (ValueError, KeyError, TypeError):
+                    raise RemoteError(response.status, "HTTPError", body.decode(errors="replace")[:500]) from None
                 raise RemoteError(response.status, detail["kind"], detail["message"])
             kind, data = "", ""
             async for raw in response.content:
@@ -143,9 +152,16 @@ class Client:
                     data = line[6:]
                 elif line == "" and data:
                     payload = json.loads(data)
-                    yield {"lost": payload} if kind == "lost" else payload
+                    if kind == "lost":
+                        yield {"lost": payload}
+                    elif kind == "live":
+                        yield {"live": True}
+                    else:
+                        yield payload
                     kind, data = "", ""
 
 
 def _kv(name: str, key: str) -> str:
-    return f"/v1/kv/{quote(name, safe='')}/{quote(key, safe='')}"
+    # "." and ".." are keys like any other: encode their dots so no URL library treats them
+    # as path steps.
+    return f"/v1/kv/{quote(name, safe='')}/{quote(key, safe='').replace('.', '%2E')}"

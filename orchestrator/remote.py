@@ -126,8 +126,11 @@ async def _call(args: argparse.Namespace, client: Client) -> int:
 
 
 async def _events(args: argparse.Namespace, client: Client) -> int:
-    history = args.history
-    async for item in client.events(args.topic, history):
+    async for item in client.events(args.topic, args.history):
+        if "live" in item:
+            if not args.follow:
+                break  # the history is shown; without --follow that is all
+            continue
         if "lost" in item:
             print(f"orch: {item['lost']['dropped']} event(s) lost (this client was too slow)", file=sys.stderr)
             continue
@@ -137,9 +140,6 @@ async def _events(args: argparse.Namespace, client: Client) -> int:
             clock = time.strftime("%H:%M:%S", time.localtime(item["timestamp_ms"] / 1000))
             payload = json.dumps(item["payload"], ensure_ascii=False)
             print(f"{clock} #{item['seq']} {item['topic']} {payload[:300]} (from {item['source']})", flush=True)
-        history -= 1
-        if not args.follow and history <= 0:
-            break
     return EXIT_OK
 
 
