@@ -7,11 +7,11 @@ STAMP := $(VENV)/.installed
 .PHONY: run test lint setup capsules bench clean
 
 run: $(STAMP)
-	$(BIN)/orch up config.yaml
+	$(BIN)/orch up --dash config.yaml
 
 test: $(STAMP) capsules/node_modules/.package-lock.json
-	$(BIN)/ruff check orchestrator tests bench
-	$(BIN)/ruff format --check orchestrator tests bench
+	$(BIN)/ruff check orchestrator tui tests bench
+	$(BIN)/ruff format --check orchestrator tui tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q

@@ -5,7 +5,8 @@
                    [--cache-dir DIR] [--stats]
     orch capsule check DIR
     orch capsule call DIR TOOL [JSON | -] [--state-dir DIR] [--workspace DIR] [--config KEY=VALUE]...
-    orch up [CONFIG] [--log-format text|json] [--no-watch]
+    orch up [CONFIG] [--log-format text|json] [--no-watch] [--dash]
+    orch dash [CONFIG] [--socket PATH]
     orch validate [CONFIG]
     orch plan [CONFIG] [--json] [--exit-code]
 
@@ -88,7 +89,13 @@ def _parser() -> argparse.ArgumentParser:
         "--log-format", choices=("text", "json"), default="text", help="json: every bus event as a JSON line"
     )
     up.add_argument("--no-watch", action="store_true", help="do not watch files (apply once, then serve)")
+    up.add_argument("--dash", action="store_true", help="show the dashboard in this terminal; quitting it stops")
     up.set_defaults(run=_up)
+
+    dash = verbs.add_parser("dash", help="the terminal dashboard of a running orchestrator")
+    dash.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"), help="find the socket from it")
+    dash.add_argument("--socket", type=Path, help="the control socket (instead of CONFIG)")
+    dash.set_defaults(run=_dash)
 
     validate = verbs.add_parser("validate", help="check a config.yaml and every capsule it names")
     validate.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"))
@@ -332,7 +339,29 @@ def _up(args: argparse.Namespace) -> int:
 
     from .console import run_up
 
-    return asyncio.run(run_up(args.config, log_format=args.log_format, watch=not args.no_watch))
+    dashboard = None
+    if args.dash and not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print("orch: --dash needs a terminal; running without the dashboard", file=sys.stderr)
+    elif args.dash:
+        from tui import run_dashboard  # only `orch up --dash` and `orch dash` load Textual
+
+        dashboard = run_dashboard
+    return asyncio.run(run_up(args.config, log_format=args.log_format, watch=not args.no_watch, dashboard=dashboard))
+
+
+def _dash(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .client import socket_for
+
+    try:
+        socket = socket_for(args.config, args.socket)
+    except OrchestratorError as error:
+        return _fail(_one_line(error), EXIT_USAGE)
+    from tui import run_dashboard
+
+    asyncio.run(run_dashboard(socket))
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,10 @@ stderr. With `text` (the default) events are printed as short readable lines.
 
 SIGINT or SIGTERM starts a phased shutdown with a deadline and the process exits 0; a
 second signal exits at once (status 130). Part of the CLI layer, like cli.py: it prints.
+
+With a `dashboard` (`orch up --dash`: the CLI passes `tui.run_dashboard`, so this module
+never imports Textual), nothing is printed while it runs: the dashboard owns the terminal
+as a client of the control socket, and quitting it shuts down as a signal does.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +35,17 @@ SHUTDOWN_SECONDS = 10.0
 logger = logging.getLogger(__name__)
 
 
-async def run_up(config: Path, *, log_format: str = "text", watch: bool = True) -> int:
+async def run_up(
+    config: Path,
+    *,
+    log_format: str = "text",
+    watch: bool = True,
+    dashboard: Callable[..., Awaitable[None]] | None = None,
+) -> int:
     orchestrator = Orchestrator(config, watch=watch)
     events = orchestrator.bus.subscribe(">", queue_size=100_000)
+    if dashboard is not None:
+        events.close()  # the dashboard shows the events: nothing may print over it
     printer = asyncio.get_running_loop().create_task(_print_events(events, log_format))
     stop = asyncio.Event()
     _install_signals(stop)
@@ -48,7 +61,7 @@ async def run_up(config: Path, *, log_format: str = "text", watch: bool = True) 
         await printer
         _report(config, error)
         return 1
-    if log_format == "text":
+    if log_format == "text" and dashboard is None:
         assert orchestrator.reconciler is not None
         running = sum(1 for status in orchestrator.reconciler.status() if status["phase"] == "Running")
         print(
@@ -56,7 +69,10 @@ async def run_up(config: Path, *, log_format: str = "text", watch: bool = True) 
             f"{'; watching for changes' if watch else ''}; control API on {server.path}. Ctrl+C to stop.",
             flush=True,
         )
-    await stop.wait()
+    if dashboard is not None:  # until it quits (`q`), or a signal sets `stop`
+        await dashboard(server.path, stop=stop, log_file=server.path.parent / "orch.log")
+    else:
+        await stop.wait()
     if log_format == "text":
         print("orch: stopping...", flush=True)
     await server.stop()

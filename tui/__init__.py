@@ -1,0 +1,44 @@
+"""The terminal dashboard (Textual): a client of a running orchestrator's control API and
+nothing else. `orch dash` attaches to one; `orch up --dash` runs one with it in a process.
+
+Only this package imports Textual; from `orchestrator` it imports only the client (and the
+errors), so the orchestrator runs without it and `orch` without `dash` never loads Textual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from textual.logging import TextualHandler
+
+from .app import Dashboard
+from .format import Clock
+from .link import Api, Connect, connect_to
+
+__all__ = ["Api", "Clock", "Connect", "Dashboard", "connect_to", "run_dashboard"]
+
+
+async def run_dashboard(socket: Path, *, stop: asyncio.Event | None = None, log_file: Path | None = None) -> None:
+    """Run the dashboard on the orchestrator serving `socket` until `q` (or `stop` is set).
+
+    While it owns the terminal, nothing may write over the screen: log records go to
+    `log_file` (`orch up --dash`: the orchestrator in this process logs there) or else to
+    Textual's own log (`textual console` shows it).
+    """
+    app = Dashboard(connect_to(socket), where=str(socket), stop=stop)
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    handler: logging.Handler
+    if log_file is not None:
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler = TextualHandler(stderr=False)
+    root.handlers = [handler]
+    try:
+        await app.run_async()
+    finally:
+        root.handlers = saved
+        handler.close()

@@ -1,0 +1,314 @@
+"""One capsule in full: its manifest summary, capabilities, limits, configuration (secrets
+arrive masked from the API and stay so), last error, reload history; and its tools: pick
+one, read its description and input schema, type JSON arguments (checked against the
+schema as you type, problems shown inline), run it, see the output or the error and the
+fuel the call used.
+
+The overview refreshes itself whenever the capsule's status changes (a reload shows up in
+its history as it happens).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+import jsonschema
+from rich.console import Group, RenderableType
+from rich.json import JSON
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Input, OptionList, Static
+from textual.widgets.option_list import Option
+
+from orchestrator.client import RemoteError
+
+from .format import Clock, compact, hexdump, is_text, phase_text
+from .widgets import COMMON_KEYS, TopBar, dash
+
+
+def check_arguments(text: str, schema: dict[str, Any]) -> tuple[Any, list[str]]:
+    """The parsed arguments and the problems with them (none: ready to send). Empty means {}."""
+    if not text.strip():
+        value: Any = {}
+    else:
+        try:
+            value = json.loads(text)
+        except ValueError as error:
+            return None, [f"not JSON: {error}"]
+    try:
+        validator = jsonschema.Draft202012Validator(schema or {})
+        problems = []
+        for problem in sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.absolute_path))):
+            where = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in problem.absolute_path)
+            problems.append(f"${where}: {problem.message}")
+    except jsonschema.SchemaError as bad:
+        return value, [f"the tool's schema is invalid: {bad.message}"]
+    return value, problems
+
+
+def overview(detail: dict[str, Any], clock: Clock) -> RenderableType:
+    """The left pane: what the capsule is, what it may touch, how it is doing."""
+    status = detail.get("status") or {}
+    package = detail.get("package", {})
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    phase = phase_text(status.get("phase", "?"))
+    phase.append(f"  since {clock.ago(status.get('since_ms'))}", style="dim")
+    grid.add_row("phase", phase)
+    grid.add_row("about", package.get("description") or "-")
+    grid.add_row("package", f"{package.get('name', '?')} {package.get('version', '')}")
+    grid.add_row("version", f"{status.get('version') or '-'}  ({status.get('reload_count', 0)} reloads)")
+    grid.add_row("folder", str(detail.get("folder", "")))
+    grid.add_row("wasm", f"sha256:{str(detail.get('wasm_sha256', ''))[:16]}…")
+    grid.add_row("instances", f"{detail.get('instances', 1)}  ·  enabled: {'yes' if detail.get('enabled') else 'no'}")
+    grid.add_row("depends on", ", ".join(detail.get("depends_on", [])) or "-")
+    grid.add_row(
+        "calls",
+        f"{status.get('calls', 0)} ({status.get('errors', 0)} errors)  ·  fuel/call "
+        f"{compact(status.get('fuel_mean', 0))}, last {compact(status.get('fuel_last', 0))}",
+    )
+    limits = detail.get("limits", {})
+    grid.add_row(
+        "limits",
+        f"fuel {compact(limits.get('fuel', 0))}  ·  memory {limits.get('memory_mib', '?')} MiB"
+        f"  ·  timeout {limits.get('timeout_ms', '?')} ms",
+    )
+    caps = detail.get("capabilities", {})
+    grid.add_row("capabilities", capabilities(caps))
+    config = detail.get("config", {})
+    env = detail.get("env", {})
+    lines = Text()
+    for key in sorted(set(config) | set(env)):
+        if lines:
+            lines.append("\n")
+        lines.append(f"{key} = ")
+        lines.append(str(config.get(key, "(unset)")), style="bold")
+        kind = env.get(key, {}).get("type")
+        if kind:
+            lines.append(f"  ({kind})", style="dim")
+    grid.add_row("config", lines or Text("-"))
+    interceptors = detail.get("interceptors", [])
+    if interceptors:
+        grid.add_row(
+            "intercepts",
+            "\n".join(f"{i.get('event')} → {i.get('action')} (priority {i.get('priority')})" for i in interceptors),
+        )
+    error = status.get("last_error")
+    grid.add_row("last error", Text(str(error), style="red") if error else Text("none", style="dim"))
+    if status.get("next_retry_ms"):
+        grid.add_row("next retry", Text(clock.until(status["next_retry_ms"]), style="yellow"))
+    history = Text()
+    for entry in reversed(detail.get("history", [])[-12:]):
+        if history:
+            history.append("\n")
+        history.append(clock.hms(int(entry.get("at_ms", 0)))[:8], style="dim")
+        history.append(f"  {entry.get('event')}")
+        if entry.get("version"):
+            history.append(f"  {str(entry['version'])[:12]}", style="dim")
+    grid.add_row("history", history or Text("-"))
+    return grid
+
+
+def capabilities(caps: dict[str, Any]) -> Text:
+    text = Text()
+    labels = (
+        ("fs_read", "read"),
+        ("fs_write", "write"),
+        ("ipc_publish", "publish"),
+        ("ipc_subscribe", "subscribe"),
+        ("net", "net"),
+    )
+    text.append(f"kv {'yes' if caps.get('kv') else 'no'}")
+    for key, label in labels:
+        items = caps.get(key) or []
+        if items:
+            text.append(f"\n{label} ")
+            text.append(", ".join(map(str, items)), style="bold")
+    return text
+
+
+class CapsuleScreen(Screen[None]):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        *COMMON_KEYS,
+        Binding("escape", "back", "Back"),
+        Binding("enter", "run", "Run tool"),
+        Binding("k", "kv", "KV"),
+        Binding("R", "restart", "Restart"),
+        Binding("e", "app.events", "Events"),
+    ]
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.capsule = name
+        self.detail: dict[str, Any] | None = None
+        self.tool: dict[str, Any] | None = None
+        self._last_status: Any = None
+
+    def compose(self) -> ComposeResult:
+        yield TopBar()
+        yield Static(Text(f"capsule {self.capsule}", style="bold"), id="title")
+        with Horizontal(id="detail-body"):
+            with VerticalScroll(id="overview"):
+                yield Static("loading…", id="overview-text")
+            with Vertical(id="tools"):
+                yield OptionList(id="tool-list")
+                with VerticalScroll(id="tool-pane"):
+                    yield Static(id="tool-doc")
+                    yield Input(placeholder="{}  JSON arguments; enter runs", id="args")
+                    yield Static(id="args-problem")
+                    yield Static(id="tool-output")
+                    yield Static(id="tool-schema")
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        self.watch(dash(self), "status", self._on_status)
+
+    def _on_status(self, status: dict[str, Any] | None) -> None:
+        mine = next((c for c in (status or {}).get("capsules", []) if c["name"] == self.capsule), None)
+        if mine != self._last_status or self.detail is None:
+            self._last_status = mine
+            dash(self).request(f"capsule {self.capsule}", lambda api: api.capsule(self.capsule), self._show, owner=self)
+
+    def _show(self, detail: dict[str, Any]) -> None:
+        first = self.detail is None
+        self.detail = detail
+        app = dash(self)
+        package = detail.get("package", {})
+        title = Text(f"{self.capsule}", style="bold")
+        if package.get("name") and package.get("name") != self.capsule:
+            title.append(f" ({package['name']})")
+        title.append(f"  {package.get('version', '')}  ", style="dim")
+        title.append_text(phase_text((detail.get("status") or {}).get("phase", "?")))
+        self.query_one("#title", Static).update(title)
+        self.query_one("#overview-text", Static).update(overview(detail, app.clock))
+        tools = detail.get("tools", [])
+        names = [str(t.get("name")) for t in tools]
+        options = self.query_one(OptionList)
+        if [options.get_option_at_index(i).id for i in range(options.option_count)] != names:
+            options.clear_options()
+            options.add_options(
+                [
+                    Option(Text.assemble((name, "bold"), "  ", (t.get("description") or "")), id=name)
+                    for name, t in zip(names, tools, strict=True)
+                ]
+            )
+            if tools:
+                options.highlighted = 0
+        if first:
+            options.focus()
+        if self.tool is not None:  # keep the chosen tool's schema current after a reload
+            self.tool = next((t for t in tools if t.get("name") == self.tool.get("name")), None)
+
+    # -- tools -----------------------------------------------------------------------------
+    def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
+        self._choose(event.option.id)
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self._choose(event.option.id)
+        self.query_one("#args", Input).focus()
+
+    def _choose(self, name: str | None) -> None:
+        tools = (self.detail or {}).get("tools", [])
+        tool = next((t for t in tools if t.get("name") == name), None)
+        if tool is None or tool is self.tool:
+            return
+        self.tool = tool
+        self.query_one("#tool-doc", Static).update(
+            Text.assemble((str(tool.get("name")), "bold"), "  ", str(tool.get("description") or ""))
+        )
+        schema = JSON(json.dumps(tool.get("input_schema") or {}), indent=2)
+        self.query_one("#tool-schema", Static).update(Group(Text("input schema", style="dim"), schema))
+        self.query_one("#tool-output", Static).update("")
+        self._check(self.query_one("#args", Input).value)
+
+    def _check(self, text: str) -> tuple[Any, list[str]]:
+        schema = (self.tool or {}).get("input_schema") or {}
+        value, problems = check_arguments(text, schema)
+        field = self.query_one("#args", Input)
+        shown = self.query_one("#args-problem", Static)
+        field.set_class(bool(problems), "-invalid")
+        if problems:
+            shown.update(Text("✖ " + "\n✖ ".join(problems), style="red"))
+        elif self.tool is not None:
+            shown.update(Text("✔ valid: enter runs it", style="green"))
+        return value, problems
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "args":
+            self._check(event.value)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "args":
+            self.action_run()
+
+    def action_run(self) -> None:
+        if self.tool is None:
+            self.notify("choose a tool first", severity="warning")
+            return
+        value, problems = self._check(self.query_one("#args", Input).value)
+        output = self.query_one("#tool-output", Static)
+        if problems:
+            output.update(Text("not sent: fix the arguments first", style="yellow"))
+            return
+        name = str(self.tool.get("name"))
+        body = json.dumps(value).encode()
+        output.update(Text(f"running {name}…", style="dim"))
+
+        def done(result: tuple[bytes, dict[str, str]] | None) -> None:
+            if result is not None:
+                output.update(tool_result(name, *result))
+
+        async def call(api: Any) -> tuple[bytes, dict[str, str]] | None:
+            try:
+                result: tuple[bytes, dict[str, str]] = await api.call(self.capsule, name, body)
+            except RemoteError as error:  # the tool failed: say so where the output goes
+                message = " ".join(str(error).split())
+                output.update(Text(f"✖ {name} failed ({error.status} {error.kind}): {message}", style="red"))
+                return None
+            return result
+
+        dash(self).request(f"{self.capsule}.{name}", call, done, owner=self)
+
+    # -- other actions ---------------------------------------------------------------------
+    def action_back(self) -> None:
+        if isinstance(self.focused, Input):
+            self.query_one(OptionList).focus()
+        else:
+            self.app.pop_screen()
+
+    def action_kv(self) -> None:
+        from .kv import KVScreen
+
+        self.app.push_screen(KVScreen(self.capsule))
+
+    def action_restart(self) -> None:
+        dash(self).restart(self.capsule)
+
+
+def tool_result(name: str, data: bytes, headers: dict[str, str]) -> RenderableType:
+    """`✔ increment · fuel 60,473 · 2.2 ms` above the output, pretty when it is JSON."""
+    fuel = headers.get("X-Fuel-Used") or headers.get("x-fuel-used")
+    seconds = headers.get("X-Seconds") or headers.get("x-seconds")
+    head = Text(f"✔ {name}", style="bold green")
+    if fuel is not None:
+        head.append(f"  ·  fuel {int(fuel):,}")
+    if seconds is not None:
+        head.append(f"  ·  {float(seconds) * 1000:.1f} ms", style="dim")
+    body: RenderableType
+    if not data.strip():
+        body = Text("(empty output)", style="dim")
+    elif not is_text(data):
+        body = Text(hexdump(data))
+    else:
+        text = data.decode("utf-8")
+        try:
+            body = JSON(text, indent=2)
+        except ValueError:
+            body = Text(text)
+    return Group(head, body)

@@ -1,0 +1,140 @@
+"""How values look on screen: phases (a colour AND a symbol and a word, so they read without
+colour), ages, fuel, byte values as text or hex. Pure functions over plain data, used by
+every view of the dashboard; no Textual here, only Rich text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rich.text import Text
+
+# phase -> (symbol, style); the word is the phase itself, lowercase
+PHASES: dict[str, tuple[str, str]] = {
+    "Running": ("●", "green"),
+    "Degraded": ("◐", "yellow"),
+    "Failed": ("✖", "bold red"),
+    "Starting": ("◌", "cyan"),
+    "Pending": ("○", "cyan"),
+    "Stopping": ("◌", "magenta"),
+    "Stopped": ("■", "dim"),
+}
+UNKNOWN_PHASE = ("?", "dim")
+# the order phases are counted in and sorted by: the ones needing attention first
+PHASE_ORDER = ("Failed", "Degraded", "Pending", "Starting", "Stopping", "Running", "Stopped")
+HEALTHY = frozenset({"Running", "Stopped"})
+
+
+def phase_text(phase: str) -> Text:
+    """`● running` in the phase's colour."""
+    symbol, style = PHASES.get(phase, UNKNOWN_PHASE)
+    return Text(f"{symbol} {phase.lower()}", style=style)
+
+
+def phase_rank(phase: str) -> int:
+    return PHASE_ORDER.index(phase) if phase in PHASE_ORDER else len(PHASE_ORDER)
+
+
+def is_healthy(phase: str) -> bool:
+    """Running, or stopped on purpose (`enabled: false`): nothing to look at."""
+    return phase in HEALTHY
+
+
+def phase_counts(phases: list[str]) -> Text:
+    """`● 2 running  ◐ 1 degraded`: the phases present, the ones needing attention first."""
+    text = Text()
+    for phase in sorted(set(phases), key=phase_rank):
+        symbol, style = PHASES.get(phase, UNKNOWN_PHASE)
+        if text:
+            text.append("  ")
+        text.append(f"{symbol} {phases.count(phase)} {phase.lower()}", style=style)
+    return text or Text("no capsules", style="dim")
+
+
+@dataclass(frozen=True)
+class Clock:
+    """The wall clock the views read (fixed in snapshot tests, so screenshots are stable)."""
+
+    now: Callable[[], float] = time.time
+    utc: bool = False
+
+    def hms(self, ms: int) -> str:
+        """`14:03:27.120` for a timestamp in milliseconds (local time unless utc)."""
+        seconds = ms / 1000
+        parts = time.gmtime(seconds) if self.utc else time.localtime(seconds)
+        return time.strftime("%H:%M:%S", parts) + f".{int(ms) % 1000:03d}"
+
+    def ago(self, ms: int | None) -> str:
+        """`12s ago` for a past timestamp in milliseconds, "" for none."""
+        if not ms:
+            return ""
+        return f"{duration(self.now() - ms / 1000)} ago"
+
+    def until(self, ms: int | None) -> str:
+        """`in 4s` for a future timestamp in milliseconds ("now" once it has passed)."""
+        if not ms:
+            return ""
+        left = ms / 1000 - self.now()
+        return f"in {duration(left)}" if left >= 0.5 else "now"
+
+
+def duration(seconds: float) -> str:
+    """`4s`, `3m`, `2h`, `5d`: coarse, as a status column wants."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f}m"
+    if seconds < 86400:
+        return f"{seconds // 3600:.0f}h"
+    return f"{seconds // 86400:.0f}d"
+
+
+def compact(number: float) -> str:
+    """`950`, `12.3k`, `4.56M`, `1.2G`: fuel and counts that fit a column."""
+    value = float(number)
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= limit:
+            scaled = value / limit
+            return f"{scaled:.3g}{suffix}"
+    return f"{value:.0f}"
+
+
+def short_path(path: str, width: int) -> str:
+    """The end of a long path, `…/deploy/config.yaml`, in at most `width` characters."""
+    if len(path) <= width:
+        return path
+    return "…" + path[-(width - 1) :]
+
+
+def is_text(value: bytes) -> bool:
+    """UTF-8 without control characters (other than tab and newlines)."""
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(ch >= " " or ch in "\t\r\n" for ch in text)
+
+
+def hexdump(value: bytes, limit: int = 4096) -> str:
+    """`00000000  de ad be ef …  |....|`, 16 bytes a line, at most `limit` bytes."""
+    lines = []
+    for offset in range(0, min(len(value), limit), 16):
+        chunk = value[offset : offset + 16]
+        hexes = " ".join(f"{b:02x}" for b in chunk)
+        shown = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
+        lines.append(f"{offset:08x}  {hexes:<47}  |{shown}|")
+    if len(value) > limit:
+        lines.append(f"… {len(value) - limit} more bytes")
+    return "\n".join(lines)
+
+
+def preview(value: bytes, width: int = 60) -> str:
+    """One line: the text (escaped newlines) or the first bytes in hex."""
+    if is_text(value):
+        text = value.decode("utf-8").replace("\n", "⏎").replace("\t", " ")
+    else:
+        text = "0x" + value[: width // 2].hex()
+    return text if len(text) <= width else text[: width - 1] + "…"
