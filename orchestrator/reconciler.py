@@ -89,6 +89,11 @@ class Slot:
     fuel_last: int = 0
     retry_task: asyncio.Task[None] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    # At most `instances` calls run at once per deployment, across versions: while a reload
+    # swaps versions, calls still running on the old one count too, so a capsule with one
+    # instance never has two calls interleaving their reads and writes.
+    gate: asyncio.Semaphore | None = None
+    gate_size: int = 0
 
     def status(self) -> dict[str, Any]:
         spec = self.spec
@@ -327,9 +332,21 @@ class Reconciler:
         slot = self._slots.get(name)
         if slot is None:
             raise UnknownCapsule(f"no capsule {name!r} (deployed: {', '.join(sorted(self._slots)) or 'none'})")
-        handle = slot.handle
-        if handle is None:
+        if slot.handle is None:
             raise CapsuleNotRunning(f"capsule {name!r} is {slot.phase.lower()}, not running" + _why(slot))
+        async with self._gate(slot):
+            return await self._call(slot, tool, arguments)
+
+    def _gate(self, slot: Slot) -> asyncio.Semaphore:
+        size = slot.spec.instances if slot.spec is not None else 1
+        if slot.gate is None or slot.gate_size != size:
+            slot.gate, slot.gate_size = asyncio.Semaphore(size), size
+        return slot.gate
+
+    async def _call(self, slot: Slot, tool: str, arguments: Any) -> Any:
+        handle = slot.handle  # the version serving now (after any wait for the gate)
+        if handle is None:
+            raise CapsuleNotRunning(f"capsule {slot.name!r} is {slot.phase.lower()}, not running" + _why(slot))
         key = id(handle)
         self._inflight[key] = self._inflight.get(key, 0) + 1
         try:

@@ -45,11 +45,10 @@ class CapsuleSpec:
     publish_rate: Mapping[str, float] = field(default_factory=dict)  # messages_per_second, bytes_per_second
     depends_on: tuple[str, ...] = ()
     enabled: bool = True
-    spec_hash: str = field(default="", compare=False)
+    spec_hash: str = field(default="", compare=False, init=False)  # always computed (also by `replace`)
 
     def __post_init__(self) -> None:
-        if not self.spec_hash:
-            object.__setattr__(self, "spec_hash", self.compute_hash())
+        object.__setattr__(self, "spec_hash", self.compute_hash())
 
     @property
     def capabilities(self) -> Mapping[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -200,13 +201,14 @@ async def test_failed_reload_keeps_the_old_version_serving() -> None:
 
 async def test_calls_in_flight_finish_on_the_old_version() -> None:
     reconciler, launcher, _, _ = make()
-    await reconciler.apply(desired(spec("a", "1" * 64)))
+    two = {"instances": 2}
+    await reconciler.apply(desired(replace(spec("a", "1" * 64), **two)))
     old = launcher.handles["a"]
     old.gate = asyncio.Event()
     in_flight = asyncio.create_task(reconciler.call_tool("a", "t"))
     await asyncio.sleep(0)
-    await reconciler.apply(desired(spec("a", "2" * 64)))
-    assert await reconciler.call_tool("a", "t") == "a@2"
+    await reconciler.apply(desired(replace(spec("a", "2" * 64), **two)))
+    assert await reconciler.call_tool("a", "t") == "a@2"  # a second instance's worth of room
     await asyncio.sleep(0)
     assert not old.closed  # its call is still running
     old.gate.set()
@@ -214,6 +216,23 @@ async def test_calls_in_flight_finish_on_the_old_version() -> None:
     for _ in range(3):
         await asyncio.sleep(0)
     assert old.closed
+
+
+async def test_one_instance_means_one_call_at_a_time_even_across_a_reload() -> None:
+    reconciler, launcher, _, _ = make()
+    await reconciler.apply(desired(spec("a", "1" * 64)))
+    old = launcher.handles["a"]
+    old.gate = asyncio.Event()
+    in_flight = asyncio.create_task(reconciler.call_tool("a", "t"))
+    await asyncio.sleep(0)
+    await reconciler.apply(desired(spec("a", "2" * 64)))
+    queued = asyncio.create_task(reconciler.call_tool("a", "t"))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not queued.done()  # waits for the call still running on the old version
+    old.gate.set()
+    assert await in_flight == "a@1"
+    assert await queued == "a@2"  # then runs on the new version
 
 
 async def test_start_failure_backs_off_doubling_to_a_minute() -> None:
