@@ -401,7 +401,7 @@ class Reconciler:
 
     def _publish(self, slot: Slot, event: str) -> None:
         status = slot.status()
-        slot.history.append({"event": event, "at_ms": slot.since_ms, "version": status["version"]})
+        slot.history.append({"event": event, "at_ms": self._wall_ms(), "version": status["version"]})
         del slot.history[:-50]
         self._bus.publish(f"orch.capsule.{slot.name}.{event}", status)
 

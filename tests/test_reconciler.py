@@ -371,3 +371,14 @@ async def test_restart_swaps_to_a_fresh_version_or_starts_a_failed_one() -> None
     with pytest.raises(UnknownCapsule):
         await reconciler.restart("zzz")
     assert "reloaded" in phases(bus, "a")
+
+
+async def test_history_records_when_each_event_happened() -> None:
+    reconciler, _, _, clock = make()
+    await reconciler.apply(desired(spec("a", "1" * 64)))
+    clock.now += 5
+    await reconciler.apply(desired(spec("a", "2" * 64)))
+    slot = reconciler.slot("a")
+    assert slot is not None
+    times = {entry["event"]: entry["at_ms"] for entry in slot.history}
+    assert times["reloaded"] - times["running"] == 5000
