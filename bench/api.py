@@ -6,7 +6,7 @@ The orchestrator runs as `orch up <config> --no-watch --log-format json` in a se
 process (its stdout, one JSON line per bus event, goes to a file), in a temp dir holding a
 copy of capsules/counter and a tiny WAT capsule `bench` (publishes on `bench.*`, writes KV).
 
-- tool_calls: 16 clients (16 `orchestrator.client.Client`s, so 16 keep-alive connections
+- tool_calls: 16 clients (16 `orchestrator.api.client.Client`s, so 16 keep-alive connections
   over the unix socket) each calling `POST /v1/capsules/<capsule>/tools/<tool>` in a loop
   for a fixed time: `get` (counter, reads KV only), `increment` (counter, a durable KV write
   committed before the answer, and a publish of `counter.changed`) and `kv_write` (bench: one
@@ -66,9 +66,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.api import ControlServer  # noqa: E402
-from orchestrator.client import Client, RemoteError  # noqa: E402
-from orchestrator.runtime import Orchestrator  # noqa: E402
+from orchestrator.api.client import Client, RemoteError  # noqa: E402
+from orchestrator.api.server import ControlServer  # noqa: E402
+from orchestrator.control.runtime import Orchestrator  # noqa: E402
 
 CLIENTS = 16
 EVENT_RATE = 10_000

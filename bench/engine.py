@@ -36,7 +36,7 @@ import extism  # noqa: E402
 import wasmtime  # noqa: E402
 
 from orchestrator.engine import WasmEngine  # noqa: E402
-from orchestrator.engine.plugin import _Instance  # noqa: E402
+from orchestrator.engine.instance import Instance as _Instance  # noqa: E402
 
 VOWELS = (ROOT / "capsules" / "vowels" / "vowels.wasm").read_bytes()
 TEXT = b"The quick brown fox jumps over the lazy dog. "

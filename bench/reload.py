@@ -52,11 +52,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.bus import EventBus  # noqa: E402
+from orchestrator.capsule.bus import EventBus  # noqa: E402
+from orchestrator.control.reconciler import Reconciler  # noqa: E402
+from orchestrator.control.runtime import Orchestrator  # noqa: E402
 from orchestrator.desired import load_desired  # noqa: E402
-from orchestrator.reconciler import Reconciler  # noqa: E402
-from orchestrator.runtime import Orchestrator  # noqa: E402
-from orchestrator.spec import CapsuleSpec  # noqa: E402
+from orchestrator.desired.spec import CapsuleSpec  # noqa: E402
 
 TOOL = "version"
 SERVE_TIMEOUT_S = 10.0  # a reload not served by then counts as missed

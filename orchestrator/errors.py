@@ -13,6 +13,12 @@ class OrchestratorError(Exception):
     """Base of every error the orchestrator raises on purpose."""
 
 
+class GateError(OrchestratorError):
+    """Malformed input refused at a boundary (not a denial): a bad key, topic or path
+    syntax, or something too large. A host function reports it to the guest as a
+    HostResult error; the control API answers 400."""
+
+
 class InvalidModule(OrchestratorError):
     """A module that cannot be loaded: not wasm, invalid, or importing something we lack."""
 

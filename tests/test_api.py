@@ -3,7 +3,7 @@
 Most tests run an Orchestrator on a copy of the example deployment (counter, milestones,
 notes) plus `oddball`, a small WAT capsule whose tools succeed, fail with a guest error or
 spin until their fuel runs out, and whose config holds a secret. A ControlServer serves it on
-`<tmp_path>/.orch/orch.sock`; requests go through `orchestrator.client.Client` or, where the
+`<tmp_path>/.orch/orch.sock`; requests go through `orchestrator.api.client.Client` or, where the
 exact bytes matter (path tricks, half requests, odd methods), through a raw socket.
 
 Covered: every endpoint's success shape, the status-code mapping of every error kind, the
@@ -34,10 +34,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from orchestrator.api import MAX_HISTORY, ControlServer, socket_alive
-from orchestrator.client import Client, NotRunning, RemoteError
+from orchestrator.api.client import Client, NotRunning, RemoteError
+from orchestrator.api.server import MAX_HISTORY, ControlServer, socket_alive
+from orchestrator.control.runtime import Orchestrator
 from orchestrator.errors import OrchestratorError
-from orchestrator.runtime import Orchestrator
 from tests.test_cli import example_deployment
 
 DEADLINE = 15.0

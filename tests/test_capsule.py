@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.bus import EventBus
 from orchestrator.capsule import Capsule
+from orchestrator.capsule.bus import EventBus
+from orchestrator.capsule.store import KVStore
 from orchestrator.engine import WasmEngine
 from orchestrator.errors import (
     CapabilityDenied,
@@ -27,7 +28,6 @@ from orchestrator.errors import (
     ToolInputError,
     UnknownTool,
 )
-from orchestrator.store import KVStore
 from tests.conftest import CAPSULES, REPO
 
 
@@ -258,10 +258,10 @@ INCREMENTER = textwrap.dedent(
     import asyncio, json, sys
     from pathlib import Path
     sys.path.insert(0, {repo!r})
-    from orchestrator.bus import EventBus
+    from orchestrator.capsule.bus import EventBus
     from orchestrator.capsule import Capsule
     from orchestrator.engine import WasmEngine
-    from orchestrator.store import KVStore
+    from orchestrator.capsule.store import KVStore
 
     async def main():
         store = await KVStore.open(Path({db!r}))
@@ -315,7 +315,7 @@ async def test_an_unencodable_event_does_not_stop_interceptors(host: Host) -> No
 
 
 async def test_a_failed_call_leaves_no_writes_behind(host: Host) -> None:
-    from orchestrator.gate import RateLimiter
+    from orchestrator.capsule.gate import RateLimiter
 
     clock = [0.0]
     rate = RateLimiter(messages_per_second=1, burst_seconds=1, clock=lambda: clock[0])

@@ -1,6 +1,6 @@
 """config.yaml: the DESIGN example, defaults and paths, every kind of invalid file (with the
 file, line, field and a useful message), ${VAR} expansion, reference checks (depends_on
-targets, cycles, capsule folders), the applied-config hash, line_of and topological_order."""
+targets, cycles, capsule folders), the applied-config hash and line_of."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import (
+from orchestrator.desired.config import (
     Defaults,
     Deployment,
     LimitsOverride,
@@ -18,7 +18,6 @@ from orchestrator.config import (
     OrchestratorConfig,
     load_config,
     parse_config,
-    topological_order,
 )
 from orchestrator.errors import ConfigError, FileProblems
 
@@ -102,7 +101,7 @@ def test_the_design_example_loads(root: Path) -> None:
     assert list(model.capsules) == ["hello", "counter"]
     assert loaded.folder("hello") == root / "capsules" / "hello"
     assert loaded.folder("counter") == root / "capsules" / "counter"
-    assert topological_order(model) == ["counter", "hello"]
+    assert model.capsules["hello"].depends_on == ["counter"]
 
 
 def test_defaults(root: Path) -> None:
@@ -593,7 +592,7 @@ def test_cycles_are_named_in_order(root: Path, edges: list[str], expected: list[
 
 def test_a_dag_is_not_a_cycle(root: Path) -> None:
     loaded = parse(root, deps("top>left,right", "left>base", "right>base", "base>"))
-    assert topological_order(loaded.model) == ["base", "left", "right", "top"]
+    assert sorted(loaded.model.capsules) == ["base", "left", "right", "top"]  # parsed: no cycle reported
 
 
 # --- ${VAR} expansion ------------------------------------------------------------------------
@@ -732,32 +731,3 @@ def test_line_of_block_style_config(root: Path) -> None:
     loaded = parse(root, capsule("config:\n  greeting: Hi\n  list:\n    - a\n    - {k: v}"))
     assert loaded.line_of("capsules", "hello", "config", "greeting") == 6
     assert loaded.line_of("capsules", "hello", "config", "list", 1, "k") == 9
-
-
-# --- topological_order -----------------------------------------------------------------------
-
-
-def model_of(graph: dict[str, list[str]]) -> OrchestratorConfig:
-    return OrchestratorConfig.model_validate(
-        {"version": 1, "capsules": {name: {"path": "x", "depends_on": targets} for name, targets in graph.items()}}
-    )
-
-
-@pytest.mark.parametrize(
-    ("graph", "order"),
-    [
-        ({}, []),
-        ({"c": [], "a": [], "b": []}, ["a", "b", "c"]),
-        ({"a": ["b"], "b": ["c"], "c": []}, ["c", "b", "a"]),
-        ({"web": ["db", "cache"], "db": [], "cache": [], "zz": []}, ["cache", "db", "web", "zz"]),
-        ({"a": ["z"], "z": [], "m": []}, ["m", "z", "a"]),
-        ({"a": ["b", "b"], "b": []}, ["b", "a"]),
-    ],
-)
-def test_topological_order(graph: dict[str, list[str]], order: list[str]) -> None:
-    assert topological_order(model_of(graph)) == order
-
-
-def test_topological_order_refuses_a_cycle() -> None:
-    with pytest.raises(ValueError, match="depends_on cycle among: a, b"):
-        topological_order(model_of({"a": ["b"], "b": ["a"], "c": []}))

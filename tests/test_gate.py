@@ -15,14 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.errors import CapabilityDenied, OrchestratorError
-from orchestrator.gate import (
+from orchestrator.capsule.gate import (
     MAX_FILE_BYTES,
     MAX_KEY_BYTES,
     MAX_PATH_BYTES,
     MAX_PAYLOAD_BYTES,
-    MAX_TOPIC_BYTES,
-    MAX_TOPIC_TOKENS,
     MAX_VALUE_BYTES,
     GateError,
     PathGate,
@@ -34,6 +31,8 @@ from orchestrator.gate import (
     check_topic,
     topic_matches,
 )
+from orchestrator.errors import CapabilityDenied, OrchestratorError
+from orchestrator.topics import MAX_TOPIC_BYTES, MAX_TOPIC_TOKENS
 
 FAST = settings(
     max_examples=200,

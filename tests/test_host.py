@@ -50,13 +50,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import host
-from orchestrator.bus import EventBus
 from orchestrator.capsule import Capsule
-from orchestrator.engine import WasmEngine
-from orchestrator.errors import CapabilityDenied, CapsuleTrap
-from orchestrator.gate import PathGate, RateLimiter, TopicGate
-from orchestrator.host import (
+from orchestrator.capsule import airlocks as host
+from orchestrator.capsule.airlocks import (
     AUDIT_TOPIC,
     HOST_FUNCTIONS,
     CallState,
@@ -75,7 +71,11 @@ from orchestrator.host import (
     astrid_read_file,
     astrid_write_file,
 )
-from orchestrator.store import KVStore
+from orchestrator.capsule.bus import EventBus
+from orchestrator.capsule.gate import PathGate, RateLimiter, TopicGate
+from orchestrator.capsule.store import KVStore
+from orchestrator.engine import WasmEngine
+from orchestrator.errors import CapabilityDenied, CapsuleTrap
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -97,28 +97,23 @@ class FakeClock:
 
 
 class FakeKV:
-    """A dict-backed `KVAccess`: set/delete return increasing sequence numbers."""
+    """A dict-backed `KVAccess` that records every operation it is asked for."""
 
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
-        self.seq = 0
         self.calls: list[tuple[str, str]] = []
 
     def get(self, key: str) -> bytes | None:
         self.calls.append(("get", key))
         return self.data.get(key)
 
-    def set(self, key: str, value: bytes) -> int:
+    def set(self, key: str, value: bytes) -> None:
         self.calls.append(("set", key))
         self.data[key] = value
-        self.seq += 1
-        return self.seq
 
-    def delete(self, key: str) -> int:
+    def delete(self, key: str) -> None:
         self.calls.append(("delete", key))
         self.data.pop(key, None)
-        self.seq += 1
-        return self.seq
 
     def keys(self, prefix: str) -> list[str]:
         self.calls.append(("keys", prefix))
@@ -394,7 +389,7 @@ def test_kv_get_returns_the_value_or_empty(rig: Rig) -> None:
     call = rig.call()
     assert astrid_kv_get(call, b"greeting") == b"\x00hello \x00\xff binary"
     assert astrid_kv_get(call, b"absent") == b"\x00"
-    assert call.kv_seq == 0  # reads stage nothing
+    assert [op for op, _ in rig.kv.calls] == ["get", "get"]  # reads write nothing
     assert rig.bus.history() == []
 
 
@@ -406,17 +401,14 @@ def test_kv_keys_at_the_limits_are_accepted(rig: Rig) -> None:
         assert key.decode() in rig.kv.data
 
 
-def test_kv_set_stores_and_tracks_the_sequence(rig: Rig) -> None:
+def test_kv_set_stores_each_write(rig: Rig) -> None:
     call = rig.call()
     assert astrid_kv_set(call, b"a", b"1") == b"\x00"
-    assert call.kv_seq == 1
     assert astrid_kv_set(call, b"b", b"") == b"\x00"
-    assert call.kv_seq == 2
     assert rig.kv.data == {"a": b"1", "b": b""}
-    rig.kv.seq = 0  # a store whose numbers went down must not lower what the call staged
     assert astrid_kv_set(call, b"a", b"2") == b"\x00"
-    assert call.kv_seq == 2
     assert rig.kv.data["a"] == b"2"
+    assert rig.kv.calls == [("set", "a"), ("set", "b"), ("set", "a")]
 
 
 def test_kv_value_limit_is_one_mib(rig: Rig) -> None:
@@ -426,17 +418,17 @@ def test_kv_value_limit_is_one_mib(rig: Rig) -> None:
     result = astrid_kv_set(call, b"big", b"w" * (MIB + 1))
     assert result == b"\x01value of 1048577 bytes exceeds the limit of 1048576 bytes"
     assert rig.kv.data["big"] == b"v" * MIB
-    assert call.kv_seq == 1
+    assert rig.kv.calls == [("set", "big")]  # the oversized value never reached the store
 
 
-def test_kv_delete_removes_and_tracks_the_sequence(rig: Rig) -> None:
+def test_kv_delete_removes_each_key(rig: Rig) -> None:
     rig.kv.data.update({"a": b"1", "b": b"2"})
     call = rig.call()
     assert astrid_kv_delete(call, b"a") == b"\x00"
     assert rig.kv.data == {"b": b"2"}
-    assert call.kv_seq == 1
     assert astrid_kv_delete(call, b"never-there") == b"\x00"
-    assert call.kv_seq == 2
+    assert rig.kv.data == {"b": b"2"}
+    assert rig.kv.calls == [("delete", "a"), ("delete", "never-there")]
 
 
 def test_kv_list_keys_is_a_json_array(rig: Rig) -> None:
@@ -473,7 +465,6 @@ def test_kv_rejects_bad_keys_without_touching_the_store(rig: Rig, operation: str
         result = astrid_kv_delete(call, key)
     assert_error(result, fragment)
     assert rig.kv.calls == []
-    assert call.kv_seq == 0
     assert rig.bus.history() == []  # malformed input is not a denial
 
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.errors import ManifestError
-from orchestrator.manifest import (
+from orchestrator.desired.manifest import (
     Manifest,
     load_manifest,
     mask_config,
@@ -17,6 +16,7 @@ from orchestrator.manifest import (
     render_config_value,
     resolve_config,
 )
+from orchestrator.errors import ManifestError
 from tests.conftest import CAPSULES
 
 GOOD = """\

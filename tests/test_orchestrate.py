@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.bus import Event, Subscription
+from orchestrator.capsule.bus import Event, Subscription
+from orchestrator.control.runtime import Orchestrator
+from orchestrator.control.statedir import read_applied
 from orchestrator.errors import CapsuleNotRunning
-from orchestrator.runtime import Orchestrator, read_applied
 from tests.conftest import CAPSULES
 
 DEADLINE = 15.0
@@ -272,8 +273,8 @@ async def test_example_config_runs(tmp_path: Path) -> None:
 
 
 def test_publish_rate_from_the_config_reaches_the_capsule(tmp_path: Path) -> None:
+    from orchestrator.capsule.launcher import publish_limiter
     from orchestrator.desired import load_desired
-    from orchestrator.runtime import publish_limiter
 
     write_capsule(tmp_path / "caps" / "ver", 1)
     (tmp_path / "config.yaml").write_text(

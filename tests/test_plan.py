@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.plan import Action, Plan, apply_plan, plan
-from orchestrator.spec import SECRET_PREFIX, CapsuleSpec
+from orchestrator.desired.plan import Action, Plan, apply_plan, plan
+from orchestrator.desired.spec import SECRET_PREFIX, CapsuleSpec
 
 WASM_A = "3fa1c2" + "a" * 58
 WASM_B = "9b07de" + "b" * 58

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator.bus import EventBus
+from orchestrator.capsule.bus import EventBus
+from orchestrator.control.reconciler import Reconciler
+from orchestrator.desired.spec import CapsuleSpec
 from orchestrator.errors import CapsuleNotRunning, InvalidModule, StaleSpec, UnknownCapsule
-from orchestrator.reconciler import Reconciler
-from orchestrator.spec import CapsuleSpec
 
 
 def spec(

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiosqlite
 import pytest
 
-from orchestrator.store import KVStore, StoreError
+from orchestrator.capsule.store import KVStore, StoreError
 from tests.conftest import REPO
 
 
@@ -140,7 +140,7 @@ WRITER = textwrap.dedent(
     """
     import asyncio, sys
     sys.path.insert(0, {repo!r})
-    from orchestrator.store import KVStore
+    from orchestrator.capsule.store import KVStore
 
     async def main():
         store = await KVStore.open({db!r})

@@ -26,10 +26,10 @@ from rich.console import Console
 from textual import events
 from textual.widgets import DataTable, Input, OptionList, Static
 
-from orchestrator.api import ControlServer
-from orchestrator.client import Client, RemoteError
-from orchestrator.console import run_up
-from orchestrator.runtime import Orchestrator
+from orchestrator.api.client import Client, RemoteError
+from orchestrator.api.server import ControlServer
+from orchestrator.cli.up import run_up
+from orchestrator.control.runtime import Orchestrator
 from tests.conftest import REPO
 from tests.test_cli import example_deployment
 from tui import Clock, Dashboard, connect_to
@@ -420,8 +420,8 @@ def test_dash_without_a_config_says_so() -> None:
 def test_the_headless_orchestrator_never_loads_textual() -> None:
     code = (
         "import sys\n"
-        "import orchestrator.cli, orchestrator.runtime, orchestrator.api, orchestrator.console\n"
-        "orchestrator.cli._parser()\n"
+        "import orchestrator.cli.main, orchestrator.control.runtime, orchestrator.api.server, orchestrator.cli.up\n"
+        "orchestrator.cli.main._parser()\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('textual', 'tui', 'rich')))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
@@ -436,8 +436,9 @@ def test_the_dashboard_imports_only_the_client_and_errors_of_the_orchestrator() 
                 imported.add(node.module)
             elif isinstance(node, ast.Import):
                 imported.update(alias.name for alias in node.names)
-    assert {m for m in imported if m.split(".")[0] == "orchestrator"} <= {"orchestrator.client", "orchestrator.errors"}
-    assert "orchestrator.client" in imported
+    allowed = {"orchestrator.api.client", "orchestrator.errors", "orchestrator.topics"}
+    assert {m for m in imported if m.split(".")[0] == "orchestrator"} <= allowed
+    assert "orchestrator.api.client" in imported
 
 
 # -- the pure parts ---------------------------------------------------------------------------

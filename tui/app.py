@@ -25,7 +25,7 @@ from textual.dom import DOMNode
 from textual.reactive import var
 from textual.screen import Screen
 
-from orchestrator.client import RemoteError
+from orchestrator.api.client import RemoteError
 
 from .capsules import CapsulesScreen
 from .dialogs import HelpScreen, PlanScreen

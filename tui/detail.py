@@ -25,7 +25,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Input, OptionList, Static
 from textual.widgets.option_list import Option
 
-from orchestrator.client import RemoteError
+from orchestrator.api.client import RemoteError
 
 from .format import Clock, compact, hexdump, is_text, phase_text
 from .widgets import COMMON_KEYS, TopBar, dash

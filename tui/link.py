@@ -1,5 +1,5 @@
 """The dashboard's connection to an orchestrator: the API it needs (what
-`orchestrator.client.Client` offers; tests pass a fake with the same methods) and `Link`,
+`orchestrator.api.client.Client` offers; tests pass a fake with the same methods) and `Link`,
 which opens a client, polls the status, notices when the orchestrator goes away and opens a
 fresh client when it comes back.
 
@@ -16,7 +16,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
-from orchestrator.client import Client, NotRunning, RemoteError
+from orchestrator.api.client import Client, NotRunning, RemoteError
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ plugin.last_fuel_used
 plugin.close()
 """
 
+from ..limits import Limits
 from .engine import WasmEngine
-from .hostfn import USER_NAMESPACE, HostCall, HostFunction
-from .limits import Limits
+from .hostcall import USER_NAMESPACE, HostCall, HostFunction
 from .plugin import Plugin
 
 __all__ = ["USER_NAMESPACE", "HostCall", "HostFunction", "Limits", "Plugin", "WasmEngine"]

@@ -54,9 +54,10 @@ class CompiledModuleCache:
         material = f"{FORMAT}|{wasmtime_version()}|{self._fingerprint}|{wasm_sha256}"
         return hashlib.sha256(material.encode()).hexdigest()[:40]
 
-    def get(self, wasm: bytes, *, name: str = "module") -> wasmtime.Module:
-        """The compiled module for `wasm` (binary, or WAT text). Raises InvalidModule."""
-        digest = hashlib.sha256(wasm).hexdigest()
+    def get(self, wasm: bytes, *, name: str = "module", digest: str | None = None) -> wasmtime.Module:
+        """The compiled module for `wasm` (binary, or WAT text). `digest` is the wasm's sha256
+        when the caller already has it (it is trusted, not checked). Raises InvalidModule."""
+        digest = digest or hashlib.sha256(wasm).hexdigest()
         key = self.key(digest)
         with self._lock:
             module = self._memory.get(key)

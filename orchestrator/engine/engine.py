@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import threading
 import weakref
@@ -25,11 +24,11 @@ import wasmtime
 from wasmtime import FuncType, Linker, ValType
 
 from ..errors import InvalidModule
+from ..limits import Limits
 from .cache import CompiledModuleCache
-from .hostfn import HostFunction
+from .hostcall import HostFunction
 from .kernel import kernel_wasm
-from .kernel_host import KERNEL_HOST_FUNCTIONS
-from .limits import Limits
+from .kernel_services import KERNEL_HOST_FUNCTIONS
 from .plugin import Plugin, ticks_for
 from .shape import ModuleShape, module_shape
 
@@ -68,7 +67,7 @@ class WasmEngine:
             ty = FuncType([_VAL[p] for p in params], [_VAL[r] for r in results])
             linker.define_func("orch:kernel", name, ty, callback, access_caller=True)
         self.kernel_pre = linker.instantiate_pre(kernel_module)
-        self.kernel_exports = {e.name: i for i, e in enumerate(kernel_module.exports)}
+        self.kernel_exports: Mapping[str, int] = {e.name: i for i, e in enumerate(kernel_module.exports)}
         self._shapes: weakref.WeakKeyDictionary[wasmtime.Module, ModuleShape] = weakref.WeakKeyDictionary()
         self._wasi_linker: Linker | None = None
         self._wasi_lock = threading.Lock()
@@ -100,9 +99,10 @@ class WasmEngine:
                 self._wasi_linker = linker
             return self._wasi_linker
 
-    def compile(self, wasm: WasmSource, *, name: str = "module") -> wasmtime.Module:
-        """The compiled module (through the cache). Raises InvalidModule."""
-        return self.cache.get(read_wasm(wasm, name=name), name=name)
+    def compile(self, wasm: WasmSource, *, name: str = "module", digest: str | None = None) -> wasmtime.Module:
+        """The compiled module (through the cache). `digest`: the wasm's sha256 when known
+        (never recomputed then). Raises InvalidModule."""
+        return self.cache.get(read_wasm(wasm, name=name), name=name, digest=digest)
 
     def load(
         self,
@@ -114,17 +114,20 @@ class WasmEngine:
         wasi: bool = False,
         host_functions: Sequence[HostFunction] = (),
         instances: int = 1,
+        digest: str | None = None,
     ) -> Plugin:
         """Compile (or fetch from the cache), link and instantiate a plugin.
 
         `wasm`: the module's bytes (binary or WAT text), or a path (str or Path) to a file.
         `config`: the values `config_get` returns. `instances`: how many calls may run at
-        once (each on its own Store). Raises InvalidModule.
+        once (each on its own Store). `digest`: the wasm's sha256 when the caller has it.
+        Raises InvalidModule.
         """
-        module = self.compile(wasm, name=name)
+        module = self.compile(wasm, name=name, digest=digest)
         return Plugin(
             engine=self,
             module=module,
+            shape=self.shape(module),
             name=name,
             config=dict(config or {}),
             limits=limits or Limits(),
@@ -157,10 +160,6 @@ def read_wasm(wasm: WasmSource, *, name: str) -> bytes:
         return path.read_bytes()
     except OSError as error:
         raise InvalidModule(f"{name}: cannot read {path}: {error.strerror or error}") from None
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 _VAL = {"i32": ValType.i32(), "i64": ValType.i64(), "f32": ValType.f32(), "f64": ValType.f64()}

@@ -6,12 +6,17 @@ the manifest, kept apart for diffs). `spec_hash` covers all of it, so "did anyth
 is one comparison. Specs also say how the deployment is wired (`depends_on`, `enabled`),
 which affects ordering but never requires a reload.
 
+A spec read from files carries its `source`: the parsed manifest and the wasm bytes as the
+loader read them (with the file's stamp), so the capsule layer builds the running version
+from the very bytes that were hashed, without going back to the folder. The source is not
+part of the value: it is not compared, hashed or recorded.
+
 A spec can be turned into a JSON record and back (`record`, `from_record`): the record is
 what the state dir keeps as the last applied state, so `orch plan` can diff without a
 running orchestrator. Secret values never enter a record: they are replaced by a keyed
 digest, which is enough to tell that a secret changed without being able to recover it.
 
-Pure values; used by plan.py (pure), desired.py (loading) and the reconciler.
+Pure values; used by the plan (pure), the loader, the reconciler and the capsule layer.
 """
 
 from __future__ import annotations
@@ -22,12 +27,32 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..files import FileStamp
+from .manifest import Manifest
+
 SECRET_PREFIX = "secret-sha256:"
 
 
 def secret_digest(name: str, key: str, value: str) -> str:
     """A digest of a secret value that cannot be compared across capsules or keys."""
     return SECRET_PREFIX + hashlib.sha256(f"{name}\0{key}\0{value}".encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class CapsuleSource:
+    """What the loader read for a spec: the manifest as a model, the wasm's bytes, and the
+    stamps of both files when read (to tell a file caught mid-write without re-reading)."""
+
+    manifest: Manifest
+    wasm: bytes
+    wasm_sha256: str
+    wasm_path: str
+    wasm_stamp: FileStamp
+    manifest_stamp: FileStamp
+
+    def wasm_changed(self) -> bool:
+        """Whether the wasm file on disk is no longer the one that was read."""
+        return FileStamp.at(self.wasm_path) != self.wasm_stamp
 
 
 @dataclass(frozen=True)
@@ -45,6 +70,7 @@ class CapsuleSpec:
     publish_rate: Mapping[str, float] = field(default_factory=dict)  # messages_per_second, bytes_per_second
     depends_on: tuple[str, ...] = ()
     enabled: bool = True
+    source: CapsuleSource | None = field(default=None, compare=False, repr=False)  # None when rebuilt from a record
     spec_hash: str = field(default="", compare=False, init=False)  # always computed (also by `replace`)
 
     def __post_init__(self) -> None:

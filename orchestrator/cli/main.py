@@ -23,13 +23,12 @@ import argparse
 import json
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import CapsuleError, InvalidModule, OrchestratorError
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from ..errors import OrchestratorError
+from . import author
+from .output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail, one_line, print_problems
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,13 +66,13 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--wasi", action="store_true", help="provide WASI preview 1 (nothing granted)")
     call.add_argument("--cache-dir", type=Path, help="on-disk compiled-module cache")
     call.add_argument("--stats", action="store_true", help='print {"fuel_used", "seconds"} to stderr')
-    call.set_defaults(run=_wasm_call)
+    call.set_defaults(run=author.wasm_call)
 
     capsule = verbs.add_parser("capsule", help="check or call one capsule folder (for capsule authors)")
     capsule_verbs = capsule.add_subparsers(title="capsule commands", metavar="COMMAND")
     check = capsule_verbs.add_parser("check", help="validate a capsule and show what it may touch")
     check.add_argument("dir", type=Path, help="the capsule folder (with Capsule.toml)")
-    check.set_defaults(run=_capsule_check)
+    check.set_defaults(run=author.capsule_check)
     ccall = capsule_verbs.add_parser("call", help="load a capsule once and call one of its tools")
     ccall.add_argument("dir", type=Path, help="the capsule folder (with Capsule.toml)")
     ccall.add_argument("tool", help="the tool's name")
@@ -81,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     ccall.add_argument("--state-dir", type=Path, default=Path(".orch"), help="KV database and module cache")
     ccall.add_argument("--workspace", type=Path, default=Path("."), help="root of cwd:// paths")
     ccall.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="a config value (repeatable)")
-    ccall.set_defaults(run=_capsule_call)
+    ccall.set_defaults(run=author.capsule_call)
 
     up = verbs.add_parser("up", help="run the orchestrator on a config.yaml, in the foreground")
     up.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"), help="default: ./config.yaml")
@@ -123,180 +122,14 @@ def _positive(text: str) -> int:
     return value
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"orch: {message}", file=sys.stderr)
-    return code
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
-
-
-def _config_pairs(items: list[str]) -> dict[str, str]:
-    config: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--config expects KEY=VALUE, got {item!r}")
-        config[key] = value
-    return config
-
-
-def _wasm_call(args: argparse.Namespace) -> int:
-    from .engine import Limits, WasmEngine
-
-    try:
-        config = _config_pairs(args.config)
-    except ValueError as error:
-        return _fail(str(error), EXIT_USAGE)
-    defaults = Limits()
-    try:
-        limits = Limits(
-            fuel=args.fuel or defaults.fuel,
-            memory_mib=args.memory_mib or defaults.memory_mib,
-            timeout_ms=args.timeout_ms or defaults.timeout_ms,
-        )
-    except ValueError as error:
-        return _fail(str(error), EXIT_USAGE)
-    data = sys.stdin.buffer.read() if args.input == "-" else args.input.encode()
-    engine = WasmEngine(cache_dir=args.cache_dir)
-    try:
-        plugin = engine.load(Path(args.file), name=Path(args.file).stem, config=config, limits=limits, wasi=args.wasi)
-    except InvalidModule as error:
-        return _fail(_one_line(error), EXIT_USAGE)
-    started = time.perf_counter()
-    fuel_used = 0
-    try:
-        output, fuel_used = plugin.call_metered(args.function, data)
-    except CapsuleError as error:
-        fuel_used = error.fuel_used
-        return _fail(_one_line(error), EXIT_FAILED)
-    finally:
-        if args.stats:
-            stats = {"fuel_used": fuel_used, "seconds": round(time.perf_counter() - started, 6)}
-            print(json.dumps(stats), file=sys.stderr)
-        plugin.close()
-        engine.close()
-    sys.stdout.buffer.write(output)
-    sys.stdout.buffer.flush()
-    return EXIT_OK
-
-
-def _capsule_check(args: argparse.Namespace) -> int:
-    from .capsule import bind_airlocks, check_exports, read_component
-    from .engine import WasmEngine
-    from .errors import ManifestError
-    from .manifest import load_manifest, mask_config, resolve_config
-
-    folder: Path = args.dir
-    try:
-        manifest = load_manifest(folder)
-    except ManifestError as error:
-        return _problems(folder, [str(p) for p in error.problems])
-    manifest_file = str(folder / "Capsule.toml")
-    problems: list[str] = []
-    config: dict[str, str] = {}
-    try:
-        config = resolve_config(manifest, {}, source=manifest_file)
-    except ManifestError as error:
-        problems += [str(p) for p in error.problems]
-    digest = ""
-    try:
-        wasm, digest = read_component(folder, manifest)
-        with WasmEngine() as engine:
-            plugin = engine.load(wasm, name=manifest.package.name, wasi=True, host_functions=bind_airlocks())
-            plugin.close()
-            check_exports(manifest, plugin.exports, manifest_file)
-    except ManifestError as error:
-        problems += [str(p) for p in error.problems]
-    except InvalidModule as error:
-        problems.append(f"{folder / manifest.component.file}: {_one_line(error)}")
-    if problems:
-        return _problems(folder, problems)
-    package, caps = manifest.package, manifest.capabilities
-    print(f"{package.name} {package.version}: {package.description or '(no description)'}")
-    print(f"  wasm          {manifest.component.file}  sha256:{digest}")
-    for tool in manifest.tools:
-        print(f"  tool          {tool.name}: {tool.description}")
-    for interceptor in manifest.interceptors:
-        print(f"  interceptor   {interceptor.event} -> {interceptor.action} (priority {interceptor.priority})")
-    print("may touch:")
-    print(f"  kv            {'yes (its own keys)' if caps.kv else 'no'}")
-    for label, items in (
-        ("read files", caps.fs_read),
-        ("write files", caps.fs_write),
-        ("publish", caps.ipc_publish),
-        ("subscribe", caps.ipc_subscribe),
-        ("network", caps.net),
-    ):
-        print(f"  {label:<13} {', '.join(items) if items else 'nothing'}")
-    shown = mask_config(manifest, config)
-    for key, declared in manifest.env.items():
-        print(f"  config        {key} ({declared.type}) = {shown.get(key, '(unset)')}")
-    return EXIT_OK
-
-
-def _problems(folder: Path, problems: list[str]) -> int:
-    print(f"{folder}: {len(problems)} problem{'s' if len(problems) != 1 else ''}", file=sys.stderr)
-    for problem in problems:
-        print(f"  {problem}", file=sys.stderr)
-    return EXIT_FAILED
-
-
-def _capsule_call(args: argparse.Namespace) -> int:
-    import asyncio
-
-    try:
-        config = _config_pairs(args.config)
-    except ValueError as error:
-        return _fail(str(error), EXIT_USAGE)
-    text = sys.stdin.read() if args.arguments == "-" else args.arguments
-    try:
-        arguments = json.loads(text) if text.strip() else None
-    except ValueError as error:
-        return _fail(f"the arguments are not valid JSON: {error}", EXIT_FAILED)
-    try:
-        output = asyncio.run(_call_capsule_tool(args, config, arguments))
-    except OrchestratorError as error:
-        return _fail(_one_line(error), EXIT_FAILED)
-    sys.stdout.buffer.write(output)
-    sys.stdout.buffer.flush()
-    return EXIT_OK
-
-
-async def _call_capsule_tool(args: argparse.Namespace, config: dict[str, str], arguments: object) -> bytes:
-    from .bus import EventBus
-    from .capsule import Capsule
-    from .engine import WasmEngine
-    from .store import KVStore
-
-    state_dir: Path = args.state_dir
-    store = await KVStore.open(state_dir / "kv.sqlite3")
-    bus = EventBus()
-    engine = WasmEngine(cache_dir=state_dir / "cache")
-    capsule = None
-    try:
-        capsule = await Capsule.load(
-            args.dir, engine=engine, bus=bus, store=store, workspace=args.workspace, config=config
-        )
-        result = await capsule.call_tool(args.tool, arguments)
-        return result.output
-    finally:
-        if capsule is not None:
-            await capsule.close()
-        await store.close()
-        engine.close()
-        bus.close()
-
-
 def _validate(args: argparse.Namespace) -> int:
-    from .desired import load_desired
-    from .errors import ConfigError
+    from ..desired.load import load_desired
+    from ..errors import ConfigError
 
     try:
         desired = load_desired(args.config)
     except ConfigError as error:
-        return _problems(args.config, [str(p) for p in error.problems])
+        return print_problems(args.config, [str(p) for p in error.problems])
     enabled = sum(1 for s in desired.specs.values() if s.enabled)
     print(f"{args.config}: valid ({len(desired.specs)} capsules, {enabled} enabled)")
     return EXIT_OK
@@ -306,18 +139,18 @@ def _plan(args: argparse.Namespace) -> int:
     """The plan of the running orchestrator when there is one, else against applied.json."""
     import asyncio
 
-    from .desired import load_desired
-    from .errors import ConfigError
-    from .plan import plan
+    from ..control.statedir import SOCKET, read_applied
+    from ..desired.load import load_desired
+    from ..desired.plan import plan
+    from ..errors import ConfigError
     from .remote import remote_plan
-    from .runtime import read_applied
 
     try:
         desired = load_desired(args.config)
     except ConfigError as error:
-        _problems(args.config, [str(p) for p in error.problems])
+        print_problems(args.config, [str(p) for p in error.problems])
         return EXIT_FAILED
-    remote = asyncio.run(remote_plan(desired.config.state_dir / "orch.sock"))
+    remote = asyncio.run(remote_plan(desired.config.state_dir / SOCKET))
     if remote is not None:
         actions = remote["actions"]
     else:
@@ -337,7 +170,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .console import run_up
+    from .up import run_up
 
     dashboard = None
     if args.dash and not (sys.stdin.isatty() and sys.stdout.isatty()):
@@ -352,12 +185,12 @@ def _up(args: argparse.Namespace) -> int:
 def _dash(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .client import socket_for
+    from ..api.client import socket_for
 
     try:
         socket = socket_for(args.config, args.socket)
     except OrchestratorError as error:
-        return _fail(_one_line(error), EXIT_USAGE)
+        return fail(one_line(error), EXIT_USAGE)
     from tui import run_dashboard
 
     asyncio.run(run_dashboard(socket))

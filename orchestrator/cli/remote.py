@@ -23,10 +23,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from .client import Client, NotRunning, RemoteError, socket_for
-from .errors import OrchestratorError
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
+from ..api.client import Client, NotRunning, RemoteError, socket_for
+from ..errors import OrchestratorError
+from .output import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE
 
 
 def add_commands(verbs: Any) -> None:

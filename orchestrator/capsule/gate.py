@@ -5,8 +5,7 @@ Deny by default. Everything here is a pure decision over values (the only I/O is
 call and easy to test. It owns:
 
 - the size limits of DESIGN.md §3.3 (`check_key`, `check_size`);
-- NATS subject syntax and matching for the bus (`check_topic`, `check_pattern`,
-  `topic_matches`) and the `ipc_publish` grant check (`TopicGate`);
+- the `ipc_publish` grant check (`TopicGate`; subject syntax is orchestrator.topics);
 - guest path resolution and the `fs_read`/`fs_write` grant checks (`PathGate`);
 - a token-bucket publish rate limit (`RateLimiter`).
 
@@ -14,7 +13,7 @@ Two kinds of failure: `GateError` for malformed input (a bad key, bad topic synt
 large, bad path syntax), which a host function reports to the guest as a HostResult error;
 and `CapabilityDenied` for a well-formed request that the grants do not allow, which traps
 the call and is audited. Used by the host functions (orchestrator/host.py), the manifest
-loader (validating grants) and the bus (patterns, matching).
+loader (validating grants).
 
 Path policy, in short (details on `PathGate`): `cwd://x`, `x` and `./x` are relative to the
 workspace; absolute paths must lie inside it; any `..` component is denied, never
@@ -35,40 +34,24 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import CapabilityDenied, OrchestratorError
+from ..errors import CapabilityDenied, GateError
+from ..topics import check_pattern, check_topic, shown, topic_matches
 
 MAX_KEY_BYTES = 4096
 MAX_VALUE_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 1 << 20
 MAX_FILE_BYTES = 16 << 20
-MAX_TOPIC_BYTES = 256
-MAX_TOPIC_TOKENS = 16
 MAX_PATH_BYTES = 4096
 
 CWD_SCHEME = "cwd://"
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
-_SHOWN_CHARS = 120
-_BLANK = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")  # \s is Unicode whitespace (str.isspace)
-
-
-class GateError(OrchestratorError):
-    """Malformed input (not a denial): a bad key, bad topic syntax, too large, bad path syntax."""
-
-
-def _shown(text: str) -> str:
-    """`text` for a message: as is when short and printable, else a truncated repr."""
-    if len(text) <= _SHOWN_CHARS and text.isprintable():
-        return text
-    if len(text) > _SHOWN_CHARS:
-        return repr(text[:_SHOWN_CHARS]) + f"... ({len(text)} characters)"
-    return repr(text)
 
 
 def _utf8_len(text: str, what: str) -> int:
     try:
         return len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
-        raise GateError(f"{what} {_shown(text)} is not valid UTF-8 (lone surrogate)") from exc
+        raise GateError(f"{what} {shown(text)} is not valid UTF-8 (lone surrogate)") from exc
 
 
 # --- sizes and keys -------------------------------------------------------------------------
@@ -99,56 +82,6 @@ def check_key(key: bytes) -> str:
 # --- topics ---------------------------------------------------------------------------------
 
 
-def _check_subject(text: str, what: str, *, wildcards: bool) -> None:
-    if not text:
-        raise GateError(f"{what} is empty")
-    size = _utf8_len(text, what)
-    named = f"{what} {_shown(text)}"
-    if size > MAX_TOPIC_BYTES:
-        raise GateError(f"{named} of {size} bytes exceeds the limit of {MAX_TOPIC_BYTES} bytes")
-    if blank := _BLANK.search(text):
-        raise GateError(f"{named} contains whitespace or a control character at index {blank.start()}")
-    tokens = text.split(".")
-    if len(tokens) > MAX_TOPIC_TOKENS:
-        raise GateError(f"{named} has {len(tokens)} tokens, over the limit of {MAX_TOPIC_TOKENS}")
-    for index, token in enumerate(tokens):
-        if not token:
-            raise GateError(f"{named} has an empty token at position {index} (leading, trailing or double dot)")
-        if not wildcards and ("*" in token or ">" in token):
-            raise GateError(f"{named} contains a wildcard ('*' or '>'): publish to a concrete subject")
-        if "*" in token and token != "*":
-            raise GateError(f"{named} uses '*' inside a token: '*' must be a whole token")
-        if ">" in token and (token != ">" or index != len(tokens) - 1):
-            raise GateError(f"{named}: '>' may only be the whole last token")
-
-
-def check_topic(topic: str) -> None:
-    """A concrete subject to publish on (NATS syntax, no wildcards). GateError naming the rule."""
-    _check_subject(topic, "topic", wildcards=False)
-
-
-def check_pattern(pattern: str) -> None:
-    """A subscription or grant pattern: `*` as a whole token, `>` as the whole last token."""
-    _check_subject(pattern, "pattern", wildcards=True)
-
-
-def topic_matches(pattern: str, topic: str) -> bool:
-    """NATS matching: `*` is exactly one token, a last `>` one or more, others compare equal.
-
-    Both arguments are assumed valid (`check_pattern`, `check_topic`); on other input the
-    answer is by token comparison only (a `>` that is not last is an ordinary token).
-    """
-    wanted = pattern.split(".")
-    tokens = topic.split(".")
-    last = len(wanted) - 1
-    for index, want in enumerate(wanted):
-        if want == ">" and index == last:
-            return len(tokens) > index
-        if index >= len(tokens) or (want != "*" and want != tokens[index]):
-            return False
-    return len(wanted) == len(tokens)
-
-
 class TopicGate:
     """The subjects a capsule may use under one capability (`ipc_publish` by default)."""
 
@@ -171,7 +104,7 @@ class TopicGate:
         check_topic(topic)
         if not any(topic_matches(pattern, topic) for pattern in self.patterns):
             raise CapabilityDenied(
-                f"capability denied: {self.capability} {_shown(topic)}",
+                f"capability denied: {self.capability} {shown(topic)}",
                 capability=self.capability,
                 target=topic,
             )
@@ -186,10 +119,10 @@ def _parse_path(path: str, what: str) -> tuple[bool, tuple[str, ...]]:
     if not path:
         raise GateError(f"{what} is empty")
     if "\x00" in path:
-        raise GateError(f"{what} {_shown(path)} contains a NUL byte")
+        raise GateError(f"{what} {shown(path)} contains a NUL byte")
     size = _utf8_len(path, what)
     if size > MAX_PATH_BYTES:
-        raise GateError(f"{what} {_shown(path)} of {size} bytes exceeds the limit of {MAX_PATH_BYTES} bytes")
+        raise GateError(f"{what} {shown(path)} of {size} bytes exceeds the limit of {MAX_PATH_BYTES} bytes")
     rest = path
     if path.startswith(CWD_SCHEME):
         rest = path[len(CWD_SCHEME) :]
@@ -197,7 +130,7 @@ def _parse_path(path: str, what: str) -> tuple[bool, tuple[str, ...]]:
         scheme = _SCHEME.match(path)
         if scheme:
             raise GateError(
-                f"{what} {_shown(path)} uses the scheme {scheme.group(0)!r}: "
+                f"{what} {shown(path)} uses the scheme {scheme.group(0)!r}: "
                 "only cwd:// and plain relative paths are supported"
             )
     return rest.startswith("/"), tuple(part for part in rest.split("/") if part not in ("", "."))
@@ -244,12 +177,12 @@ class PathGate:
         what = f"{capability} grant"
         absolute, parts = _parse_path(grant, what)
         if absolute:
-            raise GateError(f"{what} {_shown(grant)} is absolute: use cwd://<folder> or a relative path")
+            raise GateError(f"{what} {shown(grant)} is absolute: use cwd://<folder> or a relative path")
         if ".." in parts:
-            raise GateError(f"{what} {_shown(grant)} contains '..'")
+            raise GateError(f"{what} {shown(grant)} contains '..'")
         real = self._real(self.workspace.joinpath(*parts))
         if real is None or not _within(real, self.workspace):
-            raise GateError(f"{what} {_shown(grant)} leaves the workspace {self.workspace}")
+            raise GateError(f"{what} {shown(grant)} leaves the workspace {self.workspace}")
         return real
 
     @staticmethod
@@ -270,7 +203,7 @@ class PathGate:
 
         def deny(reason: str) -> CapabilityDenied:
             return CapabilityDenied(
-                f"capability denied: {capability} {_shown(path)} ({reason})",
+                f"capability denied: {capability} {shown(path)} ({reason})",
                 capability=capability,
                 target=path,
             )
@@ -294,9 +227,7 @@ class PathGate:
     def _check(self, path: str, capability: str, grants: tuple[Path, ...]) -> Path:
         real = self.resolve(path, capability=capability)
         if not any(_within(real, grant) for grant in grants):
-            raise CapabilityDenied(
-                f"capability denied: {capability} {_shown(path)}", capability=capability, target=path
-            )
+            raise CapabilityDenied(f"capability denied: {capability} {shown(path)}", capability=capability, target=path)
         return real
 
     def check_read(self, path: str) -> Path:

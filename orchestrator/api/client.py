@@ -16,10 +16,10 @@ from urllib.parse import quote
 import aiohttp
 import yarl
 
-from .config import load_config
-from .errors import OrchestratorError
+from ..control.statedir import SOCKET
+from ..desired.config import load_config
+from ..errors import OrchestratorError
 
-SOCKET = "orch.sock"
 BASE = "http://orch"
 
 

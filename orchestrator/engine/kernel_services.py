@@ -2,7 +2,7 @@
 
 kernel.wat imports these from `orch:kernel` and re-exports them under their Extism names.
 They are defined once per engine on a shared Linker, so they cannot close over a plugin:
-each finds the instance it serves through `plugin.current_instance()` (the thread-local
+each finds the instance it serves through `instance.current_instance()` (the thread-local
 set around every guest call). Errors are recorded on the instance before trapping, so the
 caller receives the real error, not wasmtime's generic "python exception".
 
@@ -19,7 +19,7 @@ from typing import Any
 import wasmtime
 
 from ..errors import CapabilityDenied, CapsuleTrap
-from .plugin import _Instance, current_instance
+from .instance import Instance, current_instance
 
 LOG_LEVELS = {0: 5, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 EXTISM_LOG_OFF = 2**31 - 1
@@ -39,7 +39,7 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def _key(instance: _Instance, offset: int, what: str) -> bytes:
+def _key(instance: Instance, offset: int, what: str) -> bytes:
     if offset == 0:  # alloc(0) returns 0: an empty key, as in Extism
         return b""
     data = instance.memory.read_block(offset)
@@ -50,7 +50,7 @@ def _key(instance: _Instance, offset: int, what: str) -> bytes:
     return data
 
 
-def _give(instance: _Instance, caller: wasmtime.Caller, value: bytes | None) -> int:
+def _give(instance: Instance, caller: wasmtime.Caller, value: bytes | None) -> int:
     """Copy `value` into a new kernel block; 0 for None or empty (as Extism does)."""
     if not value:
         return 0
@@ -63,21 +63,21 @@ def _give(instance: _Instance, caller: wasmtime.Caller, value: bytes | None) -> 
     return offset
 
 
-def config_get(instance: _Instance, caller: wasmtime.Caller, offset: int) -> int:
+def config_get(instance: Instance, caller: wasmtime.Caller, offset: int) -> int:
     return _give(instance, caller, instance.plugin.config_value(_key(instance, offset, "config_get")))
 
 
-def var_get(instance: _Instance, caller: wasmtime.Caller, offset: int) -> int:
+def var_get(instance: Instance, caller: wasmtime.Caller, offset: int) -> int:
     return _give(instance, caller, instance.plugin.var_get(_key(instance, offset, "var_get")))
 
 
-def var_set(instance: _Instance, caller: wasmtime.Caller, key_offset: int, value_offset: int) -> None:
+def var_set(instance: Instance, caller: wasmtime.Caller, key_offset: int, value_offset: int) -> None:
     key = _key(instance, key_offset, "var_set")
     value = _key(instance, value_offset, "var_set value") if value_offset else None
     instance.plugin.var_set(key, value)
 
 
-def log(instance: _Instance, caller: wasmtime.Caller, level: int, offset: int) -> None:
+def log(instance: Instance, caller: wasmtime.Caller, level: int, offset: int) -> None:
     python_level = LOG_LEVELS.get(level, logging.INFO)
     plugin_log = instance.plugin.log
     if not plugin_log.isEnabledFor(python_level):
@@ -87,7 +87,7 @@ def log(instance: _Instance, caller: wasmtime.Caller, level: int, offset: int) -
     plugin_log.log(python_level, "%s", text)
 
 
-def get_log_level(instance: _Instance, caller: wasmtime.Caller) -> int:
+def get_log_level(instance: Instance, caller: wasmtime.Caller) -> int:
     effective = instance.plugin.log.getEffectiveLevel()
     if effective > logging.ERROR:
         return EXTISM_LOG_OFF
@@ -97,7 +97,7 @@ def get_log_level(instance: _Instance, caller: wasmtime.Caller) -> int:
     return 4
 
 
-def http_request(instance: _Instance, caller: wasmtime.Caller, request: int, body: int) -> int:
+def http_request(instance: Instance, caller: wasmtime.Caller, request: int, body: int) -> int:
     target = ""
     data = instance.memory.read_block(request)
     if data is not None:
@@ -115,11 +115,11 @@ def http_request(instance: _Instance, caller: wasmtime.Caller, request: int, bod
     )
 
 
-def http_status_code(instance: _Instance, caller: wasmtime.Caller) -> int:
+def http_status_code(instance: Instance, caller: wasmtime.Caller) -> int:
     return 0
 
 
-def http_headers(instance: _Instance, caller: wasmtime.Caller) -> int:
+def http_headers(instance: Instance, caller: wasmtime.Caller) -> int:
     return 0
 
 

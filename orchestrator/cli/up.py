@@ -26,10 +26,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from .api import ControlServer
-from .bus import Event, Subscription
-from .errors import ConfigError, OrchestratorError
-from .runtime import Orchestrator
+from ..api.server import ControlServer
+from ..capsule.bus import Event, Subscription
+from ..control.runtime import Orchestrator
+from ..errors import ConfigError, OrchestratorError
 
 SHUTDOWN_SECONDS = 10.0
 logger = logging.getLogger(__name__)

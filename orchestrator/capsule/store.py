@@ -27,7 +27,7 @@ from typing import Any
 
 import aiosqlite
 
-from .errors import OrchestratorError
+from ..errors import OrchestratorError
 
 logger = logging.getLogger(__name__)
 

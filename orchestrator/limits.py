@@ -1,11 +1,14 @@
 """Per-call resource limits of a plugin: fuel, wall-clock timeout, memory.
 
 A frozen value; validated on construction so a bad number fails where it is written, with
-the field's name. Used by the engine, and later by the manifest and config loaders.
+the field's name. `Limits()` holds the built-in defaults. Used by the engine (which enforces
+them), the desired-state loader (which layers config.yaml and manifests over the defaults)
+and the capsule layer. Imports nothing of ours.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 MAX_FUEL = 2**63 - 1
@@ -31,6 +34,21 @@ class Limits:
         _check("fuel", self.fuel, MAX_FUEL)
         _check("memory_mib", self.memory_mib, MAX_MEMORY_MIB)
         _check("timeout_ms", self.timeout_ms, MAX_TIMEOUT_MS)
+
+    @classmethod
+    def layered(cls, *overrides: object) -> Limits:
+        """The built-in defaults with each override's non-None values applied in order (a
+        mapping or a model with `fuel`, `memory_mib`, `timeout_ms`)."""
+        values = {"fuel": cls.fuel, "memory_mib": cls.memory_mib, "timeout_ms": cls.timeout_ms}
+        for override in overrides:
+            if override is None:
+                continue
+            items = (override if isinstance(override, Mapping) else override.model_dump()).items()  # type: ignore[attr-defined]
+            values.update({k: v for k, v in items if k in values and v is not None})
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, int]:
+        return {"fuel": self.fuel, "memory_mib": self.memory_mib, "timeout_ms": self.timeout_ms}
 
 
 def _check(field: str, value: object, maximum: int) -> None:

@@ -21,7 +21,8 @@ Errors are JSON `{"error": {"kind", "message"}}` with 400 (bad input), 403 (deni
 client loses events (counted, and announced with an `event: lost` message); it never slows
 the orchestrator.
 
-Used by the runtime's host (console.run_up); the CLI and the dashboard are its clients.
+Used by `orch up` (orchestrator.cli.up); the CLI and the dashboard are its clients
+(orchestrator.api.client).
 """
 
 from __future__ import annotations
@@ -39,13 +40,19 @@ from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 
-from .errors import (
+from ..capsule.gate import check_key
+from ..control import Orchestrator
+from ..control.statedir import SOCKET
+from ..desired.manifest import SECRET_MASK
+from ..desired.plan import plan
+from ..errors import (
     CallTimeout,
     CapabilityDenied,
     CapsuleNotRunning,
     CapsuleTrap,
     ConfigError,
     FuelExhausted,
+    GateError,
     GuestError,
     MemoryLimitExceeded,
     OrchestratorError,
@@ -53,14 +60,10 @@ from .errors import (
     UnknownCapsule,
     UnknownTool,
 )
-from .gate import GateError, check_key, check_pattern
-from .manifest import SECRET_MASK
-from .plan import plan
-from .runtime import Orchestrator
+from ..topics import check_pattern
 
 logger = logging.getLogger(__name__)
 
-SOCKET = "orch.sock"
 MAX_BODY = 1 << 20  # request bodies (tool arguments, KV values)
 MAX_HISTORY = 10_000
 EVENT_QUEUE = 4096
@@ -299,9 +302,7 @@ class ControlApi:
         return web.json_response(applied.to_dict())
 
     async def plan(self, request: web.Request) -> web.Response:
-        from .desired import load_desired
-
-        desired = load_desired(self.orchestrator.config_path, environ=self.orchestrator.environ)
+        desired = await self.orchestrator.load(previous=self.orchestrator.desired)
         return web.json_response(plan(desired.specs, self.reconciler.actual()).to_dict())
 
 

@@ -7,12 +7,12 @@ keys; every error names the file, the line when the TOML text has one, the field
 is allowed (with the nearest valid key for a typo). The loader reads the file and nothing
 else: the wasm is the capsule layer's business.
 
-Used by orchestrator.capsule, the CLI (`orch capsule check`) and, later, the reconciler.
+Used by the desired-state loader, the capsule layer and the CLI (`orch capsule check`).
 """
 
 from __future__ import annotations
 
-import difflib
+import errno
 import functools
 import json
 import math
@@ -25,14 +25,15 @@ from typing import Any, Literal
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ManifestError, Problem
-from .gate import GateError, check_pattern
+from ..errors import GateError, ManifestError, Problem
+from ..files import FileReadError, FileStamp, read_regular
+from ..topics import check_pattern, pattern_covers
+from .common import MANIFEST, NAME, LimitsOverride, suggest
 
-MANIFEST = "Capsule.toml"
-NAME = r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$"
 SEMVER = r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
 EXPORT = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 SECRET_MASK = "***"
+MAX_MANIFEST_BYTES = 1 << 20
 
 
 class _Model(BaseModel):
@@ -166,14 +167,6 @@ class Interceptor(_Model):
         return value
 
 
-class ManifestLimits(_Model):
-    """[limits]: the author's defaults; config.yaml may override."""
-
-    fuel: int | None = Field(None, gt=0, description="instructions per call")
-    memory_mib: int | None = Field(None, gt=0, le=4096, description="MiB per linear memory")
-    timeout_ms: int | None = Field(None, gt=0, description="wall-clock ms per call")
-
-
 class Manifest(_Model):
     """A whole Capsule.toml."""
 
@@ -184,7 +177,7 @@ class Manifest(_Model):
     capabilities: Capabilities = Field(default_factory=Capabilities)
     tools: list[Tool] = Field(default_factory=list, alias="tool")
     interceptors: list[Interceptor] = Field(default_factory=list, alias="interceptor")
-    limits: ManifestLimits = Field(default_factory=ManifestLimits)
+    limits: LimitsOverride = Field(default_factory=LimitsOverride)
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -210,19 +203,6 @@ class Manifest(_Model):
 
     def tool(self, name: str) -> Tool | None:
         return next((t for t in self.tools if t.name == name), None)
-
-
-def pattern_covers(grant: str, pattern: str) -> bool:
-    """Whether every topic matching `pattern` also matches `grant`."""
-    granted, wanted = grant.split("."), pattern.split(".")
-    for i, token in enumerate(granted):
-        if token == ">":
-            return len(wanted) > i
-        if i >= len(wanted) or wanted[i] == ">":
-            return False
-        if token != "*" and token != wanted[i]:
-            return False
-    return len(wanted) == len(granted)
 
 
 def render_config_value(kind: str, value: Any) -> str:
@@ -275,7 +255,7 @@ def resolve_config(
             problems.append(
                 Problem(
                     f"{manifest.package.name} does not declare {key!r} in its [env]"
-                    f"{_suggest(key, manifest.env)} (declared: {declared_keys})",
+                    f"{suggest(key, manifest.env)} (declared: {declared_keys})",
                     **locate(key),
                 )
             )
@@ -301,16 +281,29 @@ def mask_config(manifest: Manifest, config: Mapping[str, str]) -> dict[str, str]
 
 def load_manifest(folder: Path) -> Manifest:
     """Read and validate `folder/Capsule.toml`. Raises ManifestError listing every problem."""
+    return read_manifest(folder)[0]
+
+
+def read_manifest(folder: Path) -> tuple[Manifest, FileStamp]:
+    """The manifest of `folder` and the file's stamp when read. Raises ManifestError."""
     path = folder / MANIFEST
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ManifestError(
-            [Problem(f"no {MANIFEST} in {folder}: every capsule folder needs one", file=str(path))]
-        ) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ManifestError([Problem(f"cannot read: {error}", file=str(path))]) from None
-    return parse_manifest(text, file=str(path))
+        data, stamp = read_regular(path, limit=MAX_MANIFEST_BYTES, what="manifest")
+    except FileReadError as error:
+        if error.errno == errno.ENOENT:
+            reason = f"no {MANIFEST} in {folder}: every capsule folder needs one"
+            if not folder.is_dir():
+                reason = f"no {MANIFEST} in {folder}: the folder does not exist; create it or fix the path"
+        else:
+            reason = error.reason
+        raise ManifestError([Problem(reason, file=str(path))]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        problem = Problem("cannot read: not UTF-8 text; save it as UTF-8", file=str(path), line=line)
+        raise ManifestError([problem]) from None
+    return parse_manifest(text, file=str(path)), stamp
 
 
 def parse_manifest(text: str, *, file: str = MANIFEST) -> Manifest:
@@ -333,7 +326,7 @@ def _problem(error: Any, text: str, file: str) -> Problem:
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
-        message = f"unknown key{_suggest(str(loc[-1]), allowed)}; allowed here: {', '.join(sorted(allowed))}"
+        message = f"unknown key{suggest(str(loc[-1]), allowed)}; allowed here: {', '.join(sorted(allowed))}"
     elif error["type"] == "missing":
         message = "required"
     return Problem(message, file=file, line=_line_of(text, loc), field=field)
@@ -349,17 +342,12 @@ def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
         "capabilities": Capabilities,
         "tool": Tool,
         "interceptor": Interceptor,
-        "limits": ManifestLimits,
+        "limits": LimitsOverride,
     }
     model = sections.get(str(parent[0])) if parent else Manifest
     if model is None:
         return []
     return [info.alias or name for name, info in model.model_fields.items()]
-
-
-def _suggest(key: str, allowed: Mapping[str, Any] | list[str]) -> str:
-    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:

@@ -14,17 +14,25 @@ Raising `CapsuleError` (for example `CapabilityDenied`) from a host function tra
 guest's call, and the caller of `Plugin.call` receives that very error. Any other exception
 becomes a `CapsuleTrap` naming the host function.
 
-Used by orchestrator.engine.plugin (binding) and, later, orchestrator.host (the airlocks).
+Host functions are bound without wasmtime-py's trampoline: `binder(fn)` makes a raw
+handler that unpacks the wasm values, calls the function with a `HostCall`, checks and
+stores its result, and keeps any exception on the instance for the caller.
+
+Used by orchestrator.engine.plugin (binding) and the capsule layer (the airlocks).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .kernel import KernelMemory
+from wasmtime import Func, FuncType, Store, ValType
+
+from . import _lowlevel
+from .instance import Binder, current_instance
+from .kernel import KernelMemory
 
 VALUE_TYPES = ("i32", "i64", "f32", "f64")
 USER_NAMESPACE = "extism:host/user"
@@ -87,10 +95,6 @@ class HostCall:
             raise ValueError(f"offset {offset} is not an allocated kernel memory block")
         return data
 
-    def read_range(self, offset: int, length: int) -> bytes:
-        """`length` raw bytes at `offset` of the kernel memory (IndexError if outside)."""
-        return self._memory.read(offset, length)
-
     def write(self, data: bytes) -> int:
         """Allocate a kernel block, copy `data` into it and return its offset (0 for empty
         data, as Extism does). Raises MemoryError when the kernel cannot allocate."""
@@ -101,3 +105,74 @@ class HostCall:
             raise MemoryError(f"the kernel could not allocate {len(data)} bytes (memory limit reached)")
         self._memory.write(offset, data)
         return offset
+
+
+def binder(fn: HostFunction) -> Binder:
+    """How to make `fn` a Func in a given store (one handler, shared by every store)."""
+    handler = _host_handler(fn)
+
+    def bind(store: Store) -> Func:
+        ty = FuncType([_VALTYPES[p]() for p in fn.params], [_VALTYPES[r]() for r in fn.results])
+        return _lowlevel.host_func(store, ty, handler)
+
+    return bind
+
+
+_VALTYPES = {"i32": ValType.i32, "i64": ValType.i64, "f32": ValType.f32, "f64": ValType.f64}
+
+
+_READ = {"i32": "i32", "i64": "i64", "f32": "f32", "f64": "f64"}
+
+
+def _host_handler(fn: HostFunction) -> _lowlevel.HostHandler:
+    """The raw handler for `fn`: unpack the arguments, call it with a HostCall, check and
+    store its result, and keep any exception on the instance for the caller."""
+    callback = fn.callback
+    source = f"{fn.namespace}::{fn.name}"
+    check = _result_checker(fn)
+    fields = [_READ[p] for p in fn.params]
+    result_field = _READ[fn.results[0]] if fn.results else None
+
+    def handle(context: Any, values: Any) -> None:
+        instance = current_instance()
+        try:
+            args = [getattr(values[i], name) for i, name in enumerate(fields)]
+            host = HostCall(
+                instance.plugin.name,
+                instance.function,
+                instance.memory,
+                functools.partial(instance.alloc_in, context),
+                instance.context,
+            )
+            result = check(callback(host, *args))
+            if result_field is not None:
+                setattr(values[0], result_field, result)
+        except BaseException as error:
+            instance.host_error, instance.host_source = error, source
+            raise
+
+    return handle
+
+
+_RANGES = {"i32": (-(2**31), 2**32 - 1), "i64": (-(2**63), 2**64 - 1)}
+
+
+def _result_checker(fn: HostFunction) -> Callable[[Any], Any]:
+    """Check a host function's return value before wasmtime converts it (which would wrap
+    out-of-range integers silently and turn a wrong type into an anonymous error)."""
+    kind = fn.results[0] if fn.results else None
+
+    def check(value: Any) -> Any:
+        if kind is None:
+            if value is not None:
+                raise TypeError(f"returned {value!r} but is declared with no result")
+            return None
+        if kind in _RANGES:
+            low, high = _RANGES[kind]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise TypeError(f"returned {value!r}, not an {kind}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"returned {value!r}, not an {kind}")
+        return value
+
+    return check

@@ -1,102 +1,42 @@
-"""The running orchestrator: wires config, store, bus, engine, reconciler, watcher and builds.
+"""The running orchestrator: wires desired state, store, bus, engine, reconciler, watcher, builds.
 
 `Orchestrator.start()` loads the desired state, opens the KV store and the engine (its module
 cache in the state dir), applies the first plan and starts watching. A change to the config
-file re-reads everything; a change in a capsule folder re-reads that capsule alone (and runs
-its `[build]` when a source changed). An invalid config or manifest changes nothing that
-runs: the last good desired state stays and the problems are published as
-`orch.reconcile.rejected`. After every apply the state dir's `applied.json` records what
-runs (without secret values), for `orch plan`.
+file re-reads everything (files whose stamp did not change are not read again); a change in
+a capsule folder re-reads that capsule alone (and runs its `[build]` when a source changed).
+An invalid config or manifest changes nothing that runs: the last good desired state stays
+and the problems are published as `orch.reconcile.rejected`. After every apply the state
+dir's `applied.json` records what runs (without secret values), for `orch plan`. Reading
+files and writing the record happen on worker threads: the event loop never waits on disk.
 
 `stop()` shuts down in phases with a deadline: stop watching and building, stop capsules
 (dependents first; calls in flight get a bounded wait), close the store, the engine and
 the bus.
 
-Used by the CLI (`orch up`) and, later, the control API.
+Used by the CLI (`orch up`) and the control API.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..capsule import CapsuleLauncher, EventBus, KVStore
+from ..desired import DesiredState, Plan, load_desired
+from ..engine import WasmEngine
+from ..errors import ConfigError
 from .builds import Builder
-from .bus import EventBus
-from .capsule import Capsule
-from .desired import DesiredState, load_desired
-from .engine import WasmEngine
-from .errors import ConfigError, InvalidModule, ManifestError, StaleSpec
-from .gate import RateLimiter
-from .plan import Plan
+from .gitrev import GitRevision
 from .reconciler import Reconciler
-from .spec import CapsuleSpec
-from .store import KVStore
+from .statedir import CACHE, KV_DATABASE, write_applied
 from .watcher import Watcher
 
 logger = logging.getLogger(__name__)
-
-APPLIED = "applied.json"
-
-
-class CapsuleLauncher:
-    """Loads a spec as a running Capsule (the reconciler's Launcher)."""
-
-    def __init__(self, *, engine: WasmEngine, bus: EventBus, store: KVStore, workspace: Path) -> None:
-        self._engine = engine
-        self._bus = bus
-        self._store = store
-        self._workspace = workspace
-
-    async def launch(self, spec: CapsuleSpec) -> Capsule:
-        folder = Path(spec.folder)
-        try:
-            return await Capsule.load(
-                folder,
-                engine=self._engine,
-                bus=self._bus,
-                store=self._store,
-                workspace=self._workspace,
-                name=spec.name,
-                config=spec.config,
-                limits=spec.limits,
-                instances=spec.instances,
-                rate=publish_limiter(spec),
-                expect_sha256=spec.wasm_sha256,
-                interceptors=False,
-            )
-        except (InvalidModule, ManifestError) as error:
-            if _changed_since(spec):  # caught mid-write: the next change event retries
-                raise StaleSpec(f"{folder} changed while loading") from error
-            raise
-
-
-def publish_limiter(spec: CapsuleSpec) -> RateLimiter:
-    """The capsule's publish rate limiter: the spec's rates over the built-in ones."""
-    rates = spec.publish_rate
-    defaults = RateLimiter()
-    return RateLimiter(
-        messages_per_second=rates.get("messages_per_second", defaults.messages_per_second),
-        bytes_per_second=rates.get("bytes_per_second", defaults.bytes_per_second),
-    )
-
-
-def _changed_since(spec: CapsuleSpec) -> bool:
-    import hashlib
-
-    component = spec.manifest.get("component", [{}])[0].get("file", "")
-    try:
-        digest = hashlib.sha256((Path(spec.folder) / component).read_bytes()).hexdigest()
-    except OSError:
-        return True
-    return digest != spec.wasm_sha256
 
 
 class Orchestrator:
@@ -116,19 +56,25 @@ class Orchestrator:
         self.builder = Builder(bus=self.bus)
         self.started_at = time.time()
         self.last_plan: Plan | None = None
+        self.revision = GitRevision(self.config_path.parent, watched=self.config_path)
         self._watcher: Watcher | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._changes = asyncio.Lock()
-        self._git: str | None = None
+
+    async def load(self, *, previous: DesiredState | None = None, only: list[str] | None = None) -> DesiredState:
+        """Read the desired state on a worker thread. Raises ConfigError."""
+        return await asyncio.to_thread(
+            load_desired, self.config_path, environ=self.environ, previous=previous, only=only
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> Plan:
         """Load, apply, watch. Raises ConfigError (nothing started) when the config is bad."""
-        desired = load_desired(self.config_path, environ=self.environ)
+        desired = await self.load()
         state_dir = desired.config.state_dir
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.store = await KVStore.open(state_dir / "kv.sqlite3")
-        self.engine = WasmEngine(cache_dir=state_dir / "cache")
+        self.store = await KVStore.open(state_dir / KV_DATABASE)
+        self.engine = WasmEngine(cache_dir=state_dir / CACHE)
         launcher = CapsuleLauncher(
             engine=self.engine, bus=self.bus, store=self.store, workspace=desired.config.workspace
         )
@@ -143,11 +89,11 @@ class Orchestrator:
 
     async def _catch_up(self, plan: Plan) -> Plan:
         """Apply what changed between the first read and the watches being in place."""
+        assert self.desired is not None
         try:
-            desired = load_desired(self.config_path, environ=self.environ)
+            desired = await self.load(previous=self.desired)
         except ConfigError:
             return plan  # the watcher reports it when it is saved again
-        assert self.desired is not None and self.reconciler is not None
         if {n: s.spec_hash for n, s in desired.specs.items()} == {
             n: s.spec_hash for n, s in self.desired.specs.items()
         }:
@@ -178,26 +124,26 @@ class Orchestrator:
         plan = await self.reconciler.apply(desired.specs)
         self.desired = desired
         self.last_plan = plan
-        record = self._applied_record(desired)
-        await asyncio.get_running_loop().run_in_executor(None, _write_applied, desired.config.state_dir, record)
+        running = {name: spec.record() for name, spec in self.reconciler.actual().items()}
+        await asyncio.to_thread(self._record_applied, desired, running)
         return plan
 
     async def reconcile(self) -> Plan:
         """Re-read every file now and apply (the control API's `POST /v1/reconcile`)."""
         async with self._changes:
-            desired = load_desired(self.config_path, environ=self.environ)
-            return await self._apply(desired)
+            return await self._apply(await self.load(previous=self.desired))
 
-    def _applied_record(self, desired: DesiredState) -> dict[str, Any]:
-        assert self.reconciler is not None
-        self._git = git_revision(self.config_path.parent)
-        return {
+    def _record_applied(self, desired: DesiredState, running: dict[str, Any]) -> None:
+        """Write applied.json (on a worker thread: it reads the git revision and can be a
+        megabyte)."""
+        record = {
             "config_path": str(self.config_path),
             "config_sha256": desired.config.text_sha256,
-            "git_revision": self._git,
+            "git_revision": self.revision.describe(),
             "applied_at_ms": int(time.time() * 1000),
-            "capsules": {name: spec.record() for name, spec in self.reconciler.actual().items()},
+            "capsules": running,
         }
+        write_applied(desired.config.state_dir, record)
 
     # -- watching ------------------------------------------------------------------------
     def _folders(self, desired: DesiredState) -> list[Path]:
@@ -217,13 +163,10 @@ class Orchestrator:
         previous = self.desired
         names = self._deployments_in(previous, folders)
         self._run_builds(previous, folders)
+        if not config_changed and not names:
+            return
         try:
-            if config_changed:
-                desired = load_desired(self.config_path, environ=self.environ)
-            elif names:
-                desired = load_desired(self.config_path, environ=self.environ, previous=previous, only=names)
-            else:
-                return
+            desired = await self.load(previous=previous, only=None if config_changed else names)
         except ConfigError as error:
             problems = [str(p) for p in error.problems]
             logger.warning("not applied; the last good state keeps running:\n  %s", "\n  ".join(problems))
@@ -240,8 +183,9 @@ class Orchestrator:
     def _run_builds(self, desired: DesiredState, folders: Mapping[Path, set[Path]]) -> None:
         by_folder = _by_folder(desired)
         for folder, paths in folders.items():
-            names = [n for n in by_folder.get(folder.absolute(), ()) if n in desired.manifests]
-            build = desired.manifests[names[0]].build if names else None
+            names = [n for n in by_folder.get(folder.absolute(), ()) if desired.manifest(n) is not None]
+            manifest = desired.manifest(names[0]) if names else None
+            build = manifest.build if manifest is not None else None
             if build is not None and build.watch:
                 self.builder.changed(folder, build, paths, names)
 
@@ -251,74 +195,15 @@ class Orchestrator:
         return {
             "config_path": str(self.config_path),
             "config_sha256": desired.config.text_sha256 if desired else None,
-            "git_revision": self._git,
+            "git_revision": self.revision.last,
             "uptime_s": round(time.time() - self.started_at, 3),
             "state_dir": str(desired.config.state_dir) if desired else None,
         }
 
 
-_folders_cache: dict[int, tuple[DesiredState, dict[Path, list[str]]]] = {}
-
-
 def _by_folder(desired: DesiredState) -> dict[Path, list[str]]:
-    """Deployment names by capsule folder (absolute), computed once per desired state."""
-    cached = _folders_cache.get(id(desired))
-    if cached is not None and cached[0] is desired:
-        return cached[1]
+    """Deployment names by capsule folder (absolute)."""
     mapping: dict[Path, list[str]] = {}
     for name in desired.config.model.capsules:
         mapping.setdefault(desired.config.folder(name).absolute(), []).append(name)
-    _folders_cache.clear()
-    _folders_cache[id(desired)] = (desired, mapping)
     return mapping
-
-
-def _hashes(desired: DesiredState) -> dict[str, str]:
-    return {name: spec.spec_hash for name, spec in desired.specs.items()}
-
-
-def _write_applied(state_dir: Path, record: dict[str, Any]) -> None:
-    """Write applied.json atomically (on a worker thread: it can be a megabyte)."""
-    path = state_dir / APPLIED
-    try:
-        tmp = path.with_name(f".{APPLIED}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, separators=(",", ":"), sort_keys=True))
-        os.replace(tmp, path)
-    except OSError as error:
-        logger.warning("could not record the applied state in %s: %s", path, error)
-
-
-def read_applied(state_dir: Path) -> dict[str, CapsuleSpec]:
-    """The specs recorded by the last apply (empty when there is none)."""
-    try:
-        record = json.loads((state_dir / APPLIED).read_text())
-        return {name: CapsuleSpec.from_record(r) for name, r in record.get("capsules", {}).items()}
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        logger.warning("ignoring unreadable %s: %s", state_dir / APPLIED, error)
-        return {}
-
-
-def git_revision(folder: Path) -> str | None:
-    """The commit the config's repository is at (with "-dirty" if it has changes), if any."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(folder), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=2,
-            check=False,
-        )
-        if head.returncode != 0:
-            return None
-        dirty = subprocess.run(
-            ["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=2,
-            check=False,
-        )
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None

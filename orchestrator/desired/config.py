@@ -1,7 +1,7 @@
 """config.yaml: the operator's desired state, as one validated, frozen tree.
 
-Owns the models (`OrchestratorConfig` and its parts), the loader (`load_config` reads the
-file; `parse_config` does the rest) and `topological_order`. The YAML is composed into nodes
+Owns the models (`OrchestratorConfig` and its parts) and the loader (`load_config` reads the
+file; `parse_config` does the rest). The YAML (orchestrator.desired.yamlsource) is composed into nodes
 first, so every problem names the file, the line of the offending key or value, the dotted
 field, and what is allowed (with the nearest valid key for a typo); duplicate keys,
 non-text keys and unknown keys are errors, never silently dropped. `${VAR}` and
@@ -11,14 +11,13 @@ Capsule.toml. Checking config keys against a capsule's `[env]` is the manifest l
 with `LoadedConfig.line_of` for the line.
 
 No I/O beyond reading the file and looking at the capsule folders it names. Used by the
-reconciler, the runtime and the CLI (`validate`, `plan`).
+desired-state loader and the CLI (`validate`, `plan`).
 """
 
 from __future__ import annotations
 
-import difflib
+import errno
 import hashlib
-import heapq
 import os
 import re
 from collections import deque
@@ -28,18 +27,16 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from .errors import ConfigError, Problem
+from ..errors import ConfigError, Problem
+from ..files import FileReadError, read_regular
+from .common import MANIFEST, NAME, LimitsOverride, Loc, dotted, line_at, suggest
+from .yamlsource import YamlReader
 
 CONFIG_FILE = "config.yaml"
-MANIFEST = "Capsule.toml"
-NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
-MAX_NODES = 100_000  # alias expansion beyond this is refused ("billion laughs")
-
-Loc = tuple[str | int, ...]
+MAX_CONFIG_BYTES = 4 << 20
+NAME_RE = re.compile(NAME)
 
 
 def _none_is_empty(value: Any, empty: Callable[[], Any]) -> Any:
@@ -48,7 +45,7 @@ def _none_is_empty(value: Any, empty: Callable[[], Any]) -> Any:
 
 
 def _check_name(name: str) -> str:
-    if not NAME.match(name):
+    if not NAME_RE.match(name):
         raise ValueError(
             f"invalid deployment name {name!r}: use lowercase letters, digits and '-' "
             "(not first or last), at most 64 characters"
@@ -70,14 +67,6 @@ EmptyList = BeforeValidator(lambda v: _none_is_empty(v, list))
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-
-class LimitsOverride(_Model):
-    """Per-call limits; each one given overrides the capsule's [limits] (and the defaults)."""
-
-    fuel: int | None = Field(None, gt=0, description="a whole number > 0: WebAssembly instructions per call")
-    memory_mib: int | None = Field(None, gt=0, le=4096, description="a whole number 1..4096: MiB per linear memory")
-    timeout_ms: int | None = Field(None, gt=0, description="a whole number > 0: wall-clock milliseconds per call")
 
 
 class PublishRate(_Model):
@@ -155,23 +144,22 @@ class LoadedConfig:
     def line_of(self, *loc: str | int) -> int | None:
         """The line of key path `loc` (e.g. "capsules", "hello", "config", "greeting"); for a
         path the file does not spell out, the line of its deepest ancestor that it does."""
-        return _line(self.lines, loc)
+        return line_at(self.lines, loc)
 
 
 def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -> LoadedConfig:
     """Read and validate a config.yaml (a folder means its config.yaml). Raises ConfigError."""
     path = Path(os.path.abspath(path))
+    if path.is_dir():
+        path = path / CONFIG_FILE
     try:
-        if path.is_dir():
-            path = path / CONFIG_FILE
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(
-            [Problem(f"no {path.name} here: create one or pass the path of an existing one", file=str(path))]
-        ) from None
-    except OSError as error:
-        reason = error.strerror or str(error)
-        raise ConfigError([Problem(f"cannot read: {reason}; check the path and permissions", file=str(path))]) from None
+        data, _ = read_regular(path, limit=MAX_CONFIG_BYTES, what="config file")
+    except FileReadError as error:
+        if error.errno == errno.ENOENT:
+            reason = f"no {path.name} here: create one or pass the path of an existing one"
+        else:
+            reason = f"{error.reason}; check the path and permissions"
+        raise ConfigError([Problem(reason, file=str(path))]) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -184,7 +172,7 @@ def parse_config(text: str, *, path: Path, environ: Mapping[str, str] | None = N
     """Validate config.yaml text read from `path`. Raises ConfigError listing every problem."""
     path = Path(os.path.abspath(path))
     file = str(path)
-    reader = _Reader(file)
+    reader = YamlReader(file)
     data = reader.read(text)
     if data is None:
         raise ConfigError(reader.problems)
@@ -217,167 +205,6 @@ def parse_config(text: str, *, path: Path, environ: Mapping[str, str] | None = N
     return loaded
 
 
-def topological_order(model: OrchestratorConfig) -> list[str]:
-    """Deployment names, dependencies first, ties by name. ValueError on a cycle."""
-    needs = {
-        name: {d for d in dep.depends_on if d in model.capsules and d != name} for name, dep in model.capsules.items()
-    }
-    ready = [name for name, deps in needs.items() if not deps]
-    heapq.heapify(ready)
-    order: list[str] = []
-    while ready:
-        name = heapq.heappop(ready)
-        order.append(name)
-        for other, deps in needs.items():
-            if name in deps:
-                deps.discard(name)
-                if not deps:
-                    heapq.heappush(ready, other)
-    if len(order) < len(needs):
-        raise ValueError(f"depends_on cycle among: {', '.join(sorted(set(needs) - set(order)))}")
-    return order
-
-
-# libyaml's loader when PyYAML was built with it (~6x faster; the same nodes and marks).
-_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _Reader:
-    """YAML text -> plain data, recording the line of every key path and refusing what PyYAML
-    would accept silently (duplicate keys, non-text keys, unknown tags)."""
-
-    SCALARS = frozenset(f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null"))
-
-    def __init__(self, file: str) -> None:
-        self.file = file
-        self.problems: list[Problem] = []
-        self.lines: dict[Loc, int] = {}
-        self.loader: Any = None
-        self.active: set[int] = set()
-        self.count = 0
-
-    def read(self, text: str, loader: Any = _LOADER) -> dict[str, Any] | None:
-        """The top-level mapping, or None (with a problem) when there is none to validate."""
-        if loader is not yaml.SafeLoader:
-            try:
-                yaml.compose(text, Loader=loader)
-            except yaml.YAMLError:  # explain syntax errors with the Python loader's clearer words
-                return self.read(text, yaml.SafeLoader)
-        try:
-            self.loader = loader(text)
-            root = self.loader.get_single_node()
-            if root is None:
-                self._problem("the file is empty: a config needs at least 'version: 1'", None)
-                return None
-            if not isinstance(root, MappingNode):
-                self._problem(
-                    f"the document must be a mapping of keys (version, capsules, ...), not {_kind(root)}", root
-                )
-                return None
-            data = self._build(root, ())
-        except yaml.MarkedYAMLError as error:
-            self._syntax_problem(error)
-            return None
-        except yaml.YAMLError as error:  # ReaderError: a character YAML does not allow
-            position = getattr(error, "position", None)
-            line = text[:position].count("\n") + 1 if isinstance(position, int) else None
-            reason = getattr(error, "reason", "") or str(error)
-            self.problems.append(Problem(f"not valid YAML: {reason}", file=self.file, line=line))
-            return None
-        except _TooLarge:
-            self._problem(f"too many values (more than {MAX_NODES} after expanding aliases)", None)
-            return None
-        finally:
-            if self.loader is not None:
-                self.loader.dispose()
-        return data if isinstance(data, dict) else None
-
-    def _syntax_problem(self, error: yaml.MarkedYAMLError) -> None:
-        mark = error.problem_mark or error.context_mark
-        message = f"not valid YAML: {error.problem or error.context or error}"
-        if "'\\t'" in message:
-            message += "; indent with spaces, not tabs"
-        if error.context and error.problem and error.context_mark and mark is not error.context_mark:
-            message += f" ({error.context} at line {error.context_mark.line + 1})"
-        self.problems.append(Problem(message, file=self.file, line=mark.line + 1 if mark else None))
-
-    def _problem(self, message: str, node: Node | None, loc: Loc = ()) -> None:
-        line = node.start_mark.line + 1 if node is not None else None
-        self.problems.append(Problem(message, file=self.file, line=line, field=_dotted(loc)))
-
-    def _build(self, node: Node, loc: Loc) -> Any:
-        self.count += 1
-        if self.count > MAX_NODES:
-            raise _TooLarge
-        if id(node) in self.active:
-            self._problem("an alias refers to a value that contains it", node, loc)
-            return None
-        if isinstance(node, ScalarNode):
-            return self._scalar(node, loc)
-        self.active.add(id(node))
-        try:
-            if isinstance(node, SequenceNode) and node.tag == "tag:yaml.org,2002:seq":
-                items = []
-                for i, item in enumerate(node.value):
-                    self.lines[(*loc, i)] = item.start_mark.line + 1
-                    items.append(self._build(item, (*loc, i)))
-                return items
-            if isinstance(node, MappingNode) and node.tag == "tag:yaml.org,2002:map":
-                return self._mapping(node, loc)
-            self._problem(f"unsupported YAML tag {node.tag!r}: write a plain mapping or list", node, loc)
-            return None
-        finally:
-            self.active.discard(id(node))
-
-    def _scalar(self, node: ScalarNode, loc: Loc) -> Any:
-        if node.tag == "tag:yaml.org,2002:timestamp":
-            return node.value  # dates stay text: capsule config values are strings, numbers, bools, JSON
-        if node.tag not in self.SCALARS:
-            self._problem(f"unsupported YAML tag {node.tag!r}: write a plain value", node, loc)
-            return None
-        assert self.loader is not None
-        return self.loader.construct_object(node, deep=True)
-
-    def _mapping(self, node: MappingNode, loc: Loc) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        merges = [v for k, v in node.value if k.tag == "tag:yaml.org,2002:merge"]
-        for merge in merges:  # '<<: *anchor' or '<<: [*a, *b]' (earlier ones win)
-            sources = merge.value if isinstance(merge, SequenceNode) else [merge]
-            for source in reversed(sources):
-                if not isinstance(source, MappingNode):
-                    self._problem("'<<' merges a mapping or a list of mappings", source, loc)
-                    continue
-                merged = self._build(source, loc)
-                if isinstance(merged, dict):
-                    result.update(merged)
-        first_line: dict[str, int] = {}
-        for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            line = key_node.start_mark.line + 1
-            if not isinstance(key_node, ScalarNode):
-                self._problem(f"keys must be text, not {_kind(key_node)}", key_node, loc)
-                continue
-            if key_node.tag != "tag:yaml.org,2002:str":
-                self._problem(f"keys must be text, not {key_node.value!r}: quote it", key_node, (*loc, key_node.value))
-                continue
-            key = str(key_node.value)
-            if key in first_line:
-                self._problem(
-                    f"duplicate key {key!r} (first at line {first_line[key]}): keep only one",
-                    key_node,
-                    (*loc, key),
-                )
-            first_line.setdefault(key, line)
-            self.lines[(*loc, key)] = line
-            result[key] = self._build(value_node, (*loc, key))
-        return result
-
-
-class _TooLarge(Exception):
-    pass
-
-
 _REFERENCE = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})?")
 
 
@@ -403,14 +230,14 @@ def _expand_capsule_config(
                 return "${"
             if name is None:
                 message = "malformed '${': write ${NAME} or ${NAME:-default}, and $${ for a literal '${'"
-                problems.append(Problem(message, file=file, line=_line(lines, loc), field=_dotted(loc)))
+                problems.append(Problem(message, file=file, line=line_at(lines, loc), field=dotted(loc)))
                 return match.group(0)
             found = environ.get(name)
             if found is None or (found == "" and default is not None):
                 if default is not None:
                     return default
                 message = f"environment variable {name!r} is not set: set it, or give a default: ${{{name}:-default}}"
-                problems.append(Problem(message, file=file, line=_line(lines, loc), field=_dotted(loc)))
+                problems.append(Problem(message, file=file, line=line_at(lines, loc), field=dotted(loc)))
                 return match.group(0)
             return found
 
@@ -430,14 +257,14 @@ def _validation_problem(error: Any, lines: Mapping[Loc, int], file: str) -> Prob
     info = model.model_fields.get(str(loc[-1])) if model is not None and loc else None
     if error["type"] == "extra_forbidden":
         allowed = sorted(model.model_fields) if model is not None else []
-        message = f"unknown key {loc[-1]!r}{_suggest(str(loc[-1]), allowed)}; allowed here: {', '.join(allowed)}"
+        message = f"unknown key {loc[-1]!r}{suggest(str(loc[-1]), allowed)}; allowed here: {', '.join(allowed)}"
     elif error["type"] == "missing":
         message = f"required: {info.description}" if info is not None else "required"
     elif error["type"] == "model_type" and (target := _model_at(loc)) is not None:
         message = f"expected a mapping with keys {', '.join(target.model_fields)}, got {_show(error['input'])}"
     elif error["type"] != "value_error":
         message += f", got {_show(error['input'])}" + (f"; expected {info.description}" if info is not None else "")
-    return Problem(message, file=file, line=_line(lines, loc), field=_dotted(loc))
+    return Problem(message, file=file, line=line_at(lines, loc), field=dotted(loc))
 
 
 def _model_at(loc: Loc) -> type[BaseModel] | None:
@@ -457,7 +284,7 @@ def _reference_problems(model: OrchestratorConfig, base: Path, lines: Mapping[Lo
     problems: list[Problem] = []
 
     def add(message: str, *loc: str | int) -> None:
-        problems.append(Problem(message, file=file, line=_line(lines, loc), field=_dotted(loc)))
+        problems.append(Problem(message, file=file, line=line_at(lines, loc), field=dotted(loc)))
 
     names = list(model.capsules)
     graph: dict[str, list[tuple[str, int]]] = {}
@@ -467,17 +294,15 @@ def _reference_problems(model: OrchestratorConfig, base: Path, lines: Mapping[Lo
         for i, target in enumerate(deployment.depends_on):
             loc = ("capsules", name, "depends_on", i)
             if target in seen:
-                add(
-                    f"{target!r} is listed twice (first at line {_line(lines, (*loc[:3], seen[target]))}): remove one",
-                    *loc,
-                )
+                earlier = line_at(lines, (*loc[:3], seen[target]))
+                add(f"{target!r} is listed twice (first at line {earlier}): remove one", *loc)
                 continue
             seen[target] = i
             if target == name:
                 add(f"{name!r} depends on itself (depends_on cycle: {name} -> {name}); remove it", *loc)
             elif target not in model.capsules:
                 others = ", ".join(n for n in names if n != name) or "none"
-                add(f"unknown deployment {target!r}{_suggest(target, names)}; deployments: {others}", *loc)
+                add(f"unknown deployment {target!r}{suggest(target, names)}; deployments: {others}", *loc)
             else:
                 graph[name].append((target, i))
         add_folder_problem = _folder_problem(base, deployment.path)
@@ -540,28 +365,6 @@ def _cycles(graph: Mapping[str, list[tuple[str, int]]]) -> list[list[str]]:
 
 def _resolve(base: Path, value: str) -> Path:
     return Path(os.path.normpath(base / value))
-
-
-def _line(lines: Mapping[Loc, int], loc: Loc) -> int | None:
-    for depth in range(len(loc), 0, -1):
-        if loc[:depth] in lines:
-            return lines[loc[:depth]]
-    return None
-
-
-def _dotted(loc: Loc) -> str:
-    return ".".join(str(p) for p in loc)
-
-
-def _suggest(key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _kind(node: Node) -> str:
-    if isinstance(node, MappingNode):
-        return "a mapping"
-    return "a list" if isinstance(node, SequenceNode) else f"the value {node.value!r}"
 
 
 def _show(value: Any) -> str:

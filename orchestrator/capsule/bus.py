@@ -14,19 +14,17 @@ loop's thread, and with one `call_soon_threadsafe` per wait (not per event) othe
 
 Delivery is routed by a per-topic cache of matching subscriptions (rebuilt lazily after
 each subscribe or unsubscribe), so a publish is one dict lookup and one append per
-matching subscriber. The topic matcher here is private and has the same semantics as
-`orchestrator.gate.topic_matches`, for which it can later be swapped. The interface is kept
-small so that NATS can carry the bus later.
+matching subscriber. Subject syntax and matching are orchestrator.topics. The interface is
+kept small so that NATS can carry the bus (orchestrator.lattice).
 
-Used by the host functions (capsule publishes), the reconciler (system events) and the
-dashboard (live tail). Imports only the standard library and orchestrator.errors.
+Used by the airlocks (capsule publishes), the reconciler (system events) and the control
+API (live tail).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
 import time
 from collections import deque
@@ -35,16 +33,13 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from .errors import OrchestratorError
+from ..errors import OrchestratorError
+from ..topics import Tokens, TopicError, split_pattern, split_topic, tokens_match
 
 logger = logging.getLogger(__name__)
 
-MAX_TOPIC_BYTES = 256
-MAX_TOPIC_TOKENS = 16
 ROUTE_CACHE_TOPICS = 4096
 """Distinct topics whose routes are cached; past that the cache starts over."""
-
-_BAD_CHARS = re.compile(r"[\s\x00-\x1f\x7f-\x9f]")  # as gate.py: Unicode whitespace, C0 and C1 controls
 
 
 class BusError(OrchestratorError):
@@ -77,59 +72,6 @@ class Event:
         }
 
 
-def _split_checked(text: object, what: str, *, wildcards: bool) -> tuple[str, ...]:
-    """The tokens of a topic (`wildcards=False`) or pattern; raises BusError saying what is wrong."""
-    if not isinstance(text, str):
-        raise BusError(f"a {what} must be a string, not {type(text).__name__}")
-    if not text:
-        raise BusError(f"empty {what}")
-    try:
-        size = len(text) if text.isascii() else len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise BusError(f"invalid {what} {text!r}: not valid UTF-8") from None
-    if size > MAX_TOPIC_BYTES:
-        raise BusError(f"invalid {what} {text[:40]!r}...: {size} bytes, at most {MAX_TOPIC_BYTES}")
-    tokens = tuple(text.split("."))
-    if len(tokens) > MAX_TOPIC_TOKENS:
-        raise BusError(f"invalid {what} {text!r}: {len(tokens)} tokens, at most {MAX_TOPIC_TOKENS}")
-    last = len(tokens) - 1
-    for i, token in enumerate(tokens):
-        if not token:
-            raise BusError(
-                f"invalid {what} {text!r}: empty token at position {i + 1} (tokens are separated by single dots)"
-            )
-        if _BAD_CHARS.search(token):
-            raise BusError(f"invalid {what} {text!r}: whitespace or control character in {token!r}")
-        if "*" not in token and ">" not in token:
-            continue
-        if not wildcards:
-            raise BusError(
-                f"invalid {what} {text!r}: a topic names one subject; wildcards '*' and '>' belong in patterns"
-            )
-        if token == ">" and i != last:
-            raise BusError(f"invalid {what} {text!r}: '>' must be the last token")
-        if token not in ("*", ">"):
-            raise BusError(f"invalid {what} {text!r}: wildcards must be whole tokens, not part of {token!r}")
-    return tokens
-
-
-def _matches(pattern: tuple[str, ...], topic: list[str] | tuple[str, ...]) -> bool:
-    """NATS matching of checked pattern tokens against checked topic tokens."""
-    if pattern[-1] == ">":
-        fixed = len(pattern) - 1
-        if len(topic) <= fixed:
-            return False
-    else:
-        fixed = len(pattern)
-        if len(topic) != fixed:
-            return False
-    for i in range(fixed):
-        token = pattern[i]
-        if token != "*" and token != topic[i]:
-            return False
-    return True
-
-
 def _filter(pattern: tuple[str, ...], events: list[Event]) -> list[Event]:
     """The events whose topic matches `pattern`, in order (one split per distinct topic)."""
     if pattern == (">",):
@@ -139,10 +81,18 @@ def _filter(pattern: tuple[str, ...], events: list[Event]) -> list[Event]:
     for event in events:
         ok = verdicts.get(event.topic)
         if ok is None:
-            ok = verdicts[event.topic] = _matches(pattern, event.topic.split("."))
+            ok = verdicts[event.topic] = tokens_match(pattern, event.topic.split("."))
         if ok:
             out.append(event)
     return out
+
+
+def _checked(split: Callable[[object], Tokens], text: object) -> Tokens:
+    """`split(text)`, with a malformed topic or pattern raised as a BusError."""
+    try:
+        return split(text)
+    except TopicError as error:
+        raise BusError(str(error)) from None
 
 
 def _release(waiter: asyncio.Future[None]) -> None:
@@ -324,8 +274,8 @@ class EventBus:
 
     def _route(self, topic: str) -> tuple[Subscription, ...]:
         """Check `topic` and cache the subscriptions it goes to. Called with the lock held."""
-        tokens = _split_checked(topic, "topic", wildcards=False)
-        subs = tuple(sub for sub in self._subs if _matches(sub._tokens, tokens))
+        tokens = _checked(split_topic, topic)
+        subs = tuple(sub for sub in self._subs if tokens_match(sub._tokens, tokens))
         if len(self._routes) >= ROUTE_CACHE_TOPICS:
             self._routes.clear()
         self._routes[topic] = subs
@@ -339,7 +289,7 @@ class EventBus:
         before the live events. No running loop is needed: a reader binds to the loop it
         awaits on, so a subscription made in sync code can be read later in any loop.
         """
-        tokens = _split_checked(pattern, "pattern", wildcards=True)
+        tokens = _checked(split_pattern, pattern)
         size = self._queue_size if queue_size is None else queue_size
         if size < 1:
             raise BusError(f"queue_size must be >= 1, not {size}")
@@ -368,7 +318,7 @@ class EventBus:
 
     def history(self, pattern: str = ">", limit: int | None = None) -> list[Event]:
         """The last `limit` (default: all) recorded events matching `pattern`, oldest first."""
-        tokens = _split_checked(pattern, "pattern", wildcards=True)
+        tokens = _checked(split_pattern, pattern)
         if limit is not None and limit < 0:
             raise BusError(f"limit must be >= 0, not {limit}")
         with self._lock:
@@ -388,34 +338,3 @@ class EventBus:
                 sub._closed = True
                 if sub._waiter is not None:
                     sub._wake()
-
-
-def benchmark_publish(
-    bus_factory: Callable[[], EventBus] = EventBus, *, subscribers: int, events: int
-) -> dict[str, float | int]:
-    """Publish `events` events to `subscribers` subscriptions to `>` that never read.
-
-    Returns `events_per_s` (publish throughput), `seconds`, and what the subscribers got:
-    `delivered` (still queued) and `dropped` (lost to full queues), summed over subscribers.
-    Used by the benchmarks.
-    """
-    bus = bus_factory()
-    subs = [bus.subscribe(">") for _ in range(subscribers)]
-    topics = [f"bench.capsule.c{i}.tick" for i in range(8)]
-    payload = {"n": 1, "text": "hello"}
-    publish = bus.publish
-    start = time.perf_counter()
-    for i in range(events):
-        publish(topics[i & 7], payload, source="bench")
-    seconds = time.perf_counter() - start
-    delivered = sum(len(sub.drain()) for sub in subs)
-    dropped = sum(sub.dropped for sub in subs)
-    bus.close()
-    return {
-        "subscribers": subscribers,
-        "events": events,
-        "seconds": seconds,
-        "events_per_s": events / seconds if seconds > 0 else float("inf"),
-        "delivered": delivered,
-        "dropped": dropped,
-    }

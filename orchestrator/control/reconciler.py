@@ -33,10 +33,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .bus import EventBus
-from .errors import CapsuleNotRunning, OrchestratorError, StaleSpec, UnknownCapsule
-from .plan import Action, Plan, plan
-from .spec import CapsuleSpec
+from ..capsule.bus import EventBus
+from ..desired.plan import Action, Plan, plan
+from ..desired.spec import CapsuleSpec
+from ..errors import CapsuleNotRunning, OrchestratorError, StaleSpec, UnknownCapsule
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bus import EventBus
-from .manifest import Build
+from ..capsule.bus import EventBus
+from ..desired.manifest import Build
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ guest code to work around. The ABI is documented for capsule authors in docs/abi
 No wasm and no asyncio here, so every function is testable with fakes: the KV store is
 reached through `KVAccess`, the bus through `Publisher`.
 
-Used by orchestrator.capsule, which binds `HOST_FUNCTIONS` to the engine.
+Used by orchestrator.capsule.binding, which binds `HOST_FUNCTIONS` to the engine.
 """
 
 from __future__ import annotations
@@ -28,13 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import CapabilityDenied
+from ..errors import CapabilityDenied, GateError
 from .gate import (
     MAX_FILE_BYTES,
     MAX_KEY_BYTES,
     MAX_PAYLOAD_BYTES,
     MAX_VALUE_BYTES,
-    GateError,
     PathGate,
     RateLimiter,
     TopicGate,
@@ -60,8 +59,8 @@ class KVAccess(Protocol):
     """One capsule's view of the KV store, from a worker thread."""
 
     def get(self, key: str) -> bytes | None: ...
-    def set(self, key: str, value: bytes) -> int: ...  # returns the commit sequence number
-    def delete(self, key: str) -> int: ...
+    def set(self, key: str, value: bytes) -> None: ...
+    def delete(self, key: str) -> None: ...
     def keys(self, prefix: str) -> list[str]: ...
 
 
@@ -90,7 +89,6 @@ class CallState:
 
     host: HostContext
     function: str = ""
-    kv_seq: int = 0  # the highest KV write sequence number this call staged
     kv: KVAccess | None = None  # this call's own view of the KV (its writes kept until it ends)
 
 
@@ -174,7 +172,7 @@ def astrid_kv_set(call: CallState, key: bytes, value: bytes) -> bytes:
         check_size("value", len(value), MAX_VALUE_BYTES)
     except GateError as error:
         return err(str(error))
-    call.kv_seq = max(call.kv_seq, kv.set(name, value))
+    kv.set(name, value)
     return ok()
 
 
@@ -184,7 +182,7 @@ def astrid_kv_delete(call: CallState, key: bytes) -> bytes:
         name = check_key(key)
     except GateError as error:
         return err(str(error))
-    call.kv_seq = max(call.kv_seq, kv.delete(name))
+    kv.delete(name)
     return ok()
 
 

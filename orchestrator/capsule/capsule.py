@@ -1,0 +1,313 @@
+"""Capsule: one running version of a capsule, built from a spec and wired to the host.
+
+`Capsule.launch(spec, ...)` builds the running version from what the desired-state loader
+read (`spec.source`: the manifest and the wasm bytes, hashed once): it builds the capability
+gates, binds the airlocks (orchestrator.capsule.airlocks) to the engine as
+`extism:host/user` functions, and loads the plugin through the engine's module cache
+(compiling off the event loop, never hashing again). A declared tool without an export (and
+no `astrid_tool_call` fallback) or an interceptor without its action export fails the load,
+naming it. A module that fails to load while its file has changed since it was read was
+caught mid-write: that is `StaleSpec`, and the next change event retries.
+
+Calling a tool validates the arguments against the tool's `input_schema` first (a bad input
+is a `ToolInputError` naming the field; the guest never runs), runs the export on one of
+the capsule's worker threads (`instances` of them, so N calls use N cores), then commits
+the call's KV writes before returning: an acknowledged result means durable writes.
+
+Used by the launcher (the reconciler's) and the CLI (`orch capsule call`, through `load`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from ..desired.load import load_folder
+from ..desired.manifest import Manifest, Tool, mask_config
+from ..desired.spec import CapsuleSpec
+from ..engine import Plugin, WasmEngine
+from ..errors import (
+    CapsuleError,
+    InvalidModule,
+    ManifestError,
+    OrchestratorError,
+    Problem,
+    StaleSpec,
+    ToolInputError,
+    UnknownTool,
+)
+from ..limits import Limits
+from .airlocks import CallState, HostContext
+from .binding import bind_airlocks
+from .bus import EventBus
+from .gate import PathGate, RateLimiter, TopicGate
+from .interceptors import InterceptorRunner
+from .kv import CallKV, CapsuleKV
+from .store import KVStore
+
+logger = logging.getLogger(__name__)
+
+TOOL_FALLBACK = "astrid_tool_call"
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    output: bytes
+    fuel_used: int
+    seconds: float
+
+
+class Capsule:
+    """A running capsule version. Create with `await Capsule.launch(...)`; `await close()`."""
+
+    def __init__(
+        self,
+        *,
+        spec: CapsuleSpec,
+        manifest: Manifest,
+        plugin: Plugin,
+        host: HostContext,
+        bus: EventBus,
+        store: KVStore | None,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.folder = Path(spec.folder)
+        self.manifest = manifest
+        self.config = dict(spec.config)
+        self.plugin = plugin
+        self.host = host
+        self.wasm_sha256 = spec.wasm_sha256
+        self._bus = bus
+        self._store = store
+        self._executor = executor
+        self._validators = {tool.name: jsonschema.Draft202012Validator(tool.input_schema) for tool in manifest.tools}
+        self._interceptors = InterceptorRunner(
+            name=self.name, interceptors=manifest.interceptors, bus=bus, run=self._run_interceptor
+        )
+        self.calls = 0
+        self.errors = 0
+        self.fuel_total = 0
+        self.fuel_last = 0
+
+    # -- launching -----------------------------------------------------------------------
+    @classmethod
+    async def launch(
+        cls,
+        spec: CapsuleSpec,
+        *,
+        engine: WasmEngine,
+        bus: EventBus,
+        store: KVStore | None,
+        workspace: Path,
+        rate: RateLimiter | None = None,
+        interceptors: bool = True,
+    ) -> Capsule:
+        """The running version of `spec`. Raises ManifestError or InvalidModule, or StaleSpec
+        when the module failed to load and its file changed since the loader read it.
+
+        `interceptors=False` leaves interceptors off until `start_interceptors()` (the
+        reconciler starts them when it swaps versions, so no event is handled twice).
+        """
+        source = spec.source
+        if source is None:
+            raise OrchestratorError(f"capsule {spec.name!r}: the spec carries no module to run (read from a record)")
+        manifest = source.manifest
+        caps = manifest.capabilities
+        host = HostContext(
+            capsule=spec.name,
+            config=spec.config,
+            paths=PathGate(workspace=Path(workspace), read=caps.fs_read, write=caps.fs_write),
+            publish=TopicGate(caps.ipc_publish),
+            rate=rate or RateLimiter(),
+            bus=bus,
+            kv=CapsuleKV(store, spec.name) if caps.kv and store is not None else None,
+            log=logging.getLogger(f"orchestrator.capsule.{spec.name}"),
+        )
+        try:
+            plugin = await engine.load_async(
+                source.wasm,
+                digest=spec.wasm_sha256,
+                name=spec.name,
+                config=spec.config,
+                limits=Limits(**spec.limits),
+                wasi=True,
+                host_functions=bind_airlocks(),
+                instances=spec.instances,
+            )
+        except InvalidModule as error:
+            if source.wasm_changed():  # caught mid-write: the next change event retries
+                raise StaleSpec(f"{source.wasm_path} changed while loading") from error
+            raise
+        try:
+            check_exports(manifest, plugin.exports, str(Path(spec.folder) / "Capsule.toml"))
+        except ManifestError:
+            plugin.close()
+            raise
+        executor = ThreadPoolExecutor(max_workers=spec.instances, thread_name_prefix=f"capsule-{spec.name}")
+        capsule = cls(
+            spec=spec,
+            manifest=manifest,
+            plugin=plugin,
+            host=host,
+            bus=bus,
+            store=store if caps.kv else None,
+            executor=executor,
+        )
+        if interceptors:
+            capsule.start_interceptors()
+        return capsule
+
+    @classmethod
+    async def load(
+        cls,
+        folder: Path,
+        *,
+        engine: WasmEngine,
+        bus: EventBus,
+        store: KVStore | None,
+        workspace: Path,
+        name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        limits: Mapping[str, Any] | None = None,
+        instances: int = 1,
+        rate: RateLimiter | None = None,
+        interceptors: bool = True,
+    ) -> Capsule:
+        """Read one capsule folder outside any config.yaml and launch it (`orch capsule
+        call`): the manifest's defaults overlaid with `config` and `limits`."""
+        spec = await asyncio.to_thread(
+            load_folder, Path(folder), name=name, config=config, limits=limits, instances=instances
+        )
+        return await cls.launch(
+            spec, engine=engine, bus=bus, store=store, workspace=workspace, rate=rate, interceptors=interceptors
+        )
+
+    # -- tools ---------------------------------------------------------------------------
+    @property
+    def tools(self) -> list[Tool]:
+        return list(self.manifest.tools)
+
+    def validate(self, tool: str, arguments: Any) -> Tool:
+        """The tool, once `arguments` fit its schema. Raises UnknownTool or ToolInputError."""
+        declared = self.manifest.tool(tool)
+        if declared is None:
+            names = ", ".join(t.name for t in self.manifest.tools) or "none"
+            raise UnknownTool(f"capsule {self.name!r} has no tool {tool!r} (tools: {names})")
+        error = jsonschema.exceptions.best_match(self._validators[tool].iter_errors(arguments))
+        if error is not None:
+            field = "/" + "/".join(str(p) for p in error.absolute_path)
+            raise ToolInputError(
+                f"invalid input for {self.name}.{tool}: at {field}: {error.message}", tool=tool, field=field
+            )
+        return declared
+
+    async def call_tool(self, tool: str, arguments: Any = None) -> ToolResult:
+        """Validate, run, commit, return. `arguments` is the parsed JSON (None means {})."""
+        arguments = {} if arguments is None else arguments
+        self.validate(tool, arguments)
+        data = json.dumps(arguments, ensure_ascii=False, separators=(",", ":")).encode()
+        if tool in self.plugin.exports:
+            export = tool
+        else:
+            export = TOOL_FALLBACK
+            data = json.dumps({"name": tool, "arguments": arguments}, ensure_ascii=False).encode()
+        return await self._run(export, data)
+
+    async def _run(self, export: str, data: bytes) -> ToolResult:
+        kv = CallKV(self._store, self.name) if self._store is not None else None
+        state = CallState(self.host, function=export, kv=kv)
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        self.calls += 1
+
+        def run() -> tuple[bytes, int, int]:
+            output, fuel = self.plugin.call_metered(export, data, context=state)
+            # Stage the call's writes on its worker thread, before that thread takes the next
+            # call: the next call then reads them (staged writes are visible), so calls queued
+            # on one instance never lose each other's updates.
+            return output, fuel, kv.stage() if kv is not None else 0
+
+        try:
+            output, fuel, seq = await loop.run_in_executor(self._executor, run)
+        except CapsuleError:
+            self.errors += 1  # its KV writes were never staged: dropped with `kv`
+            raise
+        if seq and self._store is not None:
+            await self._store.commit(seq)
+        self.fuel_total += fuel
+        self.fuel_last = fuel
+        return ToolResult(output, fuel, time.perf_counter() - started)
+
+    async def _run_interceptor(self, action: str, event: bytes) -> ToolResult:
+        return await self._run(action, event)
+
+    # -- interceptors --------------------------------------------------------------------
+    def start_interceptors(self, after_seq: int | None = None) -> None:
+        """Start delivering bus events to the interceptors (see InterceptorRunner.start)."""
+        self._interceptors.start(after_seq)
+
+    async def stop_interceptors(self) -> int:
+        """Stop delivering (after the event being handled); return the last event handled."""
+        return await self._interceptors.stop()
+
+    async def caught_up(self, seq: int) -> None:
+        """Return once the interceptors have handled every event up to bus sequence `seq`."""
+        await self._interceptors.caught_up(seq)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """What the capsule is and may touch (secrets masked)."""
+        m = self.manifest
+        return {
+            "name": self.name,
+            "package": m.package.model_dump(),
+            "wasm_sha256": self.wasm_sha256,
+            "tools": [t.model_dump() for t in m.tools],
+            "interceptors": [i.model_dump() for i in m.interceptors],
+            "capabilities": m.capabilities.model_dump(),
+            "config": mask_config(m, self.config),
+            "limits": self.plugin.limits.as_dict(),
+        }
+
+    async def close(self) -> None:
+        """Stop interceptors, let calls in flight finish, release the instances."""
+        await self.stop_interceptors()
+        self.plugin.close()
+        self._executor.shutdown(wait=False)
+
+
+def check_exports(manifest: Manifest, exports: tuple[str, ...], manifest_file: str) -> None:
+    """Every tool has an export (or the astrid_tool_call fallback); every action has one."""
+    problems = []
+    for tool in manifest.tools:
+        if tool.name not in exports and TOOL_FALLBACK not in exports:
+            problems.append(
+                Problem(
+                    f"tool {tool.name!r} has no export of that name and the module has no "
+                    f"{TOOL_FALLBACK} export (exports: {', '.join(exports) or 'none'})",
+                    file=manifest_file,
+                    field="tool",
+                )
+            )
+    for interceptor in manifest.interceptors:
+        if interceptor.action not in exports:
+            problems.append(
+                Problem(
+                    f"interceptor action {interceptor.action!r} is not an export of the module",
+                    file=manifest_file,
+                    field="interceptor",
+                )
+            )
+    if problems:
+        raise ManifestError(problems)
