@@ -38,6 +38,7 @@ from orchestrator.api.client import Client, NotRunning, RemoteError
 from orchestrator.api.server import MAX_HISTORY, ControlServer, socket_alive
 from orchestrator.control.runtime import Orchestrator
 from orchestrator.errors import OrchestratorError
+from tests.processes import spawn_up, stop_up, wait_serving
 from tests.test_cli import example_deployment
 
 DEADLINE = 15.0
@@ -898,36 +899,6 @@ async def test_no_call_fails_while_the_capsule_reloads(served: Served) -> None:
 
 
 # == 5. durability across a SIGKILL ==============================================================
-def spawn_up(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    """`orch up CONFIG --log-format json` in its own process, its output into `log`."""
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "up", str(config), "--log-format", "json", "--no-watch"],
-            cwd=config.parent,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def stop_up(process: subprocess.Popen[bytes]) -> None:
-    """SIGINT (a clean stop), and SIGKILL if it is not done within the deadline."""
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(10)
-        raise
-
-
-def wait_serving(process: subprocess.Popen[bytes], sock: Path, log: Path) -> None:
-    end = time.monotonic() + DEADLINE
-    while not socket_alive(sock):
-        assert process.poll() is None, f"orch up exited {process.returncode}: {log.read_text()[-2000:]}"
-        assert time.monotonic() < end, f"orch up is not serving: {log.read_text()[-2000:]}"
-        time.sleep(0.02)
-
-
 async def test_acknowledged_calls_survive_a_sigkill(tmp_path: Path) -> None:
     config = example_deployment(tmp_path)
     sock = tmp_path / ".orch" / "orch.sock"

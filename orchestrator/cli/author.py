@@ -14,6 +14,7 @@ line to stderr and exits 1; bad usage or an unreadable or invalid module exits 2
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -132,7 +133,6 @@ def capsule_check(args: argparse.Namespace) -> int:
 
 
 def capsule_call(args: argparse.Namespace) -> int:
-    import asyncio
 
     try:
         config = _config_pairs(args.config)
@@ -154,11 +154,16 @@ def capsule_call(args: argparse.Namespace) -> int:
 
 async def _call_capsule_tool(args: argparse.Namespace, config: dict[str, str], arguments: object) -> bytes:
     from ..capsule import Capsule, EventBus, KVStore
-    from ..control.statedir import CACHE, KV_DATABASE
+    from ..control.statedir import CACHE, KV_DATABASE, StateDir
     from ..engine import WasmEngine
 
-    state_dir: Path = args.state_dir
-    store = await KVStore.open(state_dir / KV_DATABASE)
+    lock = await asyncio.to_thread(StateDir.open, args.state_dir)  # never beside a running orchestrator
+    state_dir = lock.path
+    try:
+        store = await KVStore.open(state_dir / KV_DATABASE)
+    except BaseException:
+        lock.close()
+        raise
     bus = EventBus()
     engine = WasmEngine(cache_dir=state_dir / CACHE)
     capsule = None
@@ -174,3 +179,4 @@ async def _call_capsule_tool(args: argparse.Namespace, config: dict[str, str], a
         await store.close()
         engine.close()
         bus.close()
+        lock.close()

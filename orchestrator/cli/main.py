@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
         "--log-format", choices=("text", "json"), default="text", help="json: every bus event as a JSON line"
     )
     up.add_argument("--no-watch", action="store_true", help="do not watch files (apply once, then serve)")
+    up.add_argument(
+        "--no-builds", action="store_true", help="never run capsules' [build] commands (config.yaml: builds: false)"
+    )
     up.add_argument("--dash", action="store_true", help="show the dashboard in this terminal; quitting it stops")
     up.set_defaults(run=_up)
 
@@ -123,13 +126,23 @@ def _positive(text: str) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from ..control.statedir import check_state_dir
+    from ..desired.config import LoadedConfig
     from ..desired.load import load_desired
-    from ..errors import ConfigError
+    from ..errors import ConfigError, Problem
 
+    problems: list[Problem] = []
+    config: LoadedConfig | None = None
     try:
         desired = load_desired(args.config)
+        config = desired.config
     except ConfigError as error:
-        return print_problems(args.config, [str(p) for p in error.problems])
+        problems = list(error.problems)
+        config = error.partial if isinstance(error.partial, LoadedConfig) else None
+    if config is not None and (trouble := check_state_dir(config.state_dir)) is not None:
+        problems.append(Problem(trouble, file=str(config.path), line=config.line_of("state_dir"), field="state_dir"))
+    if problems:
+        return print_problems(args.config, [str(p) for p in problems])
     enabled = sum(1 for s in desired.specs.values() if s.enabled)
     print(f"{args.config}: valid ({len(desired.specs)} capsules, {enabled} enabled)")
     return EXIT_OK
@@ -179,7 +192,15 @@ def _up(args: argparse.Namespace) -> int:
         from tui import run_dashboard  # only `orch up --dash` and `orch dash` load Textual
 
         dashboard = run_dashboard
-    return asyncio.run(run_up(args.config, log_format=args.log_format, watch=not args.no_watch, dashboard=dashboard))
+    return asyncio.run(
+        run_up(
+            args.config,
+            log_format=args.log_format,
+            watch=not args.no_watch,
+            builds=not args.no_builds,
+            dashboard=dashboard,
+        )
+    )
 
 
 def _dash(args: argparse.Namespace) -> int:

@@ -2,10 +2,15 @@
 
 With `--log-format json` every bus event goes to stdout as one JSON object per line
 (`topic`, `payload`, `source`, `seq`, `timestamp_ms`), for scripts to follow; logs go to
-stderr. With `text` (the default) events are printed as short readable lines.
+stderr. With `text` (the default) events are printed as short readable lines. Output never
+blocks the orchestrator: a reader that stops reading loses lines, counted (cli.printer).
+
+Start-up: the state dir is checked and locked and the control API served before any
+capsule loads; the capsules then load (concurrently, dependencies first) while it serves,
+showing as Starting.
 
 SIGINT or SIGTERM starts a phased shutdown with a deadline and the process exits 0; a
-second signal exits at once (status 130). Part of the CLI layer, like cli.py: it prints.
+second signal exits at once (status 130). Part of the CLI layer: it prints.
 
 With a `dashboard` (`orch up --dash`: the CLI passes `tui.run_dashboard`, so this module
 never imports Textual), nothing is printed while it runs: the dashboard owns the terminal
@@ -29,7 +34,9 @@ from typing import Any
 from ..api.server import ControlServer
 from ..capsule.bus import Event, Subscription
 from ..control.runtime import Orchestrator
+from ..control.statedir import LOG
 from ..errors import ConfigError, OrchestratorError
+from .printer import LinePrinter
 
 SHUTDOWN_SECONDS = 10.0
 logger = logging.getLogger(__name__)
@@ -40,47 +47,65 @@ async def run_up(
     *,
     log_format: str = "text",
     watch: bool = True,
+    builds: bool = True,
     dashboard: Callable[..., Awaitable[None]] | None = None,
 ) -> int:
-    orchestrator = Orchestrator(config, watch=watch)
+    orchestrator = Orchestrator(config, watch=watch, builds=builds)
+    out = LinePrinter()
     events = orchestrator.bus.subscribe(">", queue_size=100_000)
     if dashboard is not None:
         events.close()  # the dashboard shows the events: nothing may print over it
-    printer = asyncio.get_running_loop().create_task(_print_events(events, log_format))
+    printer = asyncio.get_running_loop().create_task(_print_events(events, log_format, out))
     stop = asyncio.Event()
     _install_signals(stop)
+    server: ControlServer | None = None
     try:
-        await orchestrator.start()
-        assert orchestrator.desired is not None
-        server = ControlServer(orchestrator, state_dir=orchestrator.desired.config.state_dir)
-        await server.start()
+        await orchestrator.prepare()  # the state dir is locked before anything starts
+        assert orchestrator.state is not None
+        server = ControlServer(orchestrator, state_dir=orchestrator.state.path)
+        await server.start()  # served from here on: capsules show as Starting while they load
     except OrchestratorError as error:
-        if orchestrator.reconciler is not None:  # capsules started, but the API could not: stop them
-            await orchestrator.stop(SHUTDOWN_SECONDS)
+        await orchestrator.stop(SHUTDOWN_SECONDS)
         events.close()
         await printer
+        out.close()
         _report(config, error)
         return 1
-    if log_format == "text" and dashboard is None:
-        assert orchestrator.reconciler is not None
-        running = sum(1 for status in orchestrator.reconciler.status() if status["phase"] == "Running")
-        print(
-            f"orch: {running} capsule(s) running from {orchestrator.config_path}"
-            f"{'; watching for changes' if watch else ''}; control API on {server.path}. Ctrl+C to stop.",
-            flush=True,
-        )
+    first = asyncio.get_running_loop().create_task(_first_apply(orchestrator, server, log_format, dashboard, out))
     if dashboard is not None:  # until it quits (`q`), or a signal sets `stop`
-        await dashboard(server.path, stop=stop, log_file=server.path.parent / "orch.log")
+        await dashboard(server.path, stop=stop, log_file=server.path.parent / LOG)
     else:
         await stop.wait()
     if log_format == "text":
-        print("orch: stopping...", flush=True)
+        out.write("orch: stopping...")
+    first.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await first
     await server.stop()
     await orchestrator.stop(SHUTDOWN_SECONDS)
     events.close()
     with contextlib.suppress(asyncio.CancelledError):
         await printer
+    out.close()
     return 0
+
+
+async def _first_apply(
+    orchestrator: Orchestrator,
+    server: ControlServer,
+    log_format: str,
+    dashboard: Callable[..., Awaitable[None]] | None,
+    out: LinePrinter,
+) -> None:
+    """Apply the first plan while the API serves, then say what runs."""
+    await orchestrator.run()
+    if log_format == "text" and dashboard is None:
+        assert orchestrator.reconciler is not None
+        running = sum(1 for status in orchestrator.reconciler.status() if status["phase"] == "Running")
+        out.write(
+            f"orch: {running} capsule(s) running from {orchestrator.config_path}"
+            f"{'; watching for changes' if orchestrator.watch else ''}; control API on {server.path}. Ctrl+C to stop."
+        )
 
 
 def _report(config: Path, error: OrchestratorError) -> None:
@@ -105,13 +130,13 @@ def _install_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(number, on_signal, number)
 
 
-async def _print_events(events: Subscription, log_format: str) -> None:
+async def _print_events(events: Subscription, log_format: str, out: LinePrinter) -> None:
+    """Every event as a line, through the non-blocking printer (scripts follow it line by line)."""
     async for event in events:
         if log_format == "json":
-            sys.stdout.write(json.dumps(event.to_dict(), ensure_ascii=False, default=str) + "\n")
+            out.write(json.dumps(event.to_dict(), ensure_ascii=False, default=str))
         else:
-            sys.stdout.write(describe(event) + "\n")
-        sys.stdout.flush()  # scripts follow the stream line by line
+            out.write(describe(event))
 
 
 def describe(event: Event) -> str:

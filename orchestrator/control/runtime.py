@@ -33,7 +33,7 @@ from ..errors import ConfigError
 from .builds import Builder
 from .gitrev import GitRevision
 from .reconciler import Reconciler
-from .statedir import CACHE, KV_DATABASE, write_applied
+from .statedir import CACHE, KV_DATABASE, StateDir, write_applied
 from .watcher import Watcher
 
 logger = logging.getLogger(__name__)
@@ -43,10 +43,16 @@ class Orchestrator:
     """One orchestrator process's state. `await start()`, then `await stop()`."""
 
     def __init__(
-        self, config_path: Path | str, *, watch: bool = True, environ: Mapping[str, str] | None = None
+        self,
+        config_path: Path | str,
+        *,
+        watch: bool = True,
+        builds: bool = True,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         self.config_path = Path(config_path).absolute()
         self.watch = watch
+        self.builds = builds  # the operator's switch (`orch up --no-builds`); config.yaml's `builds` too
         self.environ = environ
         self.bus = EventBus(history=10_000)
         self.desired: DesiredState | None = None
@@ -60,6 +66,9 @@ class Orchestrator:
         self._watcher: Watcher | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._changes = asyncio.Lock()
+        self._first: DesiredState | None = None
+        self.ready = False  # the first plan has been applied
+        self.state: StateDir | None = None
 
     async def load(self, *, previous: DesiredState | None = None, only: list[str] | None = None) -> DesiredState:
         """Read the desired state on a worker thread. Raises ConfigError."""
@@ -69,17 +78,39 @@ class Orchestrator:
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> Plan:
-        """Load, apply, watch. Raises ConfigError (nothing started) when the config is bad."""
+        """`prepare`, then `run`."""
+        await self.prepare()
+        return await self.run()
+
+    async def prepare(self) -> DesiredState:
+        """Load the desired state; check, lock and open the state dir, the KV store and the
+        engine. Nothing runs yet, so the control API can be served from here on. Raises
+        ConfigError, StateDirError (another orchestrator holds the state dir, or it is
+        unusable) or StoreError, each before anything was started or written."""
         desired = await self.load()
-        state_dir = desired.config.state_dir
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.store = await KVStore.open(state_dir / KV_DATABASE)
+        self.state = await asyncio.to_thread(StateDir.open, desired.config.state_dir)
+        state_dir = self.state.path
+        try:
+            self.store = await KVStore.open(state_dir / KV_DATABASE)
+        except BaseException:
+            self.state.close()
+            raise
         self.engine = WasmEngine(cache_dir=state_dir / CACHE)
         launcher = CapsuleLauncher(
             engine=self.engine, bus=self.bus, store=self.store, workspace=desired.config.workspace
         )
         self.reconciler = Reconciler(launcher=launcher, bus=self.bus)
-        plan = await self._apply(desired)
+        self._first = desired
+        return desired
+
+    async def run(self) -> Plan:
+        """Apply the first plan (capsules load concurrently, dependencies first) and start
+        watching. Call after `prepare`."""
+        assert self._first is not None, "call prepare() first"
+        desired, self._first = self._first, None
+        async with self._changes:
+            plan = await self._apply(desired)
+        self.ready = True
         if self.watch:
             self._watcher = Watcher(config_path=self.config_path)
             await self._watcher.start(self._folders(desired))
@@ -116,13 +147,15 @@ class Orchestrator:
             await self.store.close()
         if self.engine is not None:
             self.engine.close()
+        if self.state is not None:
+            self.state.close()
         self.bus.close()
 
     # -- applying ------------------------------------------------------------------------
     async def _apply(self, desired: DesiredState) -> Plan:
         assert self.reconciler is not None
+        self.desired = desired  # what is being applied: the API names its deployments from here on
         plan = await self.reconciler.apply(desired.specs)
-        self.desired = desired
         self.last_plan = plan
         running = {name: spec.record() for name, spec in self.reconciler.actual().items()}
         await asyncio.to_thread(self._record_applied, desired, running)
@@ -181,6 +214,8 @@ class Orchestrator:
         return [name for folder in folders for name in by_folder.get(folder.absolute(), ())]
 
     def _run_builds(self, desired: DesiredState, folders: Mapping[Path, set[Path]]) -> None:
+        if not (self.builds and desired.config.model.builds):
+            return  # builds run a shell command from the manifest: only when the operator allows it
         by_folder = _by_folder(desired)
         for folder, paths in folders.items():
             names = [n for n in by_folder.get(folder.absolute(), ()) if desired.manifest(n) is not None]
@@ -197,6 +232,7 @@ class Orchestrator:
             "config_sha256": desired.config.text_sha256 if desired else None,
             "git_revision": self.revision.last,
             "uptime_s": round(time.time() - self.started_at, 3),
+            "ready": self.ready,
             "state_dir": str(desired.config.state_dir) if desired else None,
         }
 

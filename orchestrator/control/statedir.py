@@ -1,20 +1,37 @@
-"""The state dir's record of what was applied: `applied.json`.
+"""The state dir: checked, private and locked before anything runs; and its record of what
+was applied (`applied.json`).
 
-After every apply the runtime records what runs (specs without secret values, the config's
-hash and revision), so `orch plan` can diff against it without a running orchestrator.
-Written atomically off the event loop (it can be a megabyte), created private (0600).
+The state dir holds the KV database, the compiled-module cache, the control socket and the
+applied state: whoever can write it can run code as the orchestrator, and whoever can read
+it reads every capsule's data. So `StateDir.open` first refuses what cannot work (a file
+where the folder should be, a folder under /proc, /sys or /dev, a read-only folder, a
+folder where the database file should be) with one line that names the path and the fix;
+then makes it private (0700; a folder owned by another user is refused); then takes an
+exclusive `flock` on its `lock` file, so a second orchestrator on the same state dir exits
+at once, naming the first one's PID, before it has started or written anything. The lock
+is released when the process exits, however it exits. `check_state_dir` runs the same
+checks without creating, changing or locking anything, for `orch validate`.
 
-Used by the runtime, the CLI (`orch plan`) and the API client (the socket's name); kept
-light to import.
+After every apply the runtime records what runs in `applied.json` (specs without secret
+values, the config's hash and revision), written atomically off the event loop, private.
+
+Used by the runtime, the CLI (`orch up`, `validate`, `plan`, `capsule call`) and the API
+client (the socket's name); kept light to import.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
+import os
+import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import OrchestratorError
 from ..files import write_atomic
 
 if TYPE_CHECKING:
@@ -27,6 +44,167 @@ KV_DATABASE = "kv.sqlite3"
 CACHE = "cache"
 SOCKET = "orch.sock"
 LOG = "orch.log"
+LOCK = "lock"
+CACHE_KEY = "cache.key"
+VIRTUAL = (Path("/proc"), Path("/sys"), Path("/dev"))
+
+
+class StateDirError(OrchestratorError):
+    """The state dir cannot be used; the message names the path and the fix."""
+
+
+class StateDirBusy(StateDirError):
+    """Another orchestrator holds the state dir's lock (`pid` when it could be read)."""
+
+    def __init__(self, message: str, *, pid: int | None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def _problem(path: Path, *, create: bool) -> str | None:
+    """Why `path` cannot be a state dir (None when it can), without changing anything."""
+    real = Path(os.path.realpath(path))
+    for virtual in VIRTUAL:
+        if _within(real, virtual):
+            return f"the state dir {path} is under {virtual}, a virtual file system: choose a real folder for state_dir"
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        parent = next((p for p in real.parents if p.exists()), None)
+        if parent is None or not parent.is_dir():
+            return f"the state dir {path} cannot be created: no existing folder above it"
+        if not create and not os.access(parent, os.W_OK | os.X_OK):
+            return f"the state dir {path} cannot be created: {parent} is not writable; create it or fix state_dir"
+        return None
+    except OSError as error:
+        return f"the state dir {path} cannot be used: {error.strerror or error}; fix state_dir"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"the state dir {path} is a file, not a folder: remove it, or point state_dir at a folder"
+    if info.st_uid != os.getuid():
+        return (
+            f"the state dir {path} belongs to another user (uid {info.st_uid}): "
+            "use a state_dir of your own; it holds every capsule's data"
+        )
+    if not os.access(path, os.W_OK | os.X_OK) or _read_only_mount(path) or (create and not _writable(path)):
+        return (
+            f"the state dir {path} is read-only: make it writable (chmod u+w, or remount), or choose another state_dir"
+        )
+    database = path / KV_DATABASE
+    try:
+        db_info = os.lstat(database)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return f"cannot look at {database}: {error.strerror or error}"
+    if not stat.S_ISREG(db_info.st_mode):
+        return (
+            f"{database} is not a regular file (the KV database must be one): "
+            "move it away, and the orchestrator creates an empty database"
+        )
+    return None
+
+
+def _writable(path: Path) -> bool:
+    """Whether a file can really be created in `path` (as root, permission bits do not say)."""
+    try:
+        fd = os.open(path / f".probe.{os.getpid()}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(path / f".probe.{os.getpid()}")
+    return True
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def check_state_dir(path: Path) -> str | None:
+    """Why `path` cannot serve as a state dir, or None. Creates, changes and locks nothing
+    (for `orch validate`); an orchestrator running on it is not a problem."""
+    return _problem(Path(path), create=False)
+
+
+class StateDir:
+    """A checked, private, locked state dir. Create with `StateDir.open(path)`; the lock is
+    held until `close()` or the process exits."""
+
+    def __init__(self, path: Path, lock_fd: int) -> None:
+        self.path = path
+        self._lock_fd: int | None = lock_fd
+
+    @classmethod
+    def open(cls, path: Path) -> StateDir:
+        """Check, create (0700), make private and lock `path`. Raises StateDirError (or
+        StateDirBusy) with one line naming the path and the fix."""
+        path = Path(os.path.abspath(path))
+        problem = _problem(path, create=True)
+        if problem is not None:
+            raise StateDirError(problem)
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if stat.S_IMODE(path.stat().st_mode) & 0o077:
+                path.chmod(0o700)
+                logger.info("made the state dir %s private (0700): it holds every capsule's data", path)
+        except OSError as error:
+            raise StateDirError(f"cannot prepare the state dir {path}: {error.strerror or error}") from None
+        return cls(path, _lock(path / LOCK))
+
+    @property
+    def locked(self) -> bool:
+        return self._lock_fd is not None
+
+    def close(self) -> None:
+        """Release the lock (the process exiting releases it too)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> StateDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _lock(path: Path) -> int:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as error:
+        raise StateDirError(f"cannot open the lock file {path}: {error.strerror or error}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        holder = _holder(fd)
+        os.close(fd)
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            who = f" (pid {holder})" if holder is not None else ""
+            raise StateDirBusy(
+                f"the state dir {path.parent} is in use by another orchestrator{who}: "
+                "stop it first, or give this one another state_dir",
+                pid=holder,
+            ) from None
+        raise StateDirError(f"cannot lock {path}: {error.strerror or error}") from None
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _holder(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else None
+    except OSError:
+        return None
 
 
 def write_applied(state_dir: Path, record: dict[str, Any]) -> None:

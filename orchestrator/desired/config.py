@@ -107,6 +107,15 @@ class Deployment(_Model):
     enabled: bool = Field(True, description="true or false (false: stopped, state kept)")
 
 
+class EngineSettings(_Model):
+    """engine: how modules are compiled and cached on this host."""
+
+    cache_max_mib: int = Field(1024, ge=1, description="a whole number >= 1: MiB of compiled modules kept on disk")
+    max_module_mib: int = Field(
+        32, ge=1, le=1024, description="a whole number 1..1024: the largest .wasm accepted, in MiB"
+    )
+
+
 class OrchestratorConfig(_Model):
     """A whole config.yaml."""
 
@@ -114,6 +123,12 @@ class OrchestratorConfig(_Model):
     workspace: PathText = Field(".", description="a path: the root of cwd:// paths, relative to config.yaml's folder")
     state_dir: PathText = Field(".orch", description="a path: KV database, module cache, socket, applied state")
     defaults: Annotated[Defaults, EmptyDict] = Field(default_factory=Defaults, description="a mapping with limits")
+    builds: bool = Field(
+        True, description="true or false: run capsules' [build] commands when their sources change (the dev loop)"
+    )
+    engine: Annotated[EngineSettings, EmptyDict] = Field(
+        default_factory=EngineSettings, description="a mapping of cache_max_mib, max_module_mib"
+    )
     capsules: Annotated[dict[DeploymentName, Deployment], EmptyDict] = Field(
         default_factory=dict, description="a mapping of deployment names to deployments"
     )
@@ -273,6 +288,8 @@ def _model_at(loc: Loc) -> type[BaseModel] | None:
             return OrchestratorConfig
         case ("defaults",):
             return Defaults
+        case ("engine",):
+            return EngineSettings
         case ("defaults", "limits") | ("capsules", _, "limits"):
             return LimitsOverride
         case ("capsules", _):
