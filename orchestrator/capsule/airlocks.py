@@ -34,12 +34,12 @@ from .gate import (
     MAX_PAYLOAD_BYTES,
     MAX_VALUE_BYTES,
     PathGate,
-    Place,
     RateLimiter,
     TopicGate,
     check_key,
     check_size,
 )
+from .sandbox import Place
 
 OK, ERR = b"\x00", b"\x01"
 LOG_LEVELS = {
@@ -255,18 +255,35 @@ def _io_error(path: bytes, error: OSError) -> bytes:
     return err(f"I/O error on {shown}: {error.strerror or error}")
 
 
+def _read_capped(fd: int, expected: int, limit: int) -> bytes:
+    """Up to `limit + 1` bytes: a file that grows while being read is capped, not trusted."""
+    chunks: list[bytes] = []
+    total = 0
+    want = min(expected + 1, limit + 1)  # one read for a file that does not change
+    while total <= limit:
+        chunk = os.read(fd, min(want, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        want = 1 << 20
+    return b"".join(chunks)
+
+
 def astrid_read_file(call: CallState, path: bytes) -> bytes:
     try:
         # O_NONBLOCK: opening a FIFO must not hang the worker thread; it is refused below.
         fd = sandbox.open_file(_place(call, path, write=False))
-        with os.fdopen(fd, "rb") as handle:
+        try:
             info = os.fstat(fd)
             if stat.S_ISDIR(info.st_mode):
                 raise IsADirectoryError(21, "is a directory")
             if not stat.S_ISREG(info.st_mode):
                 return err(f"not a regular file: {path.decode('utf-8', 'replace')}")
             check_size("file", info.st_size, MAX_FILE_BYTES)
-            data = handle.read(MAX_FILE_BYTES + 1)
+            data = _read_capped(fd, info.st_size, MAX_FILE_BYTES)
+        finally:
+            os.close(fd)
         check_size("file", len(data), MAX_FILE_BYTES)
     except CapabilityDenied as denied:
         raise deny(call, denied) from None

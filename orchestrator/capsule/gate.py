@@ -51,31 +51,8 @@ from pathlib import Path
 from ..errors import CapabilityDenied, GateError
 from ..topics import check_pattern, check_topic, shown, topic_matches
 from . import sandbox
-from .protected import ProtectedArea, ProtectedHolder, ProtectedPaths, ProtectedSource
+from .protected import ProtectedPaths, ProtectedSource
 from .sandbox import MAX_SYMLINKS, Escape, Place
-
-__all__ = [
-    "MAX_FILE_BYTES",
-    "MAX_KEY_BYTES",
-    "MAX_PATH_BYTES",
-    "MAX_PAYLOAD_BYTES",
-    "MAX_VALUE_BYTES",
-    "CapabilityDenied",
-    "GateError",
-    "PathGate",
-    "Place",
-    "ProtectedArea",
-    "ProtectedHolder",
-    "ProtectedPaths",
-    "ProtectedSource",
-    "RateLimiter",
-    "TopicGate",
-    "check_key",
-    "check_pattern",
-    "check_size",
-    "check_topic",
-    "topic_matches",
-]
 
 MAX_KEY_BYTES = 4096
 MAX_VALUE_BYTES = 1 << 20
@@ -232,8 +209,8 @@ class PathGate:
     ) -> None:
         self.workspace = Path(os.path.realpath(workspace))
         self._workspace_as_given = Path(os.path.abspath(workspace))
-        self._workspace_key = tuple(part.casefold() for part in self.workspace.parts)
         self._protected: ProtectedSource = protected if protected is not None else ProtectedPaths()
+        self._guard_cache: tuple[ProtectedPaths, Callable[[tuple[str, ...]], str | None]] | None = None
         self._read = tuple(self._grant(g, "fs_read") for g in read)
         self._write = tuple(self._grant(g, "fs_write") for g in write)
         self.read_grants: tuple[Path, ...] = tuple(self.workspace.joinpath(*g.real) for g in self._read)
@@ -305,18 +282,33 @@ class PathGate:
         raise self._denied(path, capability, "outside the workspace")
 
     def _place(self, path: str, capability: str, grant: _Grant | None, parts: tuple[str, ...]) -> Place:
-        protected = self.protected
-        workspace, key = self.workspace, self._workspace_key
-
-        def guard(rel: tuple[str, ...]) -> str | None:
-            if not rel:
-                return protected.reason(workspace, workspace=workspace)
-            return protected.name(rel[-1]) or protected.exact((*key, *(part.casefold() for part in rel)))
-
         def deny(escape: Escape) -> Exception:
             return self._denied(path, capability, self._why(escape, grant))
 
-        return Place(base=workspace, parts=parts, floor=len(grant.real) if grant else 0, guard=guard, deny=deny)
+        floor = len(grant.real) if grant else 0
+        return Place(base=self.workspace, parts=parts, floor=floor, guard=self._guard(), deny=deny)
+
+    def _guard(self) -> Callable[[tuple[str, ...]], str | None]:
+        """The sandbox's guard for the protected paths in force now (built once per value:
+        a lookup per component, by casefolded components below the workspace)."""
+        protected = self.protected
+        cached = self._guard_cache
+        if cached is not None and cached[0] is protected:
+            return cached[1]
+        itself, below = protected.below(self.workspace)
+        lengths = frozenset(len(key) for key in below)
+        name = protected.name
+
+        def guard(rel: tuple[str, ...]) -> str | None:
+            if not rel:
+                return itself
+            found = name(rel[-1])
+            if found is not None or len(rel) not in lengths:
+                return found
+            return below.get(tuple(part.casefold() for part in rel))
+
+        self._guard_cache = (protected, guard)  # one assignment: safe across worker threads
+        return guard
 
     def _why(self, escape: Escape, grant: _Grant | None) -> str:
         if escape.kind == "protected":

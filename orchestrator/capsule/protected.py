@@ -9,8 +9,9 @@ add a git hook. `ProtectedPaths` is the list of those places, as an immutable va
 - areas, each an absolute path and the reason shown in a denial: the state dir (KV
   database and its WAL, module cache, control socket, applied state), the module cache
   (when configured elsewhere), the config file, and every capsule folder (manifest, wasm,
-  build sources and outputs). `build` records each path both as given (made absolute) and
-  as its real path (symlinks resolved), so a folder reached either way is covered;
+  build sources and outputs), and what a build command runs from outside its capsule's
+  folder (`build_inputs`). `build` records each path both as given (made absolute) and as
+  its real path (symlinks resolved), so a folder reached either way is covered;
 - names protected anywhere below the workspace: `.git` (hooks and config run code). An
   entry of that name is protected whether it is a folder or a file (a worktree's `.git`
   file names its git dir).
@@ -41,6 +42,7 @@ STATE_DIR = "the orchestrator's state dir is never reachable by capsules"
 MODULE_CACHE = "the compiled-module cache is never reachable by capsules"
 CONFIG_FILE = "the orchestrator's config file is never reachable by capsules"
 CAPSULE_FOLDER = "a capsule's folder (manifest, module, build sources) is never reachable by capsules"
+BUILD_INPUT = "a capsule build's inputs are never reachable by capsules (builds run them)"
 GIT = "git folders are never reachable by capsules (their hooks run code)"
 
 
@@ -82,10 +84,15 @@ class ProtectedPaths:
         cache_dir: Path | None = None,
         config_file: Path | None = None,
         capsule_folders: Iterable[Path] = (),
+        build_inputs: Iterable[Path] = (),
         extra: Iterable[ProtectedArea] = (),
         git: bool = True,
     ) -> ProtectedPaths:
         """The value for one orchestrator; relative paths are taken from the current folder.
+
+        `build_inputs`: files or folders outside the capsule folders that a `[build]
+        command` runs or reads (a shared build script, package.json, node_modules, a shared
+        SDK): the build command is a shell, so only the runtime can say what they are.
 
         Each path is recorded as given (made absolute) and as its real path. Paths that do
         not exist yet are protected all the same (their existing part resolved).
@@ -98,6 +105,7 @@ class ProtectedPaths:
         if config_file is not None:
             wanted.append((config_file, CONFIG_FILE))
         wanted += [(folder, CAPSULE_FOLDER) for folder in capsule_folders]
+        wanted += [(path, BUILD_INPUT) for path in build_inputs]
         wanted += [(area.path, area.reason) for area in extra]
         areas: dict[Path, str] = {}
         for path, reason in wanted:
@@ -120,6 +128,13 @@ class ProtectedPaths:
     def name(self, name: str) -> str | None:
         """The reason when an entry called `name` is protected wherever it is."""
         return self._names.get(name.casefold()) if self._names else None
+
+    def below(self, workspace: Path) -> tuple[str | None, dict[tuple[str, ...], str]]:
+        """For walks that start at `workspace` (a real path): why the workspace itself is
+        protected (or None), and the areas below it by casefolded relative components."""
+        start = _key(workspace.parts)
+        inside = {key[len(start) :]: why for key, why in self._index.items() if key[: len(start)] == start}
+        return self.reason(workspace, workspace=workspace), {key: why for key, why in inside.items() if key}
 
     def reason(self, path: Path, *, workspace: Path) -> str | None:
         """Why absolute `path` is protected: it is or lies inside an area (checked over all

@@ -255,8 +255,9 @@ def resolve(place: Place) -> Path:
     parts that cannot be looked at) are appended as given. Advisory: between this answer
     and any later use by path, anything can change; the operations below do not have that
     gap."""
-    with _Walk(place) as walk:
-        try:
+    walk = _Walk(place)
+    try:
+        with walk:
             while True:
                 parent, name = walk.parent_of_last()
                 if name == ".":
@@ -268,8 +269,8 @@ def resolve(place: Place) -> Path:
                 if not statmod.S_ISLNK(info.st_mode):
                     return place.base.joinpath(*walk.names, name)
                 walk.follow_last(name)
-        except OSError:
-            return place.base.joinpath(*walk.lexical())
+    except OSError:  # the descriptors are closed; what was walked is still known
+        return place.base.joinpath(*walk.lexical())
 
 
 def open_file(place: Place) -> int:
