@@ -9,7 +9,8 @@ reads that returned the outside file's content, writes that landed outside, list
 showed an outside name, stats of the outside file, `exists` true for an outside-only file:
 all must be zero. Each run goes on until the race has been seen from both sides (at least
 one denial and one success), so a run that never raced cannot pass. Swapped: an entry
-below the grant (symlink target absolute, then relative) and the granted folder itself.
+below the grant (symlink target absolute, then relative) and the granted folder itself,
+the latter also under the example capsule `notes` running in wasm.
 
 Protected paths, in the default layout (state dir `.orch` with the KV database, its WAL, the
 module cache and the control socket inside the workspace; capsule folders and config.yaml
@@ -69,7 +70,8 @@ from orchestrator.capsule.protected import (
 from orchestrator.capsule.sandbox import MAX_SYMLINKS
 from orchestrator.capsule.store import KVStore
 from orchestrator.engine import WasmEngine
-from orchestrator.errors import CapabilityDenied, GateError
+from orchestrator.errors import CapabilityDenied, CapsuleError, GateError
+from tests.conftest import CAPSULES
 
 INSIDE = b"inside"
 OUTSIDE = b"OUTSIDE SECRET"  # a different size from INSIDE: a stat tells them apart
@@ -591,6 +593,7 @@ def walk_ws(tmp_path: Path) -> Path:
     g/up_in -> sub/../f.txt    (`..` that stays beneath the grant)
     g/sub/back -> ../f.txt     (climbs to the grant's root, not above)
     g/out -> ../h              (climbs above the grant, into the workspace)
+    g/reenter -> ../g/f.txt    (climbs above the grant and comes back)
     g/abs_in -> <ws>/g/f.txt   (absolute, even though inside)
     g/self -> .                g/dot_chain -> self/self/f.txt
     """
@@ -606,6 +609,7 @@ def walk_ws(tmp_path: Path) -> Path:
         "g/sub/back": "../f.txt",
         "g/out": "../h",
         "g/abs_in": str(ws / "g" / "f.txt"),
+        "g/reenter": "../g/f.txt",
         "g/self": ".",
         "g/dot_chain": "self/self/f.txt",
     }
@@ -624,6 +628,7 @@ def test_dotdot_in_a_link_target_stays_beneath_the_grant(walk_ws: Path) -> None:
     assert (walk_ws / "g" / "sub" / "back").is_symlink()  # the link stays
     for path, reason in [
         ("g/out/h.txt", "a symlink leads out of the granted folder g"),
+        ("g/reenter", "a symlink leads out of the granted folder g"),
         ("g/abs_in", "symlink cwd://g/abs_in has an absolute target: only relative symlinks are followed"),
     ]:
         with pytest.raises(CapabilityDenied) as raised:
@@ -868,3 +873,49 @@ def test_advisory_answers_for_a_missing_workspace(tmp_path: Path) -> None:
     bus = EventBus()
     assert astrid_read_file(call_state(gate, bus), b"notes/a.txt") == b"\x01not found: notes/a.txt"
     bus.close()
+
+
+async def test_wasm_notes_capsule_racing_a_swapped_grant_never_reaches_outside(tmp_path: Path) -> None:
+    """The example capsule `notes` (AssemblyScript, the guest SDK) reads and writes under
+    cwd://notes while a subprocess swaps the workspace's `notes` folder with a symlink to a
+    folder outside, as fast as it can."""
+    ws, outside = tmp_path / "ws", tmp_path / "outside"
+    (ws / "notes").mkdir(parents=True)
+    (ws / "notes" / "secret.txt").write_bytes(INSIDE)
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(OUTSIDE)
+    before = snapshot(outside)
+    engine = WasmEngine()
+    bus = EventBus(history=16)
+    capsule = await Capsule.load(CAPSULES / "notes", engine=engine, bus=bus, store=None, workspace=ws)
+    racer = Racer(ws, "notes", str(outside))
+    tally = Tally()
+    try:
+        i = 0
+        while i < 400 or not (tally["denied"] and tally["read ok"]):
+            assert i < 20_000, tally.counts
+            i += 1
+            for tool, arguments in [
+                ("read", {"name": "secret.txt"}),
+                ("write", {"name": f"w{i % 30}.txt", "text": "from wasm"}),
+            ]:
+                try:
+                    result = await capsule.call_tool(tool, arguments)
+                except CapabilityDenied:
+                    tally.add("denied")
+                    continue
+                except CapsuleError:
+                    tally.add(f"{tool} error")  # e.g. "no note named": the SDK's exists said no
+                    continue
+                tally.add(f"{tool} ok")
+                if tool == "read" and json.loads(result.output)["text"] != INSIDE.decode():
+                    tally.add("read OUTSIDE")
+    finally:
+        swaps = racer.stop()
+        await capsule.close()
+        bus.close()
+        engine.close()
+    landed = {name for name, value in snapshot(outside).items() if before.get(name) != value}
+    assert tally["read OUTSIDE"] == 0, tally.counts
+    assert landed == set(), sorted(landed)[:10]
+    assert swaps > 100 and tally["write ok"] > 0, tally.counts

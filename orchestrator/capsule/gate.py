@@ -33,7 +33,9 @@ path):
 - absolute symlink targets are never followed, even when they point inside the grant;
 - a grant whose folder (or a folder above it) is replaced by a symlink after the capsule
   started is denied until the capsule is relaunched;
-- a `..` in a symlink's target may not climb above the grant, even to come back into it.
+- a `..` in a symlink's target may not climb above the grant, even to come back into it;
+- new: the protected paths and every `.git` entry (compared without regard to case) are
+  denied even under a grant that covers them.
 """
 
 from __future__ import annotations
@@ -195,8 +197,10 @@ class PathGate:
     naming the grant). If the protected paths change later so that a running capsule's
     grant falls inside one, every access under it is denied (with the protected reason).
 
-    Grants are resolved once, at construction, to real paths inside the workspace. A `write`
-    grant does not imply `read`.
+    `protected` is a `ProtectedPaths` value or a holder whose `.current` is one (the
+    runtime's `ProtectedHolder`), read at each access; by default `ProtectedPaths()`, which
+    protects `.git` entries only. Grants are resolved once, at construction, to real paths
+    inside the workspace. A `write` grant does not imply `read`.
     """
 
     def __init__(
