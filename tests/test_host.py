@@ -190,7 +190,7 @@ def build_workspace(root: Path) -> tuple[Path, Path]:
     # a loop
     (notes / "loop1").symlink_to("loop2")
     (notes / "loop2").symlink_to("loop1")
-    # elsewhere in the workspace, pointing into a granted folder: allowed (DESIGN: real path)
+    # elsewhere in the workspace, pointing into a granted folder: denied (not under the grant)
     (ws / "other" / "into_notes").symlink_to(notes / "a.txt")
     # write side
     (out / "escape_dir").symlink_to(outside)
@@ -600,7 +600,6 @@ def test_publish_byte_rate_limit(rig: Rig) -> None:
         "notes/./a.txt",
         "cwd://./notes/a.txt",
         "notes/inner1",  # a symlink chain that stays inside the grant
-        "other/into_notes",  # a symlink elsewhere that points into the grant
         "ABSOLUTE",  # the absolute path inside the workspace
         "CWD-ABSOLUTE",  # cwd:// + the absolute path inside the workspace
     ],
@@ -717,6 +716,7 @@ READ_DENIED = [
     "notes/loop1",
     "notes/to_evil",
     "notes/to_other/c.txt",
+    "other/into_notes",  # a symlink elsewhere that points into the grant (allowed before the sandbox)
     "notes-evil/secret.txt",
     "notes-evil",
     "cwd://notes-evil",
@@ -881,20 +881,22 @@ def test_write_file_outside_the_grant_creates_no_folders(rig: Rig) -> None:
 
 def test_write_file_rechecks_after_creating_folders(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """A folder swapped for a symlink to the outside while the parents are being created
-    (simulated in mkdir) is caught by the second check: nothing is written outside."""
-    original = Path.mkdir
-    swapped: list[Path] = []
+    (simulated in mkdir, which the sandbox calls at the parent's descriptor) is caught: the
+    folder is opened without following symlinks, so nothing is written outside."""
+    original = os.mkdir
+    swapped: list[str] = []
 
-    def mkdir_then_swap(self: Path, *args: object, **kwargs: object) -> None:
-        original(self, *args, **kwargs)  # type: ignore[arg-type]
-        if self.name == "racy" and not swapped:
-            self.rmdir()
-            self.symlink_to(rig.outside)
-            swapped.append(self)
+    def mkdir_then_swap(path: str, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        original(path, mode, dir_fd=dir_fd)
+        if path == "racy" and not swapped:
+            os.rmdir(path, dir_fd=dir_fd)
+            os.symlink(rig.outside, path, dir_fd=dir_fd)
+            swapped.append(path)
 
-    monkeypatch.setattr(Path, "mkdir", mkdir_then_swap)
+    monkeypatch.setattr(os, "mkdir", mkdir_then_swap)
     assert_denied(rig, astrid_write_file, b"out/racy/x.txt", b"pwned", capability="fs_write", target="out/racy/x.txt")
-    assert swapped == [rig.ws / "out" / "racy"]
+    assert swapped == ["racy"]
+    assert (rig.ws / "out" / "racy").is_symlink()
     assert sorted(os.listdir(rig.outside)) == ["secret.txt"]
 
 
@@ -926,12 +928,17 @@ def test_write_file_onto_a_directory_or_below_a_file_is_an_error(rig: Rig) -> No
 def test_write_file_failed_rename_keeps_the_old_file_and_no_temp(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[tuple[str, str]] = []
 
-    def failing_replace(source: str, destination: object) -> None:
-        seen.append((os.path.basename(source), str(destination)))
-        assert Path(source).read_bytes() == b"new content"  # fully written before the rename
+    def failing_rename(source: str, destination: str, *, src_dir_fd: int, dst_dir_fd: int) -> None:
+        seen.append((source, destination))
+        assert src_dir_fd == dst_dir_fd  # renamed within the parent's descriptor
+        fd = os.open(source, os.O_RDONLY, dir_fd=src_dir_fd)
+        try:
+            assert os.read(fd, 100) == b"new content"  # fully written before the rename
+        finally:
+            os.close(fd)
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(host.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "rename", failing_rename)
     result = astrid_write_file(rig.call(), b"out/existing.txt", b"new content")
     assert result == b"\x01I/O error on out/existing.txt: Input/output error"
     assert (rig.ws / "out" / "existing.txt").read_bytes() == b"old"
@@ -940,7 +947,7 @@ def test_write_file_failed_rename_keeps_the_old_file_and_no_temp(rig: Rig, monke
     temp, destination = seen[0]
     assert temp.startswith(".existing.txt.")
     assert temp.endswith(".tmp")
-    assert destination == str(rig.ws / "out" / "existing.txt")
+    assert destination == "existing.txt"
 
 
 def test_audit_with_a_recording_publisher(rig: Rig) -> None:

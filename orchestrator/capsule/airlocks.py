@@ -21,14 +21,13 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import CapabilityDenied, GateError
+from . import sandbox
 from .gate import (
     MAX_FILE_BYTES,
     MAX_KEY_BYTES,
@@ -40,6 +39,7 @@ from .gate import (
     check_key,
     check_size,
 )
+from .sandbox import Place
 
 OK, ERR = b"\x00", b"\x01"
 LOG_LEVELS = {
@@ -237,13 +237,11 @@ def parse_json(data: bytes) -> Any:
 
 
 # -- files ---------------------------------------------------------------------------------
-def _path(call: CallState, data: bytes, *, write: bool) -> Path:
-    """The checked real path; GateError for malformed input, CapabilityDenied (audited)."""
-    text = _text(data, "path")
-    try:
-        return call.host.paths.check_write(text) if write else call.host.paths.check_read(text)
-    except CapabilityDenied as denied:
-        raise deny(call, denied) from None
+# Each file airlock asks the gate where the path is (`PathGate.place`), then lets the sandbox
+# resolve and act in one race-free walk; a denial from either is audited and raised.
+def _place(call: CallState, data: bytes, *, write: bool) -> Place:
+    """Where guest path `data` is, under its grant; GateError for malformed input."""
+    return call.host.paths.place(_text(data, "path"), write=write)
 
 
 def _io_error(path: bytes, error: OSError) -> bytes:
@@ -257,20 +255,38 @@ def _io_error(path: bytes, error: OSError) -> bytes:
     return err(f"I/O error on {shown}: {error.strerror or error}")
 
 
+def _read_capped(fd: int, expected: int, limit: int) -> bytes:
+    """Up to `limit + 1` bytes: a file that grows while being read is capped, not trusted."""
+    chunks: list[bytes] = []
+    total = 0
+    want = min(expected + 1, limit + 1)  # one read for a file that does not change
+    while total <= limit:
+        chunk = os.read(fd, min(want, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        want = 1 << 20
+    return b"".join(chunks)
+
+
 def astrid_read_file(call: CallState, path: bytes) -> bytes:
     try:
-        real = _path(call, path, write=False)
         # O_NONBLOCK: opening a FIFO must not hang the worker thread; it is refused below.
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as handle:
+        fd = sandbox.open_file(_place(call, path, write=False))
+        try:
             info = os.fstat(fd)
             if stat.S_ISDIR(info.st_mode):
                 raise IsADirectoryError(21, "is a directory")
             if not stat.S_ISREG(info.st_mode):
                 return err(f"not a regular file: {path.decode('utf-8', 'replace')}")
             check_size("file", info.st_size, MAX_FILE_BYTES)
-            data = handle.read(MAX_FILE_BYTES + 1)
+            data = _read_capped(fd, info.st_size, MAX_FILE_BYTES)
+        finally:
+            os.close(fd)
         check_size("file", len(data), MAX_FILE_BYTES)
+    except CapabilityDenied as denied:
+        raise deny(call, denied) from None
     except GateError as error:
         return err(str(error))
     except OSError as error:
@@ -281,22 +297,9 @@ def astrid_read_file(call: CallState, path: bytes) -> bytes:
 def astrid_write_file(call: CallState, path: bytes, data: bytes) -> bytes:
     try:
         check_size("file", len(data), MAX_FILE_BYTES)
-        real = _path(call, path, write=True)
-        real.parent.mkdir(parents=True, exist_ok=True)
-        _path(call, path, write=True)  # re-check: the folders now exist (no symlink was made)
-        try:
-            mode = stat.S_IMODE(os.stat(real).st_mode)  # a rewrite keeps the file's mode
-        except FileNotFoundError:
-            mode = 0o666 & ~_UMASK
-        fd, tmp = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                os.fchmod(handle.fileno(), mode)
-            os.replace(tmp, real)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        sandbox.replace_file(_place(call, path, write=True), data, mode=0o666 & ~_UMASK)
+    except CapabilityDenied as denied:
+        raise deny(call, denied) from None
     except GateError as error:
         return err(str(error))
     except OSError as error:
@@ -306,9 +309,12 @@ def astrid_write_file(call: CallState, path: bytes, data: bytes) -> bytes:
 
 def astrid_fs_readdir(call: CallState, path: bytes) -> bytes:
     try:
-        real = _path(call, path, write=False)
-        # Names that are not UTF-8 cannot travel as JSON text: they show with U+FFFD.
-        names = sorted(os.fsencode(entry.name).decode("utf-8", "replace") for entry in os.scandir(real))
+        # Protected entries are left out. Names that are not UTF-8 cannot travel as JSON
+        # text: they show with U+FFFD.
+        found = sandbox.list_dir(_place(call, path, write=False))
+        names = sorted(os.fsencode(name).decode("utf-8", "replace") for name in found)
+    except CapabilityDenied as denied:
+        raise deny(call, denied) from None
     except GateError as error:
         return err(str(error))
     except OSError as error:
@@ -318,7 +324,9 @@ def astrid_fs_readdir(call: CallState, path: bytes) -> bytes:
 
 def astrid_fs_stat(call: CallState, path: bytes) -> bytes:
     try:
-        info = os.stat(_path(call, path, write=False))
+        info = sandbox.stat(_place(call, path, write=False))
+    except CapabilityDenied as denied:
+        raise deny(call, denied) from None
     except GateError as error:
         return err(str(error))
     except OSError as error:
@@ -333,7 +341,9 @@ def astrid_fs_stat(call: CallState, path: bytes) -> bytes:
 
 def astrid_fs_exists(call: CallState, path: bytes) -> bytes:
     try:
-        os.stat(_path(call, path, write=False))
+        sandbox.stat(_place(call, path, write=False))
+    except CapabilityDenied as denied:
+        raise deny(call, denied) from None
     except GateError as error:
         return err(str(error))
     except (FileNotFoundError, NotADirectoryError):

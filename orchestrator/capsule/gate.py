@@ -1,26 +1,41 @@
 """The capability gate: what a capsule may touch, decided before anything is touched.
 
-Deny by default. Everything here is a pure decision over values (the only I/O is
-`os.path.realpath`, to see through symlinks), so it is cheap to call on every host-function
-call and easy to test. It owns:
+Deny by default. It owns:
 
 - the size limits of DESIGN.md §3.3 (`check_key`, `check_size`);
 - the `ipc_publish` grant check (`TopicGate`; subject syntax is orchestrator.topics);
-- guest path resolution and the `fs_read`/`fs_write` grant checks (`PathGate`);
+- guest path parsing and the `fs_read`/`fs_write` grants (`PathGate`), with the paths no
+  grant ever reaches (`ProtectedPaths`, orchestrator.capsule.protected);
 - a token-bucket publish rate limit (`RateLimiter`).
 
 Two kinds of failure: `GateError` for malformed input (a bad key, bad topic syntax, too
 large, bad path syntax), which a host function reports to the guest as a HostResult error;
 and `CapabilityDenied` for a well-formed request that the grants do not allow, which traps
-the call and is audited. Used by the host functions (orchestrator/host.py), the manifest
-loader (validating grants).
+the call and is audited. Used by the airlocks (orchestrator.capsule.airlocks) and the
+capsule (building the gates from the manifest).
 
-Path policy, in short (details on `PathGate`): `cwd://x`, `x` and `./x` are relative to the
+Path policy, in short (details on `PathGate`). `cwd://x`, `x` and `./x` are relative to the
 workspace; absolute paths must lie inside it; any `..` component is denied, never
-normalised; grants are compared component-wise against the *real* path (symlinks resolved),
-and the real path is what the caller gets back, so it opens exactly what was checked.
-A backslash is an ordinary filename character (POSIX semantics), not a separator; `~` and
-`%xx` are literal too. Windows is not supported.
+normalised. The grant that applies is decided from the guest path; `PathGate.place` turns
+the path into a `Place` (the grant's real folder and the rest of the path), and the file
+operations of orchestrator.capsule.sandbox resolve and act on it in one race-free walk from
+a folder descriptor: there is no check by path followed by an open by path. Symlinks below
+the grant are followed only while relative and beneath it. The protected paths (state dir,
+module cache, config file, every capsule folder, every `.git`) are denied whatever the
+grant, and hidden from folder listings. A backslash is an ordinary filename character
+(POSIX semantics), not a separator; `~` and `%xx` are literal too. Windows is not supported.
+
+Tightened compared with the first version (which checked the real path, then opened by
+path):
+- a symlink elsewhere in the workspace that points into a granted folder is denied (the
+  guest path is not under the grant), as is a symlink inside one grant that leads into
+  another grant (`notes/link` -> `sub` with only `notes/sub` granted for writing);
+- absolute symlink targets are never followed, even when they point inside the grant;
+- a grant whose folder (or a folder above it) is replaced by a symlink after the capsule
+  started is denied until the capsule is relaunched;
+- a `..` in a symlink's target may not climb above the grant, even to come back into it;
+- new: the protected paths and every `.git` entry (compared without regard to case) are
+  denied even under a grant that covers them.
 """
 
 from __future__ import annotations
@@ -32,10 +47,14 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CapabilityDenied, GateError
 from ..topics import check_pattern, check_topic, shown, topic_matches
+from . import sandbox
+from .protected import ProtectedPaths, ProtectedSource
+from .sandbox import MAX_SYMLINKS, Escape, Place
 
 MAX_KEY_BYTES = 4096
 MAX_VALUE_BYTES = 1 << 20
@@ -141,49 +160,90 @@ def _within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def _shown_real(parts: tuple[str, ...]) -> str:
+    return shown(CWD_SCHEME + "/".join(parts))
+
+
+@dataclass(frozen=True, slots=True)
+class _Grant:
+    written: str  # as in the manifest, for messages
+    lexical: tuple[str, ...]  # its components below the workspace, as written
+    real: tuple[str, ...]  # the components of its real path below the workspace
+
+
 class PathGate:
     """Guest paths resolved under a workspace and checked against `fs_read`/`fs_write` grants.
 
     Accepted forms: `cwd://x/y`, `x/y`, `./x` (relative to the workspace; `cwd://` alone and
     `.` are the workspace itself; doubled and trailing slashes are ignored) and absolute
     paths that lie inside the workspace, lexically (under its real path or the path as
-    given) and really. `cwd:///etc/passwd` is the absolute path `/etc/passwd`, not a file
-    in the workspace. Other schemes (`file://`, `http://`) are GateErrors. A backslash, `~`
-    and `%2e` are ordinary characters.
+    given). `cwd:///etc/passwd` is the absolute path `/etc/passwd`, not a file in the
+    workspace. Other schemes (`file://`, `http://`) are GateErrors. A backslash, `~` and
+    `%2e` are ordinary characters.
 
-    Denied (CapabilityDenied): any `..` component (even one that would stay inside),
-    absolute paths outside the workspace, and paths whose real location leaves the
-    workspace: symlinks are resolved all the way, for a path that does not exist yet the
-    existing part is resolved and the rest appended, and a dangling symlink counts as its
-    target (writing through it would create the target). A symlink loop is denied.
+    Which grant applies is decided from the guest path alone: its components must start
+    with a grant's, as written in the manifest or as the grant's real path. Everything below
+    the grant is then resolved beneath the grant's folder by orchestrator.capsule.sandbox,
+    race-free: relative symlinks are followed while they stay beneath it, at most 40.
 
-    Symlink policy: grants are checked against the real path only. A symlink inside a
-    granted folder that points outside it is denied; a symlink elsewhere in the workspace
-    that points into a granted folder is allowed, because what is touched is under the
-    grant. Grants are resolved once, at construction. The real path is returned, so the
-    caller opens exactly what was checked; a symlink swapped in by someone else between the
-    check and the open is outside this gate (capsules themselves cannot create symlinks).
+    Denied (CapabilityDenied): any `..` component in the guest path (even one that would
+    stay inside), absolute paths outside the workspace, paths under no grant, a symlink
+    that leads out of the grant (a relative target climbing above it, any absolute target,
+    a loop), a grant whose folder was replaced by a symlink after the capsule started, and
+    every protected path (`ProtectedPaths`: the state dir, module cache, config file,
+    capsule folders, `.git`), whatever the grant, reached directly or through symlinks.
 
-    A `write` grant does not imply `read`.
+    A grant that itself lies inside a protected path is refused at construction (GateError
+    naming the grant). If the protected paths change later so that a running capsule's
+    grant falls inside one, every access under it is denied (with the protected reason).
+
+    `protected` is a `ProtectedPaths` value or a holder whose `.current` is one (the
+    runtime's `ProtectedHolder`), read at each access; by default `ProtectedPaths()`, which
+    protects `.git` entries only. Grants are resolved once, at construction, to real paths
+    inside the workspace. A `write` grant does not imply `read`.
     """
 
-    def __init__(self, *, workspace: Path, read: Sequence[str] = (), write: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        workspace: Path,
+        read: Sequence[str] = (),
+        write: Sequence[str] = (),
+        protected: ProtectedSource | None = None,
+    ) -> None:
         self.workspace = Path(os.path.realpath(workspace))
         self._workspace_as_given = Path(os.path.abspath(workspace))
-        self.read_grants: tuple[Path, ...] = tuple(self._grant(g, "fs_read") for g in read)
-        self.write_grants: tuple[Path, ...] = tuple(self._grant(g, "fs_write") for g in write)
+        self._protected: ProtectedSource = protected if protected is not None else ProtectedPaths()
+        self._guard_cache: tuple[ProtectedPaths, Callable[[tuple[str, ...]], str | None]] | None = None
+        self._read = tuple(self._grant(g, "fs_read") for g in read)
+        self._write = tuple(self._grant(g, "fs_write") for g in write)
+        self.read_grants: tuple[Path, ...] = tuple(self.workspace.joinpath(*g.real) for g in self._read)
+        self.write_grants: tuple[Path, ...] = tuple(self.workspace.joinpath(*g.real) for g in self._write)
 
-    def _grant(self, grant: str, capability: str) -> Path:
+    @property
+    def protected(self) -> ProtectedPaths:
+        """The protected paths in force now."""
+        return self._protected.current
+
+    def _grant(self, grant: str, capability: str) -> _Grant:
         what = f"{capability} grant"
         absolute, parts = _parse_path(grant, what)
         if absolute:
             raise GateError(f"{what} {shown(grant)} is absolute: use cwd://<folder> or a relative path")
         if ".." in parts:
             raise GateError(f"{what} {shown(grant)} contains '..'")
-        real = self._real(self.workspace.joinpath(*parts))
+        lexical = self.workspace.joinpath(*parts)
+        real = self._real(lexical)
         if real is None or not _within(real, self.workspace):
             raise GateError(f"{what} {shown(grant)} leaves the workspace {self.workspace}")
-        return real
+        protected = self.protected
+        for path in (lexical, real):
+            reason = protected.reason(path, workspace=self.workspace)
+            if reason is not None:
+                raise GateError(
+                    f"{what} {shown(grant)} is refused: {reason}; remove it from [capabilities] in Capsule.toml"
+                )
+        return _Grant(grant, parts, real.relative_to(self.workspace).parts)
 
     @staticmethod
     def _real(path: Path) -> Path | None:
@@ -195,48 +255,101 @@ class PathGate:
                 return None
         return Path(os.path.realpath(path))
 
-    def resolve(self, path: str, *, capability: str = "fs_read") -> Path:
-        """The real absolute path of guest `path`, inside the workspace; no grant check.
+    # -- deciding ---------------------------------------------------------------------------
+    def place(self, path: str, *, write: bool = False) -> Place:
+        """Where guest `path` is, under which grant, for the sandbox's operations.
 
-        GateError for bad syntax; CapabilityDenied (under `capability`) for an escape.
+        GateError for bad syntax; CapabilityDenied for `..`, a path outside the workspace or
+        under no grant. Denials found while walking are raised by the sandbox operations.
         """
+        capability = "fs_write" if write else "fs_read"
+        relative = self._relative(path, capability)
+        chosen: tuple[_Grant, int] | None = None
+        for grant in self._write if write else self._read:
+            for prefix in (grant.real, grant.lexical):
+                if relative[: len(prefix)] == prefix and (chosen is None or len(grant.real) < len(chosen[0].real)):
+                    chosen = (grant, len(prefix))
+        if chosen is None:
+            raise CapabilityDenied(f"capability denied: {capability} {shown(path)}", capability=capability, target=path)
+        grant, matched = chosen
+        return self._place(path, capability, grant, grant.real + relative[matched:])
 
-        def deny(reason: str) -> CapabilityDenied:
-            return CapabilityDenied(
-                f"capability denied: {capability} {shown(path)} ({reason})",
-                capability=capability,
-                target=path,
-            )
-
+    def _relative(self, path: str, capability: str) -> tuple[str, ...]:
         absolute, parts = _parse_path(path, "path")
         if ".." in parts:
-            raise deny("'..' is not allowed in paths")
-        if absolute:
-            candidate = Path("/").joinpath(*parts)
-            if not (_within(candidate, self.workspace) or _within(candidate, self._workspace_as_given)):
-                raise deny("outside the workspace")
-        else:
-            candidate = self.workspace.joinpath(*parts)
-        real = self._real(candidate)
-        if real is None:
-            raise deny("symlink loop")
-        if not _within(real, self.workspace):
-            raise deny("its real location leaves the workspace")
-        return real
+            raise self._denied(path, capability, "'..' is not allowed in paths")
+        if not absolute:
+            return parts
+        for root in (self.workspace, self._workspace_as_given):
+            if parts[: len(root.parts) - 1] == root.parts[1:]:
+                return parts[len(root.parts) - 1 :]
+        raise self._denied(path, capability, "outside the workspace")
 
-    def _check(self, path: str, capability: str, grants: tuple[Path, ...]) -> Path:
-        real = self.resolve(path, capability=capability)
-        if not any(_within(real, grant) for grant in grants):
-            raise CapabilityDenied(f"capability denied: {capability} {shown(path)}", capability=capability, target=path)
-        return real
+    def _place(self, path: str, capability: str, grant: _Grant | None, parts: tuple[str, ...]) -> Place:
+        def deny(escape: Escape) -> Exception:
+            return self._denied(path, capability, self._why(escape, grant))
+
+        floor = len(grant.real) if grant else 0
+        return Place(base=self.workspace, parts=parts, floor=floor, guard=self._guard(), deny=deny)
+
+    def _guard(self) -> Callable[[tuple[str, ...]], str | None]:
+        """The sandbox's guard for the protected paths in force now (built once per value:
+        a lookup per component, by casefolded components below the workspace)."""
+        protected = self.protected
+        cached = self._guard_cache
+        if cached is not None and cached[0] is protected:
+            return cached[1]
+        itself, below = protected.below(self.workspace)
+        lengths = frozenset(len(key) for key in below)
+        name = protected.name
+
+        def guard(rel: tuple[str, ...]) -> str | None:
+            if not rel:
+                return itself
+            found = name(rel[-1])
+            if found is not None or len(rel) not in lengths:
+                return found
+            return below.get(tuple(part.casefold() for part in rel))
+
+        self._guard_cache = (protected, guard)  # one assignment: safe across worker threads
+        return guard
+
+    def _why(self, escape: Escape, grant: _Grant | None) -> str:
+        if escape.kind == "protected":
+            return escape.reason
+        if escape.kind == "loop":
+            return f"symlink loop (more than {MAX_SYMLINKS} symlinks)"
+        if escape.kind == "grant_link":
+            written = shown(grant.written) if grant else "cwd://"
+            return f"{_shown_real(escape.link)}, part of the granted folder {written}, has been replaced by a symlink"
+        if escape.kind == "absolute":
+            if not _within(Path(os.path.normpath(escape.target)), self.workspace):
+                return "its real location leaves the workspace"
+            return f"symlink {_shown_real(escape.link)} has an absolute target: only relative symlinks are followed"
+        if grant is None or not grant.real:
+            return "its real location leaves the workspace"
+        return f"a symlink leads out of the granted folder {shown(grant.written)}"
+
+    @staticmethod
+    def _denied(path: str, capability: str, reason: str) -> CapabilityDenied:
+        return CapabilityDenied(
+            f"capability denied: {capability} {shown(path)} ({reason})", capability=capability, target=path
+        )
+
+    # -- advisory answers (by path: for display and tests; the airlocks use `place`) ---------
+    def resolve(self, path: str, *, capability: str = "fs_read") -> Path:
+        """The real absolute path of guest `path`, inside the workspace; no grant check
+        (protected paths are still denied). GateError for bad syntax; CapabilityDenied
+        (under `capability`) for an escape."""
+        return sandbox.resolve(self._place(path, capability, None, self._relative(path, capability)))
 
     def check_read(self, path: str) -> Path:
         """The real path of `path` if it is under a `read` grant; else GateError/CapabilityDenied."""
-        return self._check(path, "fs_read", self.read_grants)
+        return sandbox.resolve(self.place(path))
 
     def check_write(self, path: str) -> Path:
         """The real path of `path` if it is under a `write` grant; else GateError/CapabilityDenied."""
-        return self._check(path, "fs_write", self.write_grants)
+        return sandbox.resolve(self.place(path, write=True))
 
     def readable(self, path: str) -> bool:
         """`check_read` as a yes/no answer."""
