@@ -52,6 +52,7 @@ from .bus import EventBus
 from .gate import PathGate, RateLimiter, TopicGate
 from .interceptors import InterceptorRunner
 from .kv import CallKV, CapsuleKV
+from .protected import ProtectedSource
 from .store import KVStore
 
 logger = logging.getLogger(__name__)
@@ -112,12 +113,14 @@ class Capsule:
         workspace: Path,
         rate: RateLimiter | None = None,
         interceptors: bool = True,
+        protected: ProtectedSource | None = None,
     ) -> Capsule:
         """The running version of `spec`. Raises ManifestError or InvalidModule, or StaleSpec
         when the module failed to load and its file changed since the loader read it.
 
         `interceptors=False` leaves interceptors off until `start_interceptors()` (the
         reconciler starts them when it swaps versions, so no event is handled twice).
+        `protected`: what the file airlocks never reach (the orchestrator's own files).
         """
         source = spec.source
         if source is None:
@@ -127,7 +130,7 @@ class Capsule:
         host = HostContext(
             capsule=spec.name,
             config=spec.config,
-            paths=PathGate(workspace=Path(workspace), read=caps.fs_read, write=caps.fs_write),
+            paths=PathGate(workspace=Path(workspace), read=caps.fs_read, write=caps.fs_write, protected=protected),
             publish=TopicGate(caps.ipc_publish),
             rate=rate or RateLimiter(),
             bus=bus,
@@ -183,6 +186,7 @@ class Capsule:
         instances: int = 1,
         rate: RateLimiter | None = None,
         interceptors: bool = True,
+        protected: ProtectedSource | None = None,
     ) -> Capsule:
         """Read one capsule folder outside any config.yaml and launch it (`orch capsule
         call`): the manifest's defaults overlaid with `config` and `limits`."""
@@ -190,7 +194,14 @@ class Capsule:
             load_folder, Path(folder), name=name, config=config, limits=limits, instances=instances
         )
         return await cls.launch(
-            spec, engine=engine, bus=bus, store=store, workspace=workspace, rate=rate, interceptors=interceptors
+            spec,
+            engine=engine,
+            bus=bus,
+            store=store,
+            workspace=workspace,
+            rate=rate,
+            interceptors=interceptors,
+            protected=protected,
         )
 
     # -- tools ---------------------------------------------------------------------------

@@ -12,17 +12,21 @@ from ..engine import WasmEngine
 from .bus import EventBus
 from .capsule import Capsule
 from .gate import RateLimiter
+from .protected import ProtectedSource
 from .store import KVStore
 
 
 class CapsuleLauncher:
     """Launches a spec as a running Capsule, interceptors off until the swap."""
 
-    def __init__(self, *, engine: WasmEngine, bus: EventBus, store: KVStore, workspace: Path) -> None:
+    def __init__(
+        self, *, engine: WasmEngine, bus: EventBus, store: KVStore, workspace: Path, protected: ProtectedSource
+    ) -> None:
         self._engine = engine
         self._bus = bus
         self._store = store
         self._workspace = workspace
+        self._protected = protected
 
     async def launch(self, spec: CapsuleSpec) -> Capsule:
         return await Capsule.launch(
@@ -33,6 +37,7 @@ class CapsuleLauncher:
             workspace=self._workspace,
             rate=publish_limiter(spec),
             interceptors=False,
+            protected=self._protected,
         )
 
 

@@ -154,6 +154,7 @@ def capsule_call(args: argparse.Namespace) -> int:
 
 async def _call_capsule_tool(args: argparse.Namespace, config: dict[str, str], arguments: object) -> bytes:
     from ..capsule import Capsule, EventBus, KVStore
+    from ..capsule.protected import ProtectedPaths
     from ..control.statedir import CACHE, KV_DATABASE, StateDir
     from ..engine import WasmEngine
 
@@ -168,8 +169,9 @@ async def _call_capsule_tool(args: argparse.Namespace, config: dict[str, str], a
     engine = WasmEngine(cache_dir=state_dir / CACHE)
     capsule = None
     try:
+        protected = ProtectedPaths.build(state_dir=state_dir, cache_dir=state_dir / CACHE, capsule_folders=[args.dir])
         capsule = await Capsule.load(
-            args.dir, engine=engine, bus=bus, store=store, workspace=args.workspace, config=config
+            args.dir, engine=engine, bus=bus, store=store, workspace=args.workspace, config=config, protected=protected
         )
         result = await capsule.call_tool(args.tool, arguments)
         return result.output

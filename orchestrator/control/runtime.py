@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..capsule import CapsuleLauncher, EventBus, KVStore
+from ..capsule.protected import ProtectedHolder, ProtectedPaths
 from ..desired import DesiredState, Plan, load_desired
 from ..engine import WasmEngine
 from ..errors import ConfigError
@@ -66,6 +67,7 @@ class Orchestrator:
         self._watcher: Watcher | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._changes = asyncio.Lock()
+        self.protected = ProtectedHolder()  # swapped on every desired state: gates read it per access
         self._first: DesiredState | None = None
         self.ready = False  # the first plan has been applied
         self.state: StateDir | None = None
@@ -96,8 +98,13 @@ class Orchestrator:
             self.state.close()
             raise
         self.engine = WasmEngine(cache_dir=state_dir / CACHE)
+        self.protected.current = await asyncio.to_thread(self._protected_paths, desired)
         launcher = CapsuleLauncher(
-            engine=self.engine, bus=self.bus, store=self.store, workspace=desired.config.workspace
+            engine=self.engine,
+            bus=self.bus,
+            store=self.store,
+            workspace=desired.config.workspace,
+            protected=self.protected,
         )
         self.reconciler = Reconciler(launcher=launcher, bus=self.bus)
         self._first = desired
@@ -155,6 +162,7 @@ class Orchestrator:
     async def _apply(self, desired: DesiredState) -> Plan:
         assert self.reconciler is not None
         self.desired = desired  # what is being applied: the API names its deployments from here on
+        self.protected.current = await asyncio.to_thread(self._protected_paths, desired)  # resolves paths
         plan = await self.reconciler.apply(desired.specs)
         self.last_plan = plan
         running = {name: spec.record() for name, spec in self.reconciler.actual().items()}
@@ -165,6 +173,27 @@ class Orchestrator:
         """Re-read every file now and apply (the control API's `POST /v1/reconcile`)."""
         async with self._changes:
             return await self._apply(await self.load(previous=self.desired))
+
+    def _protected_paths(self, desired: DesiredState) -> ProtectedPaths:
+        """What no capsule may reach through its file grants: this orchestrator's own files,
+        every capsule folder of the config (disabled ones too) and, for capsules with a
+        `[build]`, the folder above theirs (shared build scripts and SDKs live there)."""
+        config = desired.config
+        folders = [config.folder(name) for name in config.model.capsules]
+        built = [
+            folder.parent
+            for name, folder in zip(config.model.capsules, folders, strict=True)
+            if (manifest := desired.manifest(name)) is not None
+            and manifest.build is not None
+            and folder.parent != config.workspace
+        ]
+        return ProtectedPaths.build(
+            state_dir=config.state_dir,
+            cache_dir=config.state_dir / CACHE,
+            config_file=self.config_path,
+            capsule_folders=folders,
+            build_inputs=built,
+        )
 
     def _record_applied(self, desired: DesiredState, running: dict[str, Any]) -> None:
         """Write applied.json (on a worker thread: it reads the git revision and can be a
