@@ -80,6 +80,7 @@ FORMAT = 2
 MEMORY_ENTRIES = 256
 DEFAULT_MAX_BYTES = 1 << 30
 RECORD_LIMIT = 4 << 20  # a record holds the imports: a few KiB in practice
+UNLIMITED = ModuleLimits(max_module_bytes=2**62, max_functions=2**62, max_exports=2**62)
 
 WasmBytes = bytes | Callable[[], bytes]  # the wasm, or how to read it when it is needed
 
@@ -119,12 +120,20 @@ class CompiledModuleCache:
         return hashlib.sha256(material.encode()).hexdigest()[:40]
 
     def get(
-        self, wasm: WasmBytes, *, name: str = "module", digest: str | None = None, pin: bool = False
+        self,
+        wasm: WasmBytes,
+        *,
+        name: str = "module",
+        digest: str | None = None,
+        pin: bool = False,
+        limited: bool = True,
     ) -> CompiledModule:
         """The compiled module for `wasm` (binary or WAT text, or a function that reads it:
         called only when the module must be compiled). `digest` is the wasm's sha256 when
         the caller already has it (it is trusted, never recomputed). `pin`: keep its disk
-        artifact from eviction until `release(key)`. Raises InvalidModule."""
+        artifact from eviction until `release(key)`. `limited=False` skips the module
+        limits (for the engine's own kernel). Raises InvalidModule."""
+        limits = self.limits if limited else UNLIMITED
         data = None
         if digest is None:
             data = wasm() if callable(wasm) else wasm
@@ -139,11 +148,11 @@ class CompiledModuleCache:
             if pin:
                 self.pin(key)
             return compiled
-        compiled = self._load(key, digest, name) if self.directory is not None else None
+        compiled = self._load(key, digest, name, limits) if self.directory is not None else None
         if compiled is None:
             if data is None:
                 data = wasm() if callable(wasm) else wasm
-            module, counts = compile_module(self._engine, data, name=name, limits=self.limits)
+            module, counts = compile_module(self._engine, data, name=name, limits=limits)
             compiled = CompiledModule(key=key, module=module, imports=read_imports(module))
             self.stats["compiled"] += 1
             if pin:
@@ -177,7 +186,7 @@ class CompiledModuleCache:
         assert self.directory is not None
         return self.directory / f"{key}.cwasm", self.directory / f"{key}.json"
 
-    def _load(self, key: str, wasm_sha256: str, name: str) -> CompiledModule | None:
+    def _load(self, key: str, wasm_sha256: str, name: str, limits: ModuleLimits) -> CompiledModule | None:
         artifact, record_path = self.paths(key)
         try:
             raw = read_small(record_path, RECORD_LIMIT)
@@ -188,7 +197,7 @@ class CompiledModuleCache:
         record = self._check_record(raw, wasm_sha256)
         if isinstance(record, str):
             return self._reject(key, record)
-        self.limits.check(name, record.counts)  # the limits in force now, whoever compiled it
+        limits.check(name, record.counts)  # the limits in force now, whoever compiled it
         try:
             fd = open_artifact(artifact)
         except FileNotFoundError:

@@ -89,7 +89,8 @@ class WasmEngine:
             max_bytes=cache_max_bytes,
             limits=self.limits,
         )
-        kernel_module = self.cache.get(kernel_wasm(), name="kernel", pin=True).module  # pinned for good
+        # Our own kernel: pinned for good, and not subject to the limits set for plugins.
+        kernel_module = self.cache.get(kernel_wasm(), name="kernel", pin=True, limited=False).module
         linker = Linker(self.wasmtime)
         for name, params, results, callback in KERNEL_HOST_FUNCTIONS:
             ty = FuncType([_VAL[p] for p in params], [_VAL[r] for r in results])

@@ -220,14 +220,20 @@ class Instance:
             kinds[name] = returns_i32
         return _lowlevel.FastFunc(self.store, export, returns_i32=returns_i32)
 
-    def func(self, name: str) -> _lowlevel.FastFunc:
-        """The callable export `name` (looked up on first use). Raises UnknownFunction."""
+    def find(self, name: str) -> _lowlevel.FastFunc | None:
+        """The callable export `name` (looked up on first use, then kept), or None."""
         func = self.funcs.get(name)
+        if func is None and name != "_initialize":
+            func = self._lookup(name)
+            if func is not None:
+                self.funcs[name] = func
+        return func
+
+    def func(self, name: str) -> _lowlevel.FastFunc:
+        """The callable export `name`. Raises UnknownFunction (naming the exports)."""
+        func = self.funcs.get(name) or self.find(name)
         if func is None:
-            found = self._lookup(name) if name != "_initialize" else None
-            if found is None:
-                raise self._unknown(name)
-            self.funcs[name] = func = found
+            raise self._unknown(name)
         return func
 
     def _unknown(self, name: str) -> UnknownFunction:

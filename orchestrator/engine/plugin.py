@@ -27,7 +27,7 @@ from typing import Any
 
 import wasmtime
 
-from ..errors import CapsuleError, CapsuleTrap, InvalidModule, PluginClosed, UnknownFunction
+from ..errors import CapsuleError, CapsuleTrap, InvalidModule, PluginClosed
 from ..limits import Limits
 from . import _lowlevel
 from .hostcall import HostFunction, binder
@@ -168,10 +168,7 @@ class Plugin:
             return True
         instance = self._acquire()
         try:
-            instance.func(name)
-            return True
-        except UnknownFunction:
-            return False
+            return instance.find(name) is not None
         finally:
             self._release(instance)
 
