@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -391,7 +392,8 @@ def main() -> None:
     args = parser.parse_args()
     rounds = 3 if args.quick else args.rounds
     report = {
-        "wasmtime": wasmtime.__version__ if hasattr(wasmtime, "__version__") else "",
+        "wasmtime": version("wasmtime"),
+        "extism": version("extism"),
         "rounds": rounds,
         "calls": bench_calls(rounds, args.quick),
         "load": bench_load(rounds),

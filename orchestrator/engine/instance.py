@@ -158,7 +158,9 @@ class Instance:
             self._alloc: _lowlevel.FastCallI64 | None = None
             imports = [item(store) if callable(item) else item for item in plugin.link]
             self.instance = _lowlevel.instantiate(store, plugin.compiled.module, kernel, imports)
-            initialize = self._lookup("_initialize")
+            compiled = plugin.compiled
+            initialize = self._lookup("_initialize") if compiled.initialize is not False else None
+            compiled.initialize = initialize is not None
             if initialize is not None:
                 self.function = "_initialize"
                 initialize()

@@ -96,7 +96,7 @@ class CompiledModule:
     configuration (kept by orchestrator.engine.plugin).
     """
 
-    __slots__ = ("_exports", "_lock", "imports", "key", "kinds", "module", "plans")
+    __slots__ = ("_exports", "_lock", "imports", "initialize", "key", "kinds", "module", "plans")
 
     def __init__(self, *, key: str, module: wasmtime.Module, imports: tuple[Import, ...]) -> None:
         self.key = key
@@ -104,6 +104,7 @@ class CompiledModule:
         self.imports = imports
         self.kinds: dict[str, bool] = {}
         self.plans: dict[object, tuple[Any, ...]] = {}  # how imports link (orchestrator.engine.plugin)
+        self.initialize: bool | None = None  # exports `_initialize`? (None: not looked up yet)
         self._exports: tuple[str, ...] | None = None
         self._lock = threading.Lock()
 
