@@ -15,6 +15,7 @@ import wasmtime
 from orchestrator import errors
 from orchestrator.engine import WasmEngine
 from orchestrator.engine.output import LINE_LIMIT, LineLog
+from orchestrator.engine.plugin import MISSING_NAMES
 
 SHAPES = b"""(module
   (import "extism:host/env" "output_set" (func $output_set (param i64 i64)))
@@ -79,6 +80,24 @@ def test_has_function_answers_exactly_what_call_finds(engine: WasmEngine, name: 
                 plugin.call(name)
             assert caught.value.function == name
             assert "exported: status, nothing" in str(caught.value)
+
+
+def test_has_function_remembers_answers_and_then_never_waits(engine: WasmEngine) -> None:
+    """Once asked, a name is answered without an instance: even while every instance is busy."""
+    with engine.load(SHAPES, name="shapes") as plugin:
+        assert plugin.has_function("status") and not plugin.has_function("takes")
+        busy = plugin._acquire()  # the only instance, as during a long call
+        try:
+            assert plugin.has_function("status") and not plugin.has_function("takes")
+        finally:
+            plugin._release(busy)
+
+
+def test_has_function_remembers_a_bounded_number_of_absent_names(engine: WasmEngine) -> None:
+    with engine.load(SHAPES, name="shapes") as plugin:
+        for i in range(MISSING_NAMES + 100):
+            assert not plugin.has_function(f"nope{i}")
+        assert len(plugin.compiled.missing) == MISSING_NAMES
 
 
 def test_has_function_on_a_closed_plugin_raises(engine: WasmEngine) -> None:

@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 VARS_LIMIT = MIB  # total bytes of var keys and values per plugin
+MISSING_NAMES = 1024  # names has_function remembers as absent, per module
 ENV = "extism:host/env"
 
 _SLOT = object()  # in the idle queue: a free slot; whoever takes it builds a fresh instance
@@ -158,19 +159,24 @@ class Plugin:
         """Whether `call(name)` would find a function: `name` is an export of the module that
         is a function taking no arguments and returning an i32 or nothing, and is not
         `_initialize`. Answered by one lookup by name (never a walk of the exports) and
-        remembered for the module. Uses an idle instance for the lookup, so it waits while
-        every instance is busy, like a call. Raises PluginClosed on a closed plugin."""
+        remembered for the module (yes and no; no for up to MISSING_NAMES names), so asking
+        again is a dict lookup. The first lookup of a name uses an idle instance, so it waits
+        while every instance is busy, like a call. Raises PluginClosed on a closed plugin."""
         if self._closed:
             raise PluginClosed(f"plugin {self.name!r} is closed", plugin=self.name)
-        if name == "_initialize":
+        compiled = self.compiled
+        if name == "_initialize" or name in compiled.missing:
             return False
-        if name in self.compiled.kinds:
+        if name in compiled.kinds:
             return True
         instance = self._acquire()
         try:
-            return instance.find(name) is not None
+            found = instance.find(name) is not None
         finally:
             self._release(instance)
+        if not found and len(compiled.missing) < MISSING_NAMES:
+            compiled.missing.add(name)
+        return found
 
     # -- calling -------------------------------------------------------------------------
     def call(self, function: str, data: bytes | str = b"", *, context: Any = None) -> bytes:

@@ -96,13 +96,14 @@ class CompiledModule:
     configuration (kept by orchestrator.engine.plugin).
     """
 
-    __slots__ = ("_exports", "_lock", "imports", "initialize", "key", "kinds", "module", "plans")
+    __slots__ = ("_exports", "_lock", "imports", "initialize", "key", "kinds", "missing", "module", "plans")
 
     def __init__(self, *, key: str, module: wasmtime.Module, imports: tuple[Import, ...]) -> None:
         self.key = key
         self.module = module
         self.imports = imports
         self.kinds: dict[str, bool] = {}
+        self.missing: set[str] = set()  # names known not to be callable exports (bounded by the plugin)
         self.plans: dict[object, tuple[Any, ...]] = {}  # how imports link (orchestrator.engine.plugin)
         self.initialize: bool | None = None  # exports `_initialize`? (None: not looked up yet)
         self._exports: tuple[str, ...] | None = None
