@@ -232,3 +232,41 @@ def test_fast_call_i64_from_a_store_context() -> None:
     inc = wasmtime.Instance(store, module, []).exports(store)["inc"]
     assert isinstance(inc, wasmtime.Func)
     assert _lowlevel.FastCallI64(inc)(store._context(), 41) == 42
+
+
+def test_export_get_matches_exports_by_name() -> None:
+    store, instance = make()
+    exports = instance.exports(store)
+    for name in ("memory", "seven", "args"):
+        item = _lowlevel.export_get(store, instance, name)
+        assert type(item) is type(exports[name])
+    seven = _lowlevel.export_get(store, instance, "seven")
+    assert isinstance(seven, wasmtime.Func)
+    assert seven(store) == 7
+    for missing in ("nope", "", "\ud800", "seven\0"):
+        assert _lowlevel.export_get(store, instance, missing) is None
+
+
+def test_instantiate_takes_imports_from_a_linker() -> None:
+    engine = wasmtime.Engine()
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    store = wasmtime.Store(engine)
+    store.set_wasi(wasmtime.WasiConfig())
+    user = wasmtime.Module(
+        engine,
+        """(module
+             (import "wasi_snapshot_preview1" "random_get" (func $random (param i32 i32) (result i32)))
+             (memory (export "memory") 1)
+             (func (export "fill") (result i32) (call $random (i32.const 0) (i32.const 16))))""",
+    )
+    empty = wasmtime.Instance(store, wasmtime.Module(engine, "(module)"), [])
+    wasi = b"wasi_snapshot_preview1"
+    fast = _lowlevel.instantiate(store, user, empty, [_lowlevel.FromLinker(linker, wasi, b"random_get")])
+    public = wasmtime.Instance(store, user, [linker.get(store, wasi.decode(), "random_get")])
+    assert func(store, fast, "fill")(store) == func(store, public, "fill")(store) == 0
+    memory = fast.exports(store)["memory"]
+    assert isinstance(memory, wasmtime.Memory)
+    assert memory.read(store, 0, 16) != bytes(16)  # random bytes were written
+    with pytest.raises(wasmtime.WasmtimeError, match="defines no"):
+        _lowlevel.instantiate(store, user, empty, [_lowlevel.FromLinker(linker, wasi, b"no_such")])

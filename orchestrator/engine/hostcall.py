@@ -110,9 +110,9 @@ class HostCall:
 def binder(fn: HostFunction) -> Binder:
     """How to make `fn` a Func in a given store (one handler, shared by every store)."""
     handler = _host_handler(fn)
+    ty = FuncType([_VALTYPES[p]() for p in fn.params], [_VALTYPES[r]() for r in fn.results])  # copied per store
 
     def bind(store: Store) -> Func:
-        ty = FuncType([_VALTYPES[p]() for p in fn.params], [_VALTYPES[r]() for r in fn.results])
         return _lowlevel.host_func(store, ty, handler)
 
     return bind

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import wasmtime
@@ -38,10 +38,13 @@ from ..errors import (
 from ..limits import Limits
 from . import _lowlevel
 from .kernel import KernelMemory
+from .output import LineLog
+from .shape import CompiledModule, callable_kind
 
 MIB = 1024 * 1024
 TABLE_ELEMENTS = 1 << 20  # per table: 8 MiB of host memory at most
 WASI = "wasi_snapshot_preview1"
+SHOWN_EXPORTS = 50  # exports named in an UnknownFunction message
 
 _current = threading.local()  # .instance: the Instance whose guest code this thread runs
 
@@ -72,8 +75,9 @@ class EngineParts(Protocol):
 
 
 Binder = Callable[[Store], Func]
-# How each import is satisfied: ("kernel", name, export index) | ("host", name, Binder) | ("wasi", name, None)
-ImportPlan = Sequence[tuple[str, str, Any]]
+# How each import is satisfied, in order: a kernel export's index (int), a Binder (called
+# with the new store), or a _lowlevel.FromLinker (WASI).
+ImportPlan = tuple[Any, ...]
 
 
 class Owner(Protocol):
@@ -82,11 +86,8 @@ class Owner(Protocol):
     name: str
     limits: Limits
     engine: EngineParts
-    module: wasmtime.Module
-    imports: ImportPlan
-    callable: Mapping[str, tuple[int, bool]]
-    memory_export: int | None
-    initialize_export: int | None
+    compiled: CompiledModule
+    link: ImportPlan
     memory_limit: int
     deadline_ticks: int
     fuel_on: bool
@@ -95,7 +96,7 @@ class Owner(Protocol):
 
     @property
     def exports(self) -> tuple[str, ...]: ...
-    def wasi_config(self) -> wasmtime.WasiConfig: ...
+    def wasi_config(self) -> tuple[wasmtime.WasiConfig, tuple[LineLog, LineLog]]: ...
     def config_value(self, key: bytes) -> bytes | None: ...
     def var_get(self, key: bytes) -> bytes | None: ...
     def var_set(self, key: bytes, value: bytes | None) -> None: ...
@@ -116,6 +117,7 @@ class Instance:
         "instance",
         "kernel",
         "memory",
+        "output",
         "plugin",
         "store",
     )
@@ -127,7 +129,8 @@ class Instance:
         self.host_source = ""
         self.context: Any = None
         self.broken = False
-        self.funcs: dict[str, _lowlevel.FastFunc | None] = {}
+        self.funcs: dict[str, _lowlevel.FastFunc] = {}
+        self.output: tuple[LineLog, LineLog] | None = None
         engine = plugin.engine
         store = Store(engine.wasmtime)
         store.set_limits(
@@ -138,7 +141,8 @@ class Instance:
             memories=2,  # the kernel's and the plugin's own
         )
         if plugin.wasi:
-            store.set_wasi(plugin.wasi_config())
+            wasi, self.output = plugin.wasi_config()
+            store.set_wasi(wasi)
         self.store = store
         self.handle = _lowlevel.StoreHandle(store)
         self._arm()
@@ -152,23 +156,14 @@ class Instance:
             self.memory = KernelMemory(store, kernel_memory)
             self.kernel = kernel
             self._alloc: _lowlevel.FastCallI64 | None = None
-            imports: list[Any] = []
-            for kind, field, how in plugin.imports:
-                if kind == "kernel":
-                    imports.append(how)
-                elif kind == "host":
-                    imports.append(how(store))
-                else:
-                    imports.append(engine.wasi_linker.get(store, WASI, field))
-            self.instance = _lowlevel.instantiate(store, plugin.module, kernel, imports)
-            initialize = (
-                export_at(store, self.instance, plugin.initialize_export)
-                if plugin.initialize_export is not None
-                else None
-            )
-            if isinstance(initialize, Func):
+            imports = [item(store) if callable(item) else item for item in plugin.link]
+            self.instance = _lowlevel.instantiate(store, plugin.compiled.module, kernel, imports)
+            compiled = plugin.compiled
+            initialize = self._lookup("_initialize") if compiled.initialize is not False else None
+            compiled.initialize = initialize is not None
+            if initialize is not None:
                 self.function = "_initialize"
-                initialize(store)
+                initialize()
         except Trap as trap:
             raise self._trap_error(trap, self._fuel_used()) from None
         except WasmtimeError as error:
@@ -177,6 +172,7 @@ class Instance:
             raise InvalidModule(f"{plugin.name}: cannot instantiate the module: {error}") from None
         finally:
             _current.instance = previous
+            self.flush_output()
 
     def alloc(self, caller: wasmtime.Caller, size: int) -> int:
         """Allocate `size` bytes in the kernel memory from inside a (wasmtime-py) host function."""
@@ -200,31 +196,63 @@ class Instance:
         self.funcs.clear()
         self.store.close()
 
-    def _func(self, name: str) -> _lowlevel.FastFunc:
-        try:
-            func = self.funcs[name]
-        except KeyError:
-            func = None
-            found = self.plugin.callable.get(name)
-            if found is not None:
-                index, returns_i32 = found
-                export = _lowlevel.export_at(self.store, self.instance, index)
-                assert isinstance(export, Func)
-                func = _lowlevel.FastFunc(self.store, export, returns_i32=returns_i32)
-            self.funcs[name] = func
-        if func is None:
-            known = ", ".join(self.plugin.exports) or "none"
-            raise UnknownFunction(
-                f"plugin {self.plugin.name!r} has no function {name!r} "
-                f"(a callable export takes no arguments and returns an i32 or nothing; exported: {known})",
-                plugin=self.plugin.name,
-                function=name,
-            )
+    def flush_output(self) -> None:
+        """Log the partial WASI output lines left (after a call, or start-up)."""
+        if self.output is not None:
+            self.output[0].flush()
+            self.output[1].flush()
+
+    def _lookup(self, name: str) -> _lowlevel.FastFunc | None:
+        """Export `name` as a callable function, or None: one lookup by name; the function's
+        type is checked once per module (`CompiledModule.kinds`)."""
+        export = _lowlevel.export_get(self.store, self.instance, name)
+        if not isinstance(export, Func):
+            return None
+        kinds = self.plugin.compiled.kinds
+        returns_i32 = kinds.get(name)
+        if returns_i32 is None:
+            returns_i32 = callable_kind(export.type(self.store))
+            if returns_i32 is None:
+                if name == "_initialize":
+                    raise InvalidModule(
+                        f"{self.plugin.name}: the module exports _initialize with type "
+                        f"{export.type(self.store)}; it must take no arguments and return nothing"
+                    )
+                return None
+            kinds[name] = returns_i32
+        return _lowlevel.FastFunc(self.store, export, returns_i32=returns_i32)
+
+    def find(self, name: str) -> _lowlevel.FastFunc | None:
+        """The callable export `name` (looked up on first use, then kept), or None."""
+        func = self.funcs.get(name)
+        if func is None and name != "_initialize":
+            func = self._lookup(name)
+            if func is not None:
+                self.funcs[name] = func
         return func
+
+    def func(self, name: str) -> _lowlevel.FastFunc:
+        """The callable export `name`. Raises UnknownFunction (naming the exports)."""
+        func = self.funcs.get(name) or self.find(name)
+        if func is None:
+            raise self._unknown(name)
+        return func
+
+    def _unknown(self, name: str) -> UnknownFunction:
+        exports = self.plugin.exports
+        known = ", ".join(exports[:SHOWN_EXPORTS]) or "none"
+        if len(exports) > SHOWN_EXPORTS:
+            known += f", ... ({len(exports) - SHOWN_EXPORTS:,} more)"
+        return UnknownFunction(
+            f"plugin {self.plugin.name!r} has no function {name!r} "
+            f"(a callable export takes no arguments and returns an i32 or nothing; exported: {known})",
+            plugin=self.plugin.name,
+            function=name,
+        )
 
     def call(self, name: str, data: bytes, context: Any = None) -> tuple[bytes, int]:
         plugin = self.plugin
-        func = self._func(name)
+        func = self.func(name)
         memory = self.memory
         try:
             memory.begin_call(data)
@@ -249,6 +277,8 @@ class Instance:
         finally:
             _current.instance = previous
             self.context = None
+            if self.output is not None:
+                self.flush_output()
         fuel = self._fuel_used() if plugin.fuel_on else 0
         output_offset, output_length, error_offset = memory.result()
         if error_offset:
@@ -347,10 +377,9 @@ class Instance:
         return CapsuleTrap(f"{prefix} trapped: {detail}", trap_code=code_name, **where)
 
     def _memory_exhausted(self) -> bool:
-        index = self.plugin.memory_export
-        if index is None or not hasattr(self, "instance"):
+        if not hasattr(self, "instance"):
             return False
-        memory = _lowlevel.export_at(self.store, self.instance, index)
+        memory = _lowlevel.export_get(self.store, self.instance, "memory")
         if not isinstance(memory, wasmtime.Memory):
             return False
         size = _lowlevel.memory_size(self.store, memory)

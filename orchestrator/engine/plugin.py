@@ -7,6 +7,11 @@ threads are safe and use several cores when `instances > 1`. A call that traps d
 instance (its memory may be inconsistent); the next call builds a fresh one. Vars belong to
 the plugin, not an instance, so they survive traps and are shared by all of its instances.
 
+Exports are never listed on a load: each is looked up by name when first called
+(`has_function` asks the same question without calling); `exports`, the full list, is
+computed only when asked, once per module. While the plugin lives, its compiled artifact is
+pinned in the disk cache (never evicted); `close` releases it.
+
 Used through orchestrator.engine.WasmEngine.load.
 """
 
@@ -16,6 +21,7 @@ import logging
 import math
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,14 +29,17 @@ import wasmtime
 
 from ..errors import CapsuleError, CapsuleTrap, InvalidModule, PluginClosed
 from ..limits import Limits
+from . import _lowlevel
 from .hostcall import HostFunction, binder
 from .instance import WASI, EngineParts, Instance, running_instance
-from .shape import ModuleShape
+from .output import LineLog
+from .shape import CompiledModule
 
 logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 VARS_LIMIT = MIB  # total bytes of var keys and values per plugin
+MISSING_NAMES = 1024  # names has_function remembers as absent, per module
 ENV = "extism:host/env"
 
 _SLOT = object()  # in the idle queue: a free slot; whoever takes it builds a fresh instance
@@ -44,14 +53,14 @@ class Plugin:
         self,
         *,
         engine: EngineParts,
-        module: wasmtime.Module,
-        shape: ModuleShape,
+        compiled: CompiledModule,
         name: str,
         config: Mapping[str, str],
         limits: Limits,
         wasi: bool,
         host_functions: Sequence[HostFunction],
         instances: int,
+        release: Callable[[], None] | None = None,
     ) -> None:
         if instances < 1:
             raise ValueError(f"plugin {name!r}: instances must be at least 1, got {instances}")
@@ -59,7 +68,8 @@ class Plugin:
         self.limits = limits
         self.wasi = wasi
         self.engine = engine
-        self.module = module
+        self.compiled = compiled
+        self.module = compiled.module
         self.config: dict[str, str] = dict(config)
         self.log = logging.getLogger(f"orchestrator.plugin.{name}")
         self.last_fuel_used = 0
@@ -72,11 +82,7 @@ class Plugin:
         self.deadline_ticks = ticks_for(limits.timeout_ms, engine.tick_ms)
         self.memory_limit = limits.memory_mib * MIB
         host = {f.namespace + "::" + f.name: f for f in host_functions}
-        self.imports: Sequence[tuple[str, str, Any]] = self._plan_imports(shape, host)
-        self.callable: Mapping[str, tuple[int, bool]] = shape.callable
-        self.exports = shape.functions
-        self.memory_export = shape.memory_export
-        self.initialize_export = shape.initialize_export
+        self.link: tuple[Any, ...] = self._plan_imports(compiled, host)
         self._max_instances = instances
         self._created = 0
         self._closed = False
@@ -89,17 +95,34 @@ class Plugin:
             raise InvalidModule(f"{name}: the module failed to start: {error}") from error
         self._created = 1
         self._idle.put(first)
+        self._release_pin = weakref.finalize(self, release) if release is not None else None
 
     # -- loading -------------------------------------------------------------------------
-    def _plan_imports(self, shape: ModuleShape, host: dict[str, HostFunction]) -> list[tuple[str, str, Any]]:
-        """How to satisfy each import: ("kernel", name, index) | ("host", name, fn) | ("wasi", name, None)."""
+    def _plan_imports(self, compiled: CompiledModule, host: dict[str, HostFunction]) -> tuple[Any, ...]:
+        """How to satisfy each import, in order: a kernel export's index (int), a host
+        function's binder (called with each new store), or a `FromLinker` (WASI).
+
+        The resolution depends only on the module, `wasi` and the host functions'
+        signatures, so it is kept with the module (a template whose host entries are the
+        functions' keys) and a warm load only binds the host functions it imports."""
+        signature = (self.wasi, frozenset((k, f.params, f.results) for k, f in host.items()))
+        template = compiled.plans.get(signature)
+        if template is None:
+            template = self._resolve_imports(compiled, host)
+            compiled.plans[signature] = template
+        if not host:
+            return template
+        return tuple(binder(host[entry]) if type(entry) is str else entry for entry in template)
+
+    def _resolve_imports(self, compiled: CompiledModule, host: dict[str, HostFunction]) -> tuple[Any, ...]:
         kernel_exports = self.engine.kernel_exports
-        plan: list[tuple[str, str, Any]] = []
+        plan: list[Any] = []
         problems: list[str] = []
-        for imp in shape.imports:
+        wasi_linker = self.engine.wasi_linker if self.wasi else None
+        for imp in compiled.imports:
             mod, field = imp.module, imp.name
             if mod == ENV and field in kernel_exports and field != "memory":
-                plan.append(("kernel", field, kernel_exports[field]))
+                plan.append(kernel_exports[field])
             elif imp.key in host:
                 fn = host[imp.key]
                 if not imp.is_function or imp.params != fn.params or imp.results != fn.results:
@@ -107,9 +130,9 @@ class Plugin:
                         f"{mod}::{field} is imported as {imp.described} but the host function takes "
                         f"({', '.join(fn.params)}) -> ({', '.join(fn.results)})"
                     )
-                plan.append(("host", field, binder(fn)))
-            elif mod == WASI and self.wasi:
-                plan.append(("wasi", field, None))
+                plan.append(imp.key)
+            elif mod == WASI and wasi_linker is not None:
+                plan.append(_lowlevel.FromLinker(wasi_linker, WASI.encode(), field.encode()))
             elif mod == WASI:
                 problems.append(f"{mod}::{field} (a WASI import): load the plugin with wasi=True (--wasi)")
             else:
@@ -122,7 +145,38 @@ class Plugin:
                 + f". Provided in {ENV}: {offered}"
                 + (f"; host functions: {', '.join(sorted(host))}" if host else "")
             )
-        return plan
+        return tuple(plan)
+
+    # -- exports -------------------------------------------------------------------------
+    @property
+    def exports(self) -> tuple[str, ...]:
+        """Every callable export (`() -> i32` or `() -> ()`, not `_initialize`), in module
+        order. Computed on first use, once per module, by walking all exports (~20 us each):
+        meant for messages. To ask about one name, use `has_function`."""
+        return self.compiled.exports
+
+    def has_function(self, name: str) -> bool:
+        """Whether `call(name)` would find a function: `name` is an export of the module that
+        is a function taking no arguments and returning an i32 or nothing, and is not
+        `_initialize`. Answered by one lookup by name (never a walk of the exports) and
+        remembered for the module (yes and no; no for up to MISSING_NAMES names), so asking
+        again is a dict lookup. The first lookup of a name uses an idle instance, so it waits
+        while every instance is busy, like a call. Raises PluginClosed on a closed plugin."""
+        if self._closed:
+            raise PluginClosed(f"plugin {self.name!r} is closed", plugin=self.name)
+        compiled = self.compiled
+        if name == "_initialize" or name in compiled.missing:
+            return False
+        if name in compiled.kinds:
+            return True
+        instance = self._acquire()
+        try:
+            found = instance.find(name) is not None
+        finally:
+            self._release(instance)
+        if not found and len(compiled.missing) < MISSING_NAMES:
+            compiled.missing.add(name)
+        return found
 
     # -- calling -------------------------------------------------------------------------
     def call(self, function: str, data: bytes | str = b"", *, context: Any = None) -> bytes:
@@ -207,6 +261,8 @@ class Plugin:
             if isinstance(instance, Instance):
                 instance.close()
         self._idle.put(None)
+        if self._release_pin is not None:
+            self._release_pin()  # the artifact may be evicted from now on
 
     @property
     def closed(self) -> bool:
@@ -243,19 +299,16 @@ class Plugin:
     def config_value(self, key: bytes) -> bytes | None:
         return self._config_bytes.get(key)
 
-    def wasi_config(self) -> wasmtime.WasiConfig:
-        """WASI with nothing granted: no directories, no environment, stdout/stderr to the log."""
+    def wasi_config(self) -> tuple[wasmtime.WasiConfig, tuple[LineLog, LineLog]]:
+        """WASI with nothing granted: no directories, no environment, and stdout (at INFO)
+        and stderr (at WARNING) to the plugin's log, a line at a time. Returns the config
+        and the two line collectors, which the instance flushes after each call."""
         config = wasmtime.WasiConfig()
-        config.stdout_custom = self._log_stream(logging.INFO, "stdout")
-        config.stderr_custom = self._log_stream(logging.WARNING, "stderr")
-        return config
-
-    def _log_stream(self, level: int, stream: str) -> Callable[[bytes], None]:
-        def write(data: bytes) -> None:
-            for line in data.decode("utf-8", "replace").splitlines():
-                self.log.log(level, "%s: %s", stream, line)
-
-        return write
+        stdout = LineLog(self.log, logging.INFO, "stdout")
+        stderr = LineLog(self.log, logging.WARNING, "stderr")
+        config.stdout_custom = stdout.write
+        config.stderr_custom = stderr.write
+        return config, (stdout, stderr)
 
 
 def ticks_for(timeout_ms: int, tick_ms: float) -> int:
