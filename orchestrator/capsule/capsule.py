@@ -153,7 +153,7 @@ class Capsule:
                 raise StaleSpec(f"{source.wasm_path} changed while loading") from error
             raise
         try:
-            check_exports(manifest, plugin.exports, str(Path(spec.folder) / "Capsule.toml"))
+            check_exports(manifest, plugin, str(Path(spec.folder) / "Capsule.toml"))
         except ManifestError:
             plugin.close()
             raise
@@ -228,7 +228,7 @@ class Capsule:
         arguments = {} if arguments is None else arguments
         self.validate(tool, arguments)
         data = json.dumps(arguments, ensure_ascii=False, separators=(",", ":")).encode()
-        if tool in self.plugin.exports:
+        if self.plugin.has_function(tool):  # a dict lookup: launch asked about every tool
             export = tool
         else:
             export = TOOL_FALLBACK
@@ -298,11 +298,15 @@ class Capsule:
         self._executor.shutdown(wait=False)
 
 
-def check_exports(manifest: Manifest, exports: tuple[str, ...], manifest_file: str) -> None:
-    """Every tool has an export (or the astrid_tool_call fallback); every action has one."""
+def check_exports(manifest: Manifest, plugin: Plugin, manifest_file: str) -> None:
+    """Every tool has an export (or the astrid_tool_call fallback); every action has one.
+    Answered by name (`Plugin.has_function`): no walk of the module's exports unless a
+    problem must list them."""
     problems = []
+    fallback = plugin.has_function(TOOL_FALLBACK)
     for tool in manifest.tools:
-        if tool.name not in exports and TOOL_FALLBACK not in exports:
+        if not plugin.has_function(tool.name) and not fallback:
+            exports = plugin.exports
             problems.append(
                 Problem(
                     f"tool {tool.name!r} has no export of that name and the module has no "
@@ -312,7 +316,7 @@ def check_exports(manifest: Manifest, exports: tuple[str, ...], manifest_file: s
                 )
             )
     for interceptor in manifest.interceptors:
-        if interceptor.action not in exports:
+        if not plugin.has_function(interceptor.action):
             problems.append(
                 Problem(
                     f"interceptor action {interceptor.action!r} is not an export of the module",

@@ -101,8 +101,10 @@ def capsule_check(args: argparse.Namespace) -> int:
             plugin = engine.load(
                 wasm, digest=digest, name=manifest.package.name, wasi=True, host_functions=bind_airlocks()
             )
-            plugin.close()
-            check_exports(manifest, plugin.exports, manifest_file)
+            try:
+                check_exports(manifest, plugin, manifest_file)
+            finally:
+                plugin.close()
     except ManifestError as error:
         problems += [str(p) for p in error.problems]
     except InvalidModule as error:
@@ -155,8 +157,8 @@ def capsule_call(args: argparse.Namespace) -> int:
 async def _call_capsule_tool(args: argparse.Namespace, config: dict[str, str], arguments: object) -> bytes:
     from ..capsule import Capsule, EventBus, KVStore
     from ..capsule.protected import ProtectedPaths
-    from ..control.statedir import CACHE, KV_DATABASE, StateDir
-    from ..engine import WasmEngine
+    from ..control.statedir import CACHE, CACHE_KEY, KV_DATABASE, StateDir
+    from ..engine import WasmEngine, load_or_create_key
 
     lock = await asyncio.to_thread(StateDir.open, args.state_dir)  # never beside a running orchestrator
     state_dir = lock.path
@@ -166,7 +168,7 @@ async def _call_capsule_tool(args: argparse.Namespace, config: dict[str, str], a
         lock.close()
         raise
     bus = EventBus()
-    engine = WasmEngine(cache_dir=state_dir / CACHE)
+    engine = WasmEngine(cache_dir=state_dir / CACHE, cache_key=load_or_create_key(state_dir / CACHE_KEY))
     capsule = None
     try:
         protected = ProtectedPaths.build(state_dir=state_dir, cache_dir=state_dir / CACHE, capsule_folders=[args.dir])

@@ -29,12 +29,12 @@ from typing import Any
 from ..capsule import CapsuleLauncher, EventBus, KVStore
 from ..capsule.protected import ProtectedHolder, ProtectedPaths
 from ..desired import DesiredState, Plan, load_desired
-from ..engine import WasmEngine
+from ..engine import WasmEngine, load_or_create_key
 from ..errors import ConfigError
 from .builds import Builder
 from .gitrev import GitRevision
 from .reconciler import Reconciler
-from .statedir import CACHE, KV_DATABASE, StateDir, write_applied
+from .statedir import CACHE, CACHE_KEY, KV_DATABASE, StateDir, write_applied
 from .watcher import Watcher
 
 logger = logging.getLogger(__name__)
@@ -94,10 +94,19 @@ class Orchestrator:
         state_dir = self.state.path
         try:
             self.store = await KVStore.open(state_dir / KV_DATABASE)
+            key = await asyncio.to_thread(load_or_create_key, state_dir / CACHE_KEY)
         except BaseException:
+            if self.store is not None:
+                await self.store.close()
             self.state.close()
             raise
-        self.engine = WasmEngine(cache_dir=state_dir / CACHE)
+        settings = desired.config.model.engine  # read at start: a change takes effect on restart
+        self.engine = WasmEngine(
+            cache_dir=state_dir / CACHE,
+            cache_key=key,
+            cache_max_bytes=settings.cache_max_mib << 20,
+            max_module_bytes=settings.max_module_mib << 20,
+        )
         self.protected.current = await asyncio.to_thread(self._protected_paths, desired)
         launcher = CapsuleLauncher(
             engine=self.engine,

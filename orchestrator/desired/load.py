@@ -149,7 +149,7 @@ def load_spec(loaded: LoadedConfig, name: str, *, previous: CapsuleSource | None
     deployment = loaded.model.capsules[name]
     folder = loaded.folder(name)
     try:
-        source = read_capsule(folder, previous=previous)
+        source = read_capsule(folder, previous=previous, wasm_limit=loaded.model.engine.max_module_mib << 20)
     except ManifestError as error:
         if any(p.field == "component.file" for p in error.problems):  # point at the deployment too
             raise ConfigError(

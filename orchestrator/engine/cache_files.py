@@ -66,7 +66,7 @@ def load_or_create_key(path: Path) -> bytes:
             f"module cache key {path}: cannot create it ({error.strerror or error}); "
             f"make its folder writable by this user"
         ) from None
-    logger.info("module cache: created the cache key %s", path)
+    logger.debug("module cache: created the cache key %s", path)
     return _read_key(path)
 
 
