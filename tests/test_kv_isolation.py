@@ -11,13 +11,15 @@ concurrent callers count exactly N, with 1, 2 and 4 instances, each count is ans
 and each `counter.changed` event is published once; the same with API writes
 (`KVStore.set`) racing the calls. A call made to conflict (an API write lands between its
 read and its staging) runs again, reports both attempts' fuel, and its event reaches the
-milestones interceptor exactly once.
+milestones interceptor exactly once; one that always conflicts runs alone, then gives up
+having published nothing. A publish outside the grant still traps and is audited at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -27,11 +29,13 @@ from typing import Any
 import pytest
 
 from orchestrator.capsule import Capsule
+from orchestrator.capsule.airlocks import AUDIT_TOPIC
 from orchestrator.capsule.bus import EventBus
 from orchestrator.capsule.gate import RateLimiter
 from orchestrator.capsule.kv import CallKV
 from orchestrator.capsule.store import _LISTING, CONFLICT, Batch, KVConflict, KVStore, _stripe
 from orchestrator.engine import WasmEngine
+from orchestrator.errors import CapabilityDenied
 from tests.conftest import CAPSULES
 
 
@@ -316,4 +320,24 @@ async def test_a_call_that_keeps_conflicting_runs_alone_then_gives_up(
     assert counter.conflicts == MAX_ATTEMPTS and counter.errors == 1
     assert bus.history("counter.changed") == []  # no attempt published anything
     assert await store.get("counter", "count") == b"100"
+    await counter.close()
+
+
+async def test_a_publish_denial_still_traps_and_is_audited_at_once(
+    host: tuple[WasmEngine, EventBus, KVStore, Path], tmp_path: Path
+) -> None:
+    _, bus, store, _ = host
+    folder = tmp_path / "ungranted"
+    shutil.copytree(CAPSULES / "counter", folder, ignore=shutil.ignore_patterns("assembly"))
+    manifest = folder / "Capsule.toml"
+    manifest.write_text(manifest.read_text().replace('ipc_publish = ["counter.*"]', 'ipc_publish = ["other.*"]'))
+    engine, _, _, workspace = host
+    counter = await Capsule.load(folder, engine=engine, bus=bus, store=store, workspace=workspace)
+    with pytest.raises(CapabilityDenied, match=r"capability denied: ipc_publish counter\.changed"):
+        await counter.call_tool("increment", {})  # wrote count, then published outside its grant
+    assert [(e.payload["capability"], e.payload["target"]) for e in bus.history(AUDIT_TOPIC)] == [
+        ("ipc_publish", "counter.changed")
+    ]
+    assert bus.history("counter.>") == []
+    assert await store.get("counter", "count") is None  # the failed call's write was dropped
     await counter.close()
