@@ -201,21 +201,31 @@ class KVStore:
                     return CONFLICT
             batch = self._pending
             if writes:
-                for key, value in writes.items():
-                    self._stage(batch, (capsule, key), value)
+                self._stage(batch, capsule, writes)
             elif not (dirty and (batch.writes or self._inflight is not None)):
                 return None  # what it read is committed (a failure would have changed a stamp)
             if on_commit is not None:
                 batch.callbacks.append(on_commit)
             return batch
 
-    def _stage(self, batch: Batch, entry: Entry, value: bytes | None) -> None:
-        """Stage one write and bump the stamps it changes (lock held)."""
-        old = self._view(entry)
-        self._versions[_stripe(entry)] += 1
-        if old is _MISS or (old is None) != (value is None):  # the key set may change
-            self._versions[_stripe((entry[0], _LISTING))] += 1
-        batch.writes[entry] = value
+    def _stage(self, batch: Batch, capsule: str, writes: Mapping[str, bytes | None]) -> None:
+        """Stage writes and bump the stamps they change (lock held)."""
+        versions, staged, mask, miss = self._versions, batch.writes, STRIPES - 1, _MISS
+        inflight = self._inflight.writes if self._inflight is not None else {}
+        listing_changes = False
+        for key, value in writes.items():
+            entry = (capsule, key)
+            versions[hash(entry) & mask] += 1
+            if not listing_changes:  # unless the key's presence is known to stay the same
+                old = staged.get(entry, miss)
+                if old is miss:
+                    old = inflight.get(entry, miss)
+                    if old is miss:
+                        old = self._cache.get(entry, miss)
+                listing_changes = old is miss or (old is None) != (value is None)
+            staged[entry] = value
+        if listing_changes:
+            versions[_stripe((capsule, _LISTING))] += 1
 
     def _check_open(self) -> None:
         if self._closed:
@@ -308,14 +318,6 @@ class KVStore:
             self.stats["failed_commits"] += 1
 
     # -- reading -------------------------------------------------------------------------
-    def _view(self, entry: Entry) -> Any:
-        """The latest staged value (None = absent), or _MISS when only the DB knows (lock held)."""
-        if entry in self._pending.writes:
-            return self._pending.writes[entry]
-        if self._inflight is not None and entry in self._inflight.writes:
-            return self._inflight.writes[entry]
-        return self._cached(entry)
-
     def _cached(self, entry: Entry) -> Any:
         cache = self._cache
         if entry in cache:
