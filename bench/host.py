@@ -9,6 +9,10 @@
   same loop with a tool that writes nothing (the cost of the call path itself).
 - bus: events per second published to 1 and to 100 subscribers that never read (drop-oldest
   keeps publishers unblocked). Target: >= 200,000/s to 1 subscriber.
+- counter: the example counter capsule (`increment` reads `count`, adds one, writes it
+  back, publishes counter.changed) from 16 concurrent callers with `instances` 1, 2 and 4:
+  durable increments per second and KV conflicts (attempts run again) per call. The final
+  count must equal the increments acknowledged (`lost` must be 0).
 - host_call: the cost of one airlock call from the guest (`astrid_clock_ms`, the cheapest,
   and `astrid_kv_get` of a cached key), from a loop of 10,000 calls minus the same loop
   without them.
@@ -32,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from orchestrator.capsule import Capsule  # noqa: E402
 from orchestrator.capsule.bus import EventBus  # noqa: E402
+from orchestrator.capsule.gate import RateLimiter  # noqa: E402
 from orchestrator.capsule.store import KVStore  # noqa: E402
 from orchestrator.engine import WasmEngine  # noqa: E402
 
@@ -46,7 +51,7 @@ WAT = """
   (func $key (param $i i32) (result i64) (local $k i64)
     (local.set $k (call $alloc (i64.const 2)))
     (call $store_u8 (local.get $k) (i32.const 107))
-    (call $store_u8 (i64.add (local.get $k) (i64.const 1)) (local.get $i))
+    (call $store_u8 (i64.add (local.get $k) (i64.const 1)) (i32.add (local.get $i) (i32.const 1)))
     (local.get $k))
   (func (export "nothing") (result i32) (i32.const 0))
   (func (export "write1") (result i32)
@@ -54,7 +59,7 @@ WAT = """
   (func (export "write100") (result i32) (local $i i32) (local $k i64)
     (local.set $k (call $key (i32.const 0)))
     (loop $l
-      (call $store_u8 (i64.add (local.get $k) (i64.const 1)) (local.get $i))
+      (call $store_u8 (i64.add (local.get $k) (i64.const 1)) (i32.add (local.get $i) (i32.const 1)))
       (drop (call $kv_set (local.get $k) (call $input)))
       (local.set $i (i32.add (local.get $i) (i32.const 1)))
       (br_if $l (i32.lt_u (local.get $i) (i32.const 100))))
@@ -146,6 +151,8 @@ async def bench_capsule(rounds: int, quick: bool) -> dict[str, object]:
             base = await per_call_us(capsule, "loop")
             for tool, costs in host.items():
                 costs.append((await per_call_us(capsule, tool) - base) / 10_000)
+        if await store.get("bench", "k\x01") != b'{"v":1}':  # the key the write tools write first
+            raise SystemExit("bench: the write tools wrote nothing: the figures would be meaningless")
         commits = store.stats["commits"]
         rows = store.stats["rows_written"]
         await capsule.close()
@@ -169,6 +176,38 @@ async def bench_capsule(rounds: int, quick: bool) -> dict[str, object]:
     }
 
 
+async def bench_counter(rounds: int, quick: bool) -> dict[str, object]:
+    calls = 1600 if quick else 4800
+    result: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = await KVStore.open(Path(tmp) / "kv.sqlite3")
+        bus = EventBus()
+        engine = WasmEngine()
+        for instances in (1, 2, 4):
+            capsule = await Capsule.load(
+                ROOT / "capsules" / "counter",
+                engine=engine,
+                bus=bus,
+                store=store,
+                workspace=Path(tmp),
+                name=f"counter{instances}",
+                instances=instances,
+                rate=RateLimiter(messages_per_second=1e9, bytes_per_second=1e12),  # publishes unlimited
+            )
+            rates = [await throughput(capsule, "increment", calls, in_flight=16) for _ in range(rounds)]
+            count = int(await store.get(capsule.name, "count") or b"0")
+            result[f"instances_{instances}"] = {
+                "increments_per_s": round(statistics.median(rates)),
+                "conflicts_per_call": round(capsule.conflicts / capsule.calls, 3),
+                "lost": capsule.calls - count,
+            }
+            await capsule.close()
+        await store.close()
+        engine.close()
+        bus.close()
+    return result
+
+
 def bench_bus(rounds: int, quick: bool) -> dict[str, object]:
     events = 50_000 if quick else 200_000
     result: dict[str, object] = {}
@@ -186,7 +225,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer iterations (smoke run)")
     args = parser.parse_args()
     rounds = 2 if args.quick else args.rounds
-    report = {"rounds": rounds, **asyncio.run(bench_capsule(rounds, args.quick)), "bus": bench_bus(rounds, args.quick)}
+    report = {
+        "rounds": rounds,
+        **asyncio.run(bench_capsule(rounds, args.quick)),
+        "counter": asyncio.run(bench_counter(rounds, args.quick)),
+        "bus": bench_bus(rounds, args.quick),
+    }
     print(json.dumps(report, indent=2))
 
 

@@ -1,4 +1,6 @@
-"""The KV store: scoping, staging and group commit, reads from worker threads, and
+"""The KV store: scoping, staging and group commit, reads from worker threads (the latest
+staged view) and from outside calls (committed data only), private files, a directory in
+place of the database refused without leaking a thread, and
 durability against SIGKILL in a separate process."""
 
 from __future__ import annotations
@@ -6,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -57,16 +61,25 @@ async def test_prefix_is_literal_not_a_pattern(store: KVStore) -> None:
     assert await store.list_keys("a", "é/") == ["é/1", "é/2"]
 
 
-async def test_staged_writes_are_visible_before_commit(store: KVStore) -> None:
+async def test_staged_writes_are_visible_to_calls_and_committed_data_to_readers(store: KVStore) -> None:
+    await store.set("a", "gone", b"committed")
     store.stage_set("a", "k", b"staged")
-    store.stage_set("a", "gone", b"x")
     store.stage_delete("a", "gone")
+    loop = asyncio.get_running_loop()
+    # a call (on a worker thread) reads the latest staged view, flagged as uncommitted
+    assert (await loop.run_in_executor(None, store.read_from_thread, "a", "k"))[2:] == (b"staged", True)
+    assert await loop.run_in_executor(None, store.get_from_thread, "a", "gone") is None
+    assert await loop.run_in_executor(None, store.list_keys_from_thread, "a", "") == ["k"]
+    # readers outside calls (the control API) see committed data only
+    assert await store.get("a", "k") is None
+    assert await store.get("a", "gone") == b"committed"
+    assert await store.list_keys("a") == ["gone"]
+    commits = store.stats["commits"]
+    await store.commit()
+    assert store.stats["commits"] == commits + 1
     assert await store.get("a", "k") == b"staged"
     assert await store.get("a", "gone") is None
     assert await store.list_keys("a") == ["k"]
-    assert store.stats["commits"] == 0
-    await store.commit()
-    assert store.stats["commits"] == 1
 
 
 async def test_concurrent_commits_are_shared(store: KVStore) -> None:
@@ -104,6 +117,18 @@ async def test_database_is_wal_with_normal_sync(store: KVStore, tmp_path: Path) 
     assert (tmp_path / "kv.sqlite3-wal").exists()
 
 
+async def test_database_and_its_wal_and_shm_are_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)  # a umask that would leave them world-readable
+    try:
+        store = await KVStore.open(tmp_path / "state" / "kv.sqlite3")
+        await store.set("a", "k", b"v")
+        for name in ("kv.sqlite3", "kv.sqlite3-wal", "kv.sqlite3-shm"):
+            assert stat.S_IMODE((tmp_path / "state" / name).stat().st_mode) == 0o600, name
+        await store.close()
+    finally:
+        os.umask(old)
+
+
 async def test_reads_from_worker_threads(store: KVStore) -> None:
     await store.set("a", "k", b"v")
     loop = asyncio.get_running_loop()
@@ -123,10 +148,15 @@ async def test_cached_reads_skip_the_database(store: KVStore) -> None:
     assert store.stats["db_reads"] == reads + 1  # "nothing" once, then cached as absent
 
 
-async def test_unopenable_database_is_a_store_error(tmp_path: Path) -> None:
-    (tmp_path / "dir.sqlite3").mkdir()
-    with pytest.raises(StoreError, match="cannot open the KV database"):
-        await KVStore.open(tmp_path / "dir.sqlite3")
+async def test_a_directory_in_place_of_the_database_is_one_clear_line(tmp_path: Path) -> None:
+    (tmp_path / "kv.sqlite3").mkdir()
+    with pytest.raises(StoreError) as caught:
+        await KVStore.open(tmp_path / "kv.sqlite3")
+    assert str(caught.value) == (
+        f"{tmp_path / 'kv.sqlite3'} is a directory, not the KV database: move it aside (the store then starts empty)"
+    )
+    # no aiosqlite connection thread left running past the failure (or the test's loop)
+    assert [t for t in threading.enumerate() if "connection_worker" in t.name] == []
 
 
 async def test_closed_store_refuses_writes(tmp_path: Path) -> None:

@@ -85,11 +85,17 @@ class HostContext:
 
 @dataclass
 class CallState:
-    """One call's view: the capsule's context plus what this call did (for the commit)."""
+    """One call's view: the capsule's context plus what this call did (for the commit).
+
+    `outbox`, when given, buffers the call's publishes as (topic, payload): the capsule
+    layer publishes them, in order, only once the call succeeded and its KV writes
+    committed (a failed or conflicted attempt publishes nothing). Without it, a publish
+    goes to the bus at once."""
 
     host: HostContext
     function: str = ""
     kv: KVAccess | None = None  # this call's own view of the KV (its writes kept until it ends)
+    outbox: list[tuple[str, Any]] | None = None
 
 
 def ok(payload: bytes = b"") -> bytes:
@@ -213,7 +219,10 @@ def astrid_ipc_publish(call: CallState, topic: bytes, payload: bytes) -> bytes:
         host.rate.check(len(payload))
     except GateError as error:
         return err(str(error))
-    host.bus.publish(name, value, source=host.capsule)
+    if call.outbox is not None:
+        call.outbox.append((name, value))  # checked and counted now, published after the commit
+    else:
+        host.bus.publish(name, value, source=host.capsule)
     return ok()
 
 

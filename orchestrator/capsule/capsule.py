@@ -12,7 +12,13 @@ caught mid-write: that is `StaleSpec`, and the next change event retries.
 Calling a tool validates the arguments against the tool's `input_schema` first (a bad input
 is a `ToolInputError` naming the field; the guest never runs), runs the export on one of
 the capsule's worker threads (`instances` of them, so N calls use N cores), then commits
-the call's KV writes before returning: an acknowledged result means durable writes.
+the call's KV writes before returning: an acknowledged result means durable writes. KV
+isolation is serializable and optimistic (see orchestrator.capsule.store): when a key an
+attempt read changed before its writes were staged, the attempt is dropped and the call
+runs again, up to OPTIMISTIC_ATTEMPTS beside the capsule's other calls, then alone (no other
+attempt of this capsule beside it), MAX_ATTEMPTS in all. A call's bus events wait in its
+outbox and are published, in order, only once its writes are committed: a failed or
+conflicted attempt publishes nothing. `fuel_used` is the sum over the call's attempts.
 
 Used by the launcher (the reconciler's) and the CLI (`orch capsule call`, through `load`).
 """
@@ -26,6 +32,7 @@ import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +58,25 @@ from .binding import bind_airlocks
 from .bus import EventBus
 from .gate import PathGate, RateLimiter, TopicGate
 from .interceptors import InterceptorRunner
-from .kv import CallKV, CapsuleKV
+from .kv import CallGate, CallKV, CapsuleKV
 from .protected import ProtectedSource
-from .store import KVStore
+from .store import CONFLICT, Batch, KVConflict, KVStore, Staged
 
 logger = logging.getLogger(__name__)
 
 TOOL_FALLBACK = "astrid_tool_call"
 
 
+OPTIMISTIC_ATTEMPTS = 3  # attempts side by side with the capsule's other calls; then solo
+MAX_ATTEMPTS = 8
+
+
 @dataclass(frozen=True)
 class ToolResult:
     output: bytes
-    fuel_used: int
+    fuel_used: int  # summed over the call's attempts
     seconds: float
+    attempts: int = 1  # more than 1 when a KV conflict made the call run again
 
 
 class Capsule:
@@ -100,6 +112,8 @@ class Capsule:
         self.errors = 0
         self.fuel_total = 0
         self.fuel_last = 0
+        self.conflicts = 0  # attempts run again because their KV reads changed
+        self._gate = CallGate()
 
     # -- launching -----------------------------------------------------------------------
     @classmethod
@@ -236,29 +250,75 @@ class Capsule:
         return await self._run(export, data)
 
     async def _run(self, export: str, data: bytes) -> ToolResult:
-        kv = CallKV(self._store, self.name) if self._store is not None else None
-        state = CallState(self.host, function=export, kv=kv)
-        loop = asyncio.get_running_loop()
+        """Run `export` until an attempt's KV reads validate, commit its writes, then publish
+        its events. Fuel: the sum over the call's attempts (each attempt has the full budget)."""
         started = time.perf_counter()
         self.calls += 1
-
-        def run() -> tuple[bytes, int, int]:
-            output, fuel = self.plugin.call_metered(export, data, context=state)
-            # Stage the call's writes on its worker thread, before that thread takes the next
-            # call: the next call then reads them (staged writes are visible), so calls queued
-            # on one instance never lose each other's updates.
-            return output, fuel, kv.stage() if kv is not None else 0
-
+        fuel = 0
         try:
-            output, fuel, seq = await loop.run_in_executor(self._executor, run)
-        except CapsuleError:
-            self.errors += 1  # its KV writes were never staged: dropped with `kv`
+            for attempt in range(1, MAX_ATTEMPTS + 1):
+                output, used, staged, outbox = await self._attempt(export, data, solo=attempt > OPTIMISTIC_ATTEMPTS)
+                fuel += used
+                if staged is CONFLICT:
+                    self.conflicts += 1
+                    continue
+                if isinstance(staged, Batch):
+                    await self._commit(staged)  # its events are published by the commit
+                elif outbox:
+                    self._publish(outbox)
+                break
+            else:
+                raise KVConflict(
+                    f"capsule {self.name!r}: {export} was not applied: the KV keys it read changed under it "
+                    f"{MAX_ATTEMPTS} times, {MAX_ATTEMPTS - OPTIMISTIC_ATTEMPTS} of them while it ran alone "
+                    "(something outside the capsule writes them constantly); try again"
+                )
+        except CapsuleError as error:
+            self.errors += 1
+            error.fuel_used += fuel  # the attempts before the one that failed
             raise
-        if seq and self._store is not None:
-            await self._store.commit(seq)
+        except OrchestratorError:
+            self.errors += 1
+            raise
         self.fuel_total += fuel
         self.fuel_last = fuel
-        return ToolResult(output, fuel, time.perf_counter() - started)
+        return ToolResult(output, fuel, time.perf_counter() - started, attempt)
+
+    async def _attempt(
+        self, export: str, data: bytes, *, solo: bool
+    ) -> tuple[bytes, int, Staged, list[tuple[str, Any]]]:
+        """One run on a worker thread, its KV validated and staged there: (output, fuel,
+        staged: CONFLICT, a ticket or None, outbox)."""
+        gate = self._gate
+        if solo:
+            await gate.enter_solo()
+        else:
+            await gate.enter_shared()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._attempt_here, export, data)
+        finally:
+            if solo:
+                gate.leave_solo()
+            else:
+                gate.leave_shared()
+
+    def _attempt_here(self, export: str, data: bytes) -> tuple[bytes, int, Staged, list[tuple[str, Any]]]:
+        kv = CallKV(self._store, self.name) if self._store is not None else None
+        outbox: list[tuple[str, Any]] = []
+        state = CallState(self.host, function=export, kv=kv, outbox=outbox)
+        output, fuel = self.plugin.call_metered(export, data, context=state)
+        # Validate and stage on the worker thread, before it takes the next call: a call
+        # queued on this instance then reads these writes instead of conflicting with them.
+        staged = kv.finish(partial(self._publish, outbox) if outbox else None) if kv is not None else None
+        return output, fuel, staged, outbox
+
+    async def _commit(self, ticket: Batch) -> None:
+        assert self._store is not None
+        await self._store.commit(ticket)
+
+    def _publish(self, outbox: list[tuple[str, Any]]) -> None:
+        for topic, payload in outbox:
+            self.host.bus.publish(topic, payload, source=self.name)
 
     async def _run_interceptor(self, action: str, event: bytes) -> ToolResult:
         return await self._run(action, event)

@@ -1,16 +1,27 @@
-"""A capsule's view of the KV store from its worker threads: per call, and per capsule.
+"""A capsule's view of the KV store from its worker threads, per call and per capsule, and
+the gate that lets a call that keeps conflicting run alone.
 
-`CallKV` is one tool call's view: its writes wait in a buffer, readable by the call itself,
-and reach the store only if the call succeeds (`stage`, then a commit); a failed call's
+`CallKV` is one tool call's view: its writes wait in a buffer, readable by the call itself;
+every read it makes of the store records a version stamp (see orchestrator.capsule.store
+for the isolation contract). `finish()` hands reads and writes to the store, which
+validates the stamps and stages the writes in one step, or reports a conflict (nothing
+staged: the capsule layer runs the call again). A failed call never reaches `finish`: its
 writes are dropped, so a client may retry a failed call without doubling its effect.
-`CapsuleKV` is the capsule's slice of the store without a call (staged at once).
+`CapsuleKV` is the capsule's slice of the store without a call (writes staged at once).
+
+`CallGate` admits a capsule's attempts: optimistic ones side by side, and a *solo* one
+(after a few conflicts) with no other attempt of the capsule beside it, so a call that
+keeps losing to its neighbours still makes progress.
 
 Used by orchestrator.capsule.capsule (which hands a CallKV to each call's airlocks).
 """
 
 from __future__ import annotations
 
-from .store import KVStore
+import asyncio
+from collections.abc import Callable
+
+from .store import KVStore, Staged
 
 
 class CallKV:
@@ -20,11 +31,15 @@ class CallKV:
         self._store = store
         self._capsule = capsule
         self.writes: dict[str, bytes | None] = {}
+        self.reads: dict[int, int] = {}  # stripe -> the first version this call saw
+        self.dirty = False  # read staged data not yet committed
 
     def get(self, key: str) -> bytes | None:
         if key in self.writes:
             return self.writes[key]
-        return self._store.get_from_thread(self._capsule, key)
+        stripe, version, value, dirty = self._store.read_from_thread(self._capsule, key)
+        self._saw(stripe, version, dirty)
+        return value  # type: ignore[no-any-return]
 
     def set(self, key: str, value: bytes) -> None:
         self.writes[key] = value
@@ -33,7 +48,9 @@ class CallKV:
         self.writes[key] = None
 
     def keys(self, prefix: str) -> list[str]:
-        keys = set(self._store.list_keys_from_thread(self._capsule, prefix))
+        stripe, version, listed, dirty = self._store.list_from_thread(self._capsule, prefix)
+        self._saw(stripe, version, dirty)
+        keys = set(listed)
         for key, value in self.writes.items():
             if key.startswith(prefix):
                 if value is None:
@@ -42,17 +59,16 @@ class CallKV:
                     keys.add(key)
         return sorted(keys)
 
-    def stage(self) -> int:
-        """Hand the buffered writes to the store (visible to every reader from now on);
-        returns the sequence number to commit, 0 when there were none."""
-        seq = 0
-        for key, value in self.writes.items():
-            if value is None:
-                seq = self._store.stage_delete(self._capsule, key)
-            else:
-                seq = self._store.stage_set(self._capsule, key, value)
-        self.writes = {}
-        return seq
+    def _saw(self, stripe: int, version: int, dirty: bool) -> None:
+        self.reads.setdefault(stripe, version)  # a later, newer stamp must not hide a change
+        self.dirty = self.dirty or dirty
+
+    def finish(self, on_commit: Callable[[], None] | None = None) -> Staged:
+        """Validate and stage (see `KVStore.stage_call`): CONFLICT, a ticket to commit, or
+        None when there is nothing to wait for."""
+        return self._store.stage_call(
+            self._capsule, reads=self.reads, writes=self.writes, dirty=self.dirty, on_commit=on_commit
+        )
 
 
 class CapsuleKV:
@@ -73,3 +89,51 @@ class CapsuleKV:
 
     def keys(self, prefix: str) -> list[str]:
         return self._store.list_keys_from_thread(self._capsule, prefix)
+
+
+class CallGate:
+    """Shared attempts run side by side; a solo attempt waits until none runs, and shared
+    attempts wait while a solo one waits or runs. Event-loop only."""
+
+    def __init__(self) -> None:
+        self._shared = 0
+        self._solo_waiting = 0
+        self._solo_lock = asyncio.Lock()
+        self._open = asyncio.Event()
+        self._open.set()
+        self._drained: asyncio.Future[None] | None = None
+
+    async def enter_shared(self) -> None:
+        while self._solo_waiting:
+            await self._open.wait()
+        self._shared += 1
+
+    def leave_shared(self) -> None:
+        self._shared -= 1
+        if self._shared == 0 and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    async def enter_solo(self) -> None:
+        self._solo_waiting += 1
+        self._open.clear()
+        try:
+            await self._solo_lock.acquire()
+            try:
+                while self._shared:
+                    self._drained = asyncio.get_running_loop().create_future()
+                    await self._drained
+            except BaseException:
+                self._solo_lock.release()
+                raise
+        except BaseException:
+            self._leave_solo_waiting()
+            raise
+
+    def leave_solo(self) -> None:
+        self._solo_lock.release()
+        self._leave_solo_waiting()
+
+    def _leave_solo_waiting(self) -> None:
+        self._solo_waiting -= 1
+        if not self._solo_waiting:
+            self._open.set()

@@ -2,53 +2,106 @@
 
 Keys are scoped per capsule (the capsule's name is part of the primary key), so one capsule
 never sees another's. The database runs in WAL mode with `synchronous=NORMAL`: a committed
-write survives the process being killed (SIGKILL), which is what "durable" means here.
+write survives the process being killed (SIGKILL), which is what "durable" means here. Each
+value carries a CRC-32, checked on every read from the database: a damaged value is an
+error, never served. Opening checks the file (`PRAGMA quick_check`) and refuses a corrupt,
+read-only or misplaced database with one line that names the file and what to do (see
+orchestrator.capsule.kvfile; `check_database`, re-exported here, is `orch validate`'s
+read-only check).
 
 Writes are *staged* and committed in groups. Host functions run on wasm worker threads and
-stage their writes without waiting (`stage_set`, `stage_delete`: a dict update under a
-lock); the capsule layer then awaits `commit(seq)` before it returns the tool call's
-result, so an acknowledged write is on disk. Concurrent calls share one commit: while a
-commit runs, the next batch gathers, and one transaction writes it. Reads see staged and
-in-flight writes first, then an LRU cache of committed values (absent keys included), then
-the database; a worker thread that misses everything hops to the event loop for the query.
+stage their writes without waiting (a dict update under a lock); the capsule layer then
+awaits `commit(ticket)` before it returns the tool call's result, so an acknowledged write
+is on disk. Concurrent calls share one commit: while a commit runs, the next batch gathers,
+and one transaction writes it. A commit that fails is rolled back, and it fails the batch in
+flight *and every batch staged after it* (whose calls may have read the failed writes):
+their writes are dropped from every view, their calls fail, and nothing of them is ever
+committed later.
 
-The only module that imports aiosqlite. Used by orchestrator.capsule (through
-`CapsuleKV`), the CLI and, later, the control API.
+Isolation (the KV contract for tool calls): **serializable, optimistic**. A call reads the
+latest staged view (its own writes first, then staged, in-flight, cached, committed) and
+records, for each read, a version stamp taken *before* the value; a key listing records its
+capsule's listing stamp. Stamps live in a fixed table of hash stripes (bounded memory; two
+keys sharing a stripe only cost a needless retry). `stage_call` validates every stamp and
+stages the writes in one step under the store's lock: if anything the call read changed, it
+stages nothing and reports a conflict, and the capsule layer runs the call again. The
+staging order is a serial order of the calls. A call that read staged but uncommitted data
+waits for that data's commit before it replies, and fails (or, not yet staged, conflicts)
+if that commit fails. Readers outside calls (`get`, `list_keys`: the control API, the CLI)
+see committed data only; their writes (`set`, `delete`) are blind and bump the stamps too.
+
+The only module that imports aiosqlite. Used by orchestrator.capsule (through `CallKV` and
+`CapsuleKV`), the control runtime, the control API and the CLI.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import threading
-from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
 from ..errors import OrchestratorError
+from .kvfile import RECOVER, check_database, crc, prepare_database
 
 logger = logging.getLogger(__name__)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS kv (
-    capsule TEXT NOT NULL,
-    key     TEXT NOT NULL,
-    value   BLOB NOT NULL,
-    PRIMARY KEY (capsule, key)
-) WITHOUT ROWID
-"""
-_ABSENT = None  # a cached "no such key"
+UPSERT = (
+    "INSERT INTO kv (capsule, key, value, crc) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (capsule, key) DO UPDATE SET value = excluded.value, crc = excluded.crc"
+)
 _MISS = object()  # not known without asking the database
 CACHE_BYTES = 64 << 20
 THREAD_WAIT_SECONDS = 30.0
+STRIPES = 4096  # version stamps: a power of two
+_LISTING = "\x00listing"  # the stripe key of a capsule's key listing (no real key has a NUL)
+
+__all__ = ["CONFLICT", "Batch", "Conflict", "KVConflict", "KVStore", "Staged", "StoreError", "check_database"]
 
 Entry = tuple[str, str]  # (capsule, key)
+Read = tuple[int, int, Any, bool]  # (stripe, version before the read, value, from staged data)
 
 
 class StoreError(OrchestratorError):
     """The database could not be opened, read or written (the message says which and why)."""
+
+
+class KVConflict(StoreError):
+    """A call's KV reads kept changing under it, even when run alone; it was not applied."""
+
+
+class Batch:
+    """Writes staged together and committed in one transaction; a call's commit ticket.
+
+    `done` once its transaction committed or failed (`error`). `callbacks` run after a
+    successful commit, in staging order (the calls' bus events)."""
+
+    __slots__ = ("callbacks", "done", "error", "writes")
+
+    def __init__(self) -> None:
+        self.writes: dict[Entry, bytes | None] = {}
+        self.callbacks: list[Callable[[], None]] = []
+        self.done = False
+        self.error: str | None = None
+
+
+class Conflict:
+    """`stage_call`'s answer when something the call read has changed: nothing was staged."""
+
+    __slots__ = ()
+
+
+CONFLICT = Conflict()
+Staged = Batch | Conflict | None  # a ticket to commit, a conflict, or nothing to wait for
+
+
+def _stripe(entry: Entry) -> int:
+    return hash(entry) & (STRIPES - 1)
 
 
 class KVStore:
@@ -59,127 +112,218 @@ class KVStore:
         self._db = db
         self._loop = loop
         self._loop_thread = threading.get_ident()  # created on the loop's thread (see open)
-        self._lock = threading.Lock()
-        self._pending: dict[Entry, bytes | None] = {}  # staged, not yet being written
-        self._inflight: dict[Entry, bytes | None] = {}  # being written by the running commit
-        self._cache: OrderedDict[Entry, bytes | None] = OrderedDict()
+        self._lock = threading.Lock()  # staging, versions and views; never held across an await
+        self._db_lock = asyncio.Lock()  # a transaction and the reads that must not see it
+        self._versions = [0] * STRIPES
+        self._pending = Batch()  # staged, not yet being written
+        self._inflight: Batch | None = None  # being written by the running commit
+        self._cache: dict[Entry, bytes | None] = {}  # committed values (None: absent), LRU order
         self._cache_bytes = 0
-        self._staged_seq = 0
-        self._committed_seq = 0
-        self._committing: asyncio.Future[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
         self._closed = False
-        self.stats = {"commits": 0, "rows_written": 0, "db_reads": 0}
+        self._broken = ""  # set when a failed transaction could not be rolled back
+        self.stats = {"commits": 0, "rows_written": 0, "db_reads": 0, "conflicts": 0, "failed_commits": 0}
 
     @classmethod
-    async def open(cls, path: Path) -> KVStore:
-        """Open (creating if needed) the database at `path`."""
+    async def open(cls, path: Path, *, busy_timeout_ms: int = 5000) -> KVStore:
+        """Open (creating if needed, private to this user) the database at `path`, after
+        checking it; StoreError with one line naming the file and what to do otherwise."""
         path = Path(path)
-        db: aiosqlite.Connection | None = None
+        problem = await asyncio.to_thread(prepare_database, path)
+        if problem is not None:
+            raise StoreError(problem)
+        connection = aiosqlite.connect(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(path)
-            await db.execute("PRAGMA journal_mode=WAL")
+            db = await connection
+        except (sqlite3.Error, OSError) as error:
+            await _join_worker(connection)
+            raise StoreError(f"cannot open the KV database {path}: {error}") from None
+        try:
             await db.execute("PRAGMA synchronous=NORMAL")
-            await db.execute("PRAGMA busy_timeout=5000")
-            await db.execute(SCHEMA)
-            await db.commit()
-        except (OSError, aiosqlite.Error) as error:
-            if db is not None:
-                await db.close()
+            await db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        except sqlite3.Error as error:
+            await db.close()
             raise StoreError(f"cannot open the KV database {path}: {error}") from None
         return cls(db, path, asyncio.get_running_loop())
 
     async def close(self) -> None:
-        """Commit what is staged, then close the connection."""
+        """Refuse new writes, commit what is staged, then close the connection."""
         if self._closed:
             return
-        await self.commit()
-        self._closed = True
-        await self._db.close()
+        with self._lock:
+            self._closed = True
+        try:
+            await self.commit()
+        finally:
+            await self._db.close()
+
+    @property
+    def writing(self) -> int:
+        """How many writes the commit running now carries (0: none is running)."""
+        batch = self._inflight
+        return len(batch.writes) if batch is not None else 0
 
     # -- staging (any thread, never waits) ------------------------------------------------
-    def stage_set(self, capsule: str, key: str, value: bytes) -> int:
-        """Stage a write; returns its sequence number for `commit`."""
-        with self._lock:
-            self._check_open()
-            self._pending[(capsule, key)] = bytes(value)
-            self._staged_seq += 1
-            return self._staged_seq
+    def stage_set(self, capsule: str, key: str, value: bytes) -> Batch:
+        """Stage a blind write (no reads to validate); returns the ticket for `commit`."""
+        return self._stage_blind(capsule, key, bytes(value))
 
-    def stage_delete(self, capsule: str, key: str) -> int:
+    def stage_delete(self, capsule: str, key: str) -> Batch:
+        return self._stage_blind(capsule, key, None)
+
+    def _stage_blind(self, capsule: str, key: str, value: bytes | None) -> Batch:
+        batch = self.stage_call(capsule, reads={}, writes={key: value})
+        assert isinstance(batch, Batch)
+        return batch
+
+    def stage_call(
+        self,
+        capsule: str,
+        *,
+        reads: Mapping[int, int],
+        writes: Mapping[str, bytes | None],
+        dirty: bool = False,
+        on_commit: Callable[[], None] | None = None,
+    ) -> Staged:
+        """Validate a call's reads and stage its writes, atomically.
+
+        `reads` maps stripes to the versions the call saw; `dirty` says whether it read
+        staged data. Returns CONFLICT (nothing staged) when a version changed; else the
+        ticket to `commit` (with `on_commit` attached, run after the commit), or None when
+        there is nothing to wait for (no writes, no uncommitted reads: run `on_commit` now).
+        """
         with self._lock:
             self._check_open()
-            self._pending[(capsule, key)] = None
-            self._staged_seq += 1
-            return self._staged_seq
+            versions = self._versions
+            for stripe, version in reads.items():
+                if versions[stripe] != version:
+                    self.stats["conflicts"] += 1
+                    return CONFLICT
+            batch = self._pending
+            if writes:
+                self._stage(batch, capsule, writes)
+            elif not (dirty and (batch.writes or self._inflight is not None)):
+                return None  # what it read is committed (a failure would have changed a stamp)
+            if on_commit is not None:
+                batch.callbacks.append(on_commit)
+            return batch
+
+    def _stage(self, batch: Batch, capsule: str, writes: Mapping[str, bytes | None]) -> None:
+        """Stage writes and bump the stamps they change (lock held)."""
+        versions, staged, mask, miss = self._versions, batch.writes, STRIPES - 1, _MISS
+        inflight = self._inflight.writes if self._inflight is not None else {}
+        listing_changes = False
+        for key, value in writes.items():
+            entry = (capsule, key)
+            versions[hash(entry) & mask] += 1
+            if not listing_changes:  # unless the key's presence is known to stay the same
+                old = staged.get(entry, miss)
+                if old is miss:
+                    old = inflight.get(entry, miss)
+                    if old is miss:
+                        old = self._cache.get(entry, miss)
+                listing_changes = old is miss or (old is None) != (value is None)
+            staged[entry] = value
+        if listing_changes:
+            versions[_stripe((capsule, _LISTING))] += 1
 
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError(f"the KV database {self.path} is closed")
+        if self._broken:
+            raise StoreError(self._broken)
 
     # -- committing ----------------------------------------------------------------------
-    async def commit(self, upto: int | None = None) -> None:
-        """Return once every write staged up to `upto` (default: everything staged so far)
-        is committed. Concurrent callers share commits."""
-        target = self._staged_seq if upto is None else upto
-        while self._committed_seq < target:
-            running = self._committing
-            if running is not None:
-                await asyncio.shield(running)
-                continue
-            self._committing = self._loop.create_future()
-            try:
-                await self._write_batch()
-                self._committing.set_result(None)
-            except BaseException as error:
-                self._committing.set_exception(error)
-                self._committing.exception()  # retrieved: no "never retrieved" warning
-                raise
-            finally:
-                self._committing = None
+    async def commit(self, ticket: Batch | None = None) -> None:
+        """Return once `ticket` (default: everything staged so far) is committed; StoreError
+        when its transaction, or one before it, failed. Concurrent callers share commits;
+        a caller that is cancelled does not cancel the commit."""
+        batch = self._pending if ticket is None else ticket
+        while not batch.done:
+            if self._writer is None:
+                self._writer = self._loop.create_task(self._write_pending(), name="kv-commit")
+            await asyncio.shield(self._writer)
+        if batch.error is not None:
+            raise StoreError(batch.error)
 
-    async def _write_batch(self) -> None:
-        with self._lock:
-            batch, self._pending = self._pending, {}
-            self._inflight = batch
-            top = self._staged_seq
+    async def _write_pending(self) -> None:
         try:
-            if batch:
-                sets = [(c, k, v) for (c, k), v in batch.items() if v is not None]
-                deletes = [(c, k) for (c, k), v in batch.items() if v is None]
-                if sets:
-                    await self._db.executemany(
-                        "INSERT INTO kv (capsule, key, value) VALUES (?, ?, ?) "
-                        "ON CONFLICT (capsule, key) DO UPDATE SET value = excluded.value",
-                        sets,
-                    )
-                if deletes:
-                    await self._db.executemany("DELETE FROM kv WHERE capsule = ? AND key = ?", deletes)
-                await self._db.commit()
-                self.stats["commits"] += 1
-                self.stats["rows_written"] += len(batch)
-        except (aiosqlite.Error, OSError) as error:
-            with self._lock:  # put the batch back under newer writes, for the next attempt
-                self._pending = {**batch, **self._pending}
-                self._inflight = {}
-            raise StoreError(f"cannot write the KV database {self.path}: {error}") from None
+            with self._lock:
+                batch, self._pending = self._pending, Batch()
+                self._inflight = batch
+            if batch.writes:
+                async with self._db_lock:
+                    try:
+                        await self._write(batch)
+                    except (sqlite3.Error, OSError, ValueError) as error:
+                        await self._fail(batch, error)
+                        return
+                    except asyncio.CancelledError:  # the loop is stopping: its statements may
+                        self._broken = f"a commit to the KV database {self.path} was interrupted"
+                        self._drop([batch], self._broken)  # still run, so write no more
+                        raise
+            with self._lock:
+                self._inflight = None
+                for entry, value in batch.writes.items():
+                    self._remember(entry, value)
+                batch.done = True
+            for callback in batch.callbacks:
+                try:
+                    callback()
+                except Exception:
+                    logger.exception("KV database %s: a callback after a commit failed", self.path)
+        finally:
+            self._writer = None
+
+    async def _write(self, batch: Batch) -> None:
+        sets = [(c, k, v, crc(v)) for (c, k), v in batch.writes.items() if v is not None]
+        deletes = [(c, k) for (c, k), v in batch.writes.items() if v is None]
+        if sets:
+            await self._db.executemany(UPSERT, sets)
+        if deletes:
+            await self._db.executemany("DELETE FROM kv WHERE capsule = ? AND key = ?", deletes)
+        await self._db.commit()
+        self.stats["commits"] += 1
+        self.stats["rows_written"] += len(batch.writes)
+
+    async def _fail(self, batch: Batch, error: BaseException) -> None:
+        """Roll back; fail `batch` and every batch staged after it (lock not held)."""
+        try:
+            await self._db.rollback()
+        except (sqlite3.Error, ValueError) as rollback_error:
+            logger.error("KV database %s: rollback failed: %s", self.path, rollback_error)
+        if self._db.in_transaction:  # the failed writes must never ride along a later commit
+            self._broken = (
+                f"the KV database {self.path} could not roll back a failed commit ({error}): restart the orchestrator"
+            )
+        message = (
+            f"cannot write the KV database {self.path}: {error} (this call's writes, and those of "
+            "the calls committed with or staged after it, were dropped)"
+        )
+        self._drop([batch], message)
+        logger.error("%s", message)
+
+    def _drop(self, batches: list[Batch], message: str) -> None:
+        """Fail `batches` and every batch staged after them; drop their writes from view."""
         with self._lock:
-            self._inflight = {}
-            for entry, value in batch.items():
-                self._remember(entry, value)
-            self._committed_seq = max(self._committed_seq, top)
+            failed = [*batches, self._pending]
+            self._pending = Batch()
+            self._inflight = None
+            for each in failed:
+                for entry in each.writes:  # readers of the dropped values conflict
+                    self._versions[_stripe(entry)] += 1
+                    self._versions[_stripe((entry[0], _LISTING))] += 1
+                each.error = message
+                each.done = True
+            self.stats["failed_commits"] += 1
 
     # -- reading -------------------------------------------------------------------------
-    def _known(self, entry: Entry) -> Any:
-        """The value if staged, in flight or cached (None = absent); _MISS otherwise."""
-        with self._lock:
-            if entry in self._pending:
-                return self._pending[entry]
-            if entry in self._inflight:
-                return self._inflight[entry]
-            if entry in self._cache:
-                self._cache.move_to_end(entry)
-                return self._cache[entry]
+    def _cached(self, entry: Entry) -> Any:
+        cache = self._cache
+        if entry in cache:
+            value = cache.pop(entry)  # move to the end: most recently used
+            cache[entry] = value
+            return value
         return _MISS
 
     def _remember(self, entry: Entry, value: bytes | None) -> None:
@@ -190,56 +334,104 @@ class KVStore:
         self._cache[entry] = value
         self._cache_bytes += len(value) if value else 0
         while self._cache_bytes > CACHE_BYTES and self._cache:
-            _, dropped = self._cache.popitem(last=False)
+            dropped = self._cache.pop(next(iter(self._cache)))
             self._cache_bytes -= len(dropped) if dropped else 0
 
+    async def _fetch(self, entry: Entry, version: int) -> bytes | None:
+        """The committed value from the database; cached unless `entry` was staged since
+        `version` was read."""
+        async with self._db_lock:
+            try:
+                rows = await self._db.execute_fetchall("SELECT value, crc FROM kv WHERE capsule = ? AND key = ?", entry)
+            except (sqlite3.Error, ValueError) as error:
+                raise StoreError(f"cannot read the KV database {self.path}: {error}") from None
+        self.stats["db_reads"] += 1
+        value = None
+        for row in rows:
+            value = bytes(row[0])
+            if row[1] is not None and crc(value) != row[1]:
+                raise StoreError(
+                    f"the KV database {self.path} is damaged: the value of capsule {entry[0]!r} key "
+                    f"{entry[1]!r} fails its checksum; {RECOVER}, or set the key again"
+                )
+        stripe = _stripe(entry)
+        with self._lock:
+            if self._versions[stripe] == version:
+                self._remember(entry, value)
+        return value
+
     async def get(self, capsule: str, key: str) -> bytes | None:
-        """The value, or None when the key is absent."""
-        known = self._known((capsule, key))
+        """The committed value, or None when the key is absent."""
+        entry = (capsule, key)
+        with self._lock:
+            version = self._versions[_stripe(entry)]
+            known = self._cached(entry)
         if known is not _MISS:
             return known  # type: ignore[no-any-return]
-        try:
-            rows = await self._db.execute_fetchall("SELECT value FROM kv WHERE capsule = ? AND key = ?", (capsule, key))
-        except (aiosqlite.Error, OSError) as error:
-            raise StoreError(f"cannot read the KV database {self.path}: {error}") from None
-        self.stats["db_reads"] += 1
-        value = bytes(next(iter(rows))[0]) if rows else None
+        return await self._fetch(entry, version)
+
+    def read_from_thread(self, capsule: str, key: str) -> Read:
+        """A call's read from a worker thread: the latest staged value, with the stamp taken
+        before it; no hop to the event loop when the value is known."""
+        entry = (capsule, key)
+        stripe = _stripe(entry)
         with self._lock:
-            if (capsule, key) not in self._pending and (capsule, key) not in self._inflight:
-                self._remember((capsule, key), value)
-        return value
+            version = self._versions[stripe]
+            if entry in self._pending.writes:
+                return stripe, version, self._pending.writes[entry], True
+            if self._inflight is not None and entry in self._inflight.writes:
+                return stripe, version, self._inflight.writes[entry], True
+            known = self._cached(entry)
+        if known is _MISS:
+            known = self._from_thread(self._fetch(entry, version))
+        return stripe, version, known, False
 
     def get_from_thread(self, capsule: str, key: str) -> bytes | None:
-        """`get` for a worker thread (a host function): no hop when the value is known."""
-        known = self._known((capsule, key))
-        if known is not _MISS:
-            return known  # type: ignore[no-any-return]
-        value: bytes | None = self._from_thread(self.get(capsule, key))
-        return value
+        """The latest staged value, from a worker thread."""
+        return self.read_from_thread(capsule, key)[2]  # type: ignore[no-any-return]
 
     async def list_keys(self, capsule: str, prefix: str = "") -> list[str]:
-        """Keys of `capsule` starting with `prefix`, sorted."""
+        """Committed keys of `capsule` starting with `prefix`, sorted."""
+        async with self._db_lock:
+            return await self._select_keys(capsule, prefix)
+
+    async def _select_keys(self, capsule: str, prefix: str) -> list[str]:
         try:
             rows = await self._db.execute_fetchall(
                 "SELECT key FROM kv WHERE capsule = ? AND substr(key, 1, ?) = ? ORDER BY key",
                 (capsule, len(prefix), prefix),
             )
-        except (aiosqlite.Error, OSError) as error:
+        except (sqlite3.Error, ValueError) as error:
             raise StoreError(f"cannot read the KV database {self.path}: {error}") from None
-        keys = {str(row[0]) for row in rows}
+        return [str(row[0]) for row in rows]
+
+    async def _staged_keys(self, capsule: str, prefix: str) -> tuple[list[str], bool]:
+        """Keys in the latest staged view, and whether staged data changed the answer."""
+        async with self._db_lock:  # no commit between the query and the overlay
+            keys = set(await self._select_keys(capsule, prefix))
+            dirty = False
+            with self._lock:
+                batches = [b for b in (self._inflight, self._pending) if b is not None]  # newer last
+                for batch in batches:
+                    for (c, k), v in batch.writes.items():
+                        if c == capsule and k.startswith(prefix):
+                            dirty = True
+                            if v is None:
+                                keys.discard(k)
+                            else:
+                                keys.add(k)
+        return sorted(keys), dirty
+
+    def list_from_thread(self, capsule: str, prefix: str = "") -> tuple[int, int, list[str], bool]:
+        """A call's key listing from a worker thread: (stripe, version, keys, dirty)."""
+        stripe = _stripe((capsule, _LISTING))
         with self._lock:
-            for changes in (self._inflight, self._pending):  # newer last
-                for (c, k), v in changes.items():
-                    if c == capsule and k.startswith(prefix):
-                        if v is None:
-                            keys.discard(k)
-                        else:
-                            keys.add(k)
-        return sorted(keys)
+            version = self._versions[stripe]
+        keys, dirty = self._from_thread(self._staged_keys(capsule, prefix))
+        return stripe, version, keys, dirty
 
     def list_keys_from_thread(self, capsule: str, prefix: str = "") -> list[str]:
-        keys: list[str] = self._from_thread(self.list_keys(capsule, prefix))
-        return keys
+        return self.list_from_thread(capsule, prefix)[2]
 
     async def set(self, capsule: str, key: str, value: bytes) -> None:
         """Write and commit."""
@@ -252,8 +444,12 @@ class KVStore:
         return existed
 
     async def capsules(self) -> list[str]:
-        """Names of the capsules that have keys."""
-        rows = await self._db.execute_fetchall("SELECT DISTINCT capsule FROM kv ORDER BY capsule")
+        """Names of the capsules that have committed keys."""
+        async with self._db_lock:
+            try:
+                rows = await self._db.execute_fetchall("SELECT DISTINCT capsule FROM kv ORDER BY capsule")
+            except (sqlite3.Error, ValueError) as error:
+                raise StoreError(f"cannot read the KV database {self.path}: {error}") from None
         return [str(row[0]) for row in rows]
 
     def _from_thread(self, coroutine: Any) -> Any:
@@ -262,3 +458,11 @@ class KVStore:
             raise RuntimeError("KVStore *_from_thread called on the event loop thread: await the async method")
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         return future.result(THREAD_WAIT_SECONDS)
+
+
+async def _join_worker(connection: aiosqlite.Connection) -> None:
+    """After a failed connect, wait for aiosqlite's worker thread to end (aiosqlite stops it
+    without waiting; left running, it would report to a loop that may be closed by then)."""
+    thread = getattr(connection, "_thread", None)  # aiosqlite >= 0.20 keeps its Thread here
+    if isinstance(thread, threading.Thread) and thread.is_alive():
+        await asyncio.to_thread(thread.join, THREAD_WAIT_SECONDS)
