@@ -156,3 +156,23 @@ def test_a_usable_state_dir_passes_the_check_without_being_created(tmp_path: Pat
     (tmp_path / "file").write_text("x")
     assert "is a file" in str(check_state_dir(tmp_path / "file"))
     assert check_state_dir(tmp_path) is None  # an existing empty folder
+
+
+def test_a_corrupt_database_is_refused_by_up_and_validate(deployment: Path) -> None:
+    import sqlite3
+
+    state = deployment.parent / ".orch"
+    state.mkdir(mode=0o700)
+    database = state / "kv.sqlite3"
+    with sqlite3.connect(database) as db:  # a database of many pages, then a few of them flipped
+        db.execute("CREATE TABLE filler (x BLOB)")
+        db.executemany("INSERT INTO filler VALUES (?)", [(os.urandom(3000),) for _ in range(40)])
+    data = bytearray(database.read_bytes())
+    for page in (3, 5, 6):  # the header page stays intact
+        data[(page - 1) * 4096 : (page - 1) * 4096 + 64] = b"\xff" * 64
+    database.write_bytes(bytes(data))
+    err = one_line_refusal(orch("up", str(deployment), "--log-format", "json", "--no-watch", cwd=deployment.parent))
+    assert f"the KV database {database} is corrupt" in err and "move it aside" in err, err
+    validate = orch("validate", str(deployment), cwd=deployment.parent)
+    assert validate.returncode == 1 and "is corrupt" in validate.stderr.decode(), validate.stderr
+    assert database.read_bytes() == bytes(data)  # neither touched it

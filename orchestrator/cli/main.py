@@ -126,7 +126,8 @@ def _positive(text: str) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from ..control.statedir import check_state_dir
+    from ..capsule.kvfile import check_database
+    from ..control.statedir import KV_DATABASE, check_state_dir
     from ..desired.config import LoadedConfig
     from ..desired.load import load_desired
     from ..errors import ConfigError, Problem
@@ -139,8 +140,13 @@ def _validate(args: argparse.Namespace) -> int:
     except ConfigError as error:
         problems = list(error.problems)
         config = error.partial if isinstance(error.partial, LoadedConfig) else None
-    if config is not None and (trouble := check_state_dir(config.state_dir)) is not None:
-        problems.append(Problem(trouble, file=str(config.path), line=config.line_of("state_dir"), field="state_dir"))
+    if config is not None:
+        trouble = check_state_dir(config.state_dir)
+        if trouble is None and (config.state_dir / KV_DATABASE).is_file():
+            trouble = check_database(config.state_dir / KV_DATABASE)
+        if trouble is not None:
+            line = config.line_of("state_dir")
+            problems.append(Problem(trouble, file=str(config.path), line=line, field="state_dir"))
     if problems:
         return print_problems(args.config, [str(p) for p in problems])
     enabled = sum(1 for s in desired.specs.values() if s.enabled)
