@@ -6,6 +6,7 @@ Used by orchestrator.desired.config, .manifest and .yamlsource.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -88,6 +89,16 @@ def deepest(value: Any, limit: int = MAX_DEPTH) -> Loc | None:
             pairs = item.items() if isinstance(item, dict) else enumerate(item)
             stack.extend((v, depth + 1, (*loc, k)) for k, v in pairs)
     return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def surrogate_line(text: str) -> int | None:
+    """The line of the first lone surrogate in `text` (text decoded from a file never has
+    one; text handed in by a caller might, and it cannot be encoded or hashed), or None."""
+    found = _SURROGATE.search(text)
+    return text.count("\n", 0, found.start()) + 1 if found else None
 
 
 def dotted(loc: Loc) -> str:

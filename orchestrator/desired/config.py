@@ -31,7 +31,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from ..errors import ConfigError, Problem
 from ..files import FileReadError, read_regular
-from .common import MANIFEST, NAME, LimitsOverride, Loc, capped, dotted, line_at, listed, suggest
+from .common import MANIFEST, NAME, LimitsOverride, Loc, capped, dotted, line_at, listed, suggest, surrogate_line
 from .yamlsource import YamlReader
 
 CONFIG_FILE = "config.yaml"
@@ -184,6 +184,8 @@ def parse_config(text: str, *, path: Path, environ: Mapping[str, str] | None = N
     """Validate config.yaml text read from `path`. Raises ConfigError listing every problem."""
     path = Path(os.path.abspath(path))
     file = str(path)
+    if (bad := surrogate_line(text)) is not None:
+        raise ConfigError([Problem("not UTF-8 text (a lone surrogate): save the file as UTF-8", file=file, line=bad)])
     reader = YamlReader(file)
     data = reader.read(text)
     if data is None:

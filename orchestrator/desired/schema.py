@@ -1,8 +1,9 @@
 """Tool input schemas: checked once when the manifest loads, then a validator that cannot run away.
 
 A `[[tool]] input_schema` is a JSON Schema (Draft 2020-12). `compile_schema` checks it and
-builds an `InputSchema` (cached by the schema's canonical JSON, so a schema shared by many
-tools or reloads is checked once), raising SchemaProblem (the JSON pointer inside the
+builds an `InputSchema` (cached by the schema's JSON, keys in the author's order since that
+order decides which of two equally relevant errors is reported; a schema shared by many tools
+or reloads is checked once), raising SchemaProblem (the JSON pointer inside the
 schema, and what to change) for:
 
 - anything the 2020-12 metaschema refuses (formats are not asserted), or nesting deeper than
@@ -120,7 +121,7 @@ def compile_schema(schema: Any) -> InputSchema:
     deep = _json_problem(schema)
     if deep is not None:
         raise SchemaProblem(*deep)
-    result = _compiled(json.dumps(schema, sort_keys=True, default=str))
+    result = _compiled(json.dumps(schema, separators=(",", ":"), default=str))  # key order kept: it orders errors
     if isinstance(result, tuple):
         raise SchemaProblem(*result)
     return result
@@ -309,7 +310,7 @@ def input_problem(value: Any) -> tuple[str, str] | None:
         item, depth, loc = stack.pop()
         values += 1
         if values > MAX_INPUT_VALUES:
-            return _field(loc), f"more than {MAX_INPUT_VALUES:,} values in all: send less"
+            return "/", f"more than {MAX_INPUT_VALUES:,} values in all: send less"
         message = None
         if isinstance(item, str):
             chars += len(item)
@@ -339,7 +340,7 @@ def input_problem(value: Any) -> tuple[str, str] | None:
         else:
             message = f"a {type(item).__name__} is not a JSON value"
         if chars > MAX_INPUT_CHARS:
-            return _field(loc), f"more than {MAX_INPUT_CHARS:,} characters of text in all: send less"
+            return "/", f"more than {MAX_INPUT_CHARS:,} characters of text in all: send less"
         if message is not None:
             return _field(loc), message
     return None

@@ -101,6 +101,8 @@ SHOW_TEXT = 60
 def show(value: Any, level: int = 0) -> str:
     """repr(value) for small values; an abbreviation (at most a few hundred characters,
     whatever the size of `value`) for large ones."""
+    if level == 0 and _small(value):
+        return repr(value)
     if isinstance(value, str):
         return repr(value) if len(value) <= SHOW_TEXT else repr(value[: SHOW_TEXT - 3])[:-1] + "...'"
     if isinstance(value, dict):
@@ -115,6 +117,26 @@ def show(value: Any, level: int = 0) -> str:
         return "[" + ", ".join(shown) + (", ..." if len(value) > SHOW_ITEMS else "") + "]"
     text = repr(value)
     return text if len(text) <= SHOW_TEXT else text[: SHOW_TEXT - 3] + "..."
+
+
+def _small(value: Any) -> bool:
+    """Whether repr(value) is short: few values, little text (stops looking early)."""
+    budget = SHOW_TEXT * 3
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict | list):
+            if len(item) > SHOW_ITEMS:
+                return False
+            stack.extend(item.items() if isinstance(item, dict) else item)
+            budget -= 2
+        elif isinstance(item, tuple):  # a dict's (key, value)
+            stack.extend(item)
+        else:
+            budget -= len(item) if isinstance(item, str) else 8
+        if budget < 0:
+            return False
+    return True
 
 
 def _listed(values: list[Any]) -> str:

@@ -20,7 +20,7 @@ import tomllib
 from typing import Any
 
 from ..errors import ManifestError, Problem
-from .common import MAX_DEPTH, Loc, deepest, dotted, line_at
+from .common import MAX_DEPTH, Loc, deepest, dotted, line_at, surrogate_line
 
 _INTERESTING = re.compile(r"[\[\]{}\"'#]")
 _KEY = re.compile(r'("[^"\n]*"|[A-Za-z0-9_-]+)[ \t]*=')
@@ -28,6 +28,8 @@ _KEY = re.compile(r'("[^"\n]*"|[A-Za-z0-9_-]+)[ \t]*=')
 
 def read_toml(text: str, *, file: str) -> dict[str, Any]:
     """The data of TOML `text` read from `file`. Raises ManifestError (with the line)."""
+    if (bad := surrogate_line(text)) is not None:
+        raise ManifestError([Problem("not UTF-8 text (a lone surrogate): save it as UTF-8", file=file, line=bad)])
     line = nesting_line(text, MAX_DEPTH)
     if line is not None:
         message = f"arrays and inline tables nested deeper than {MAX_DEPTH} levels: flatten them"

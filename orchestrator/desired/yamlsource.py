@@ -28,6 +28,7 @@ from ..errors import Problem
 from .common import MAX_DEPTH, Loc, dotted
 
 MAX_NODES = 100_000  # alias expansion beyond this is refused ("billion laughs")
+TOO_DEEP = f"nested deeper than {MAX_DEPTH} levels of mappings and lists: flatten it"
 PYTHON_RETRY_CHARS = 64 << 10  # a syntax error in a file up to this size is explained by the Python loader
 
 # libyaml's loader when PyYAML was built with it (~6x faster; the same nodes and marks).
@@ -222,10 +223,13 @@ def _prescan(text: str, loader: Any) -> tuple[int, str] | None:
             if isinstance(event, CollectionStartEvent):
                 depth += 1
                 if depth > MAX_DEPTH:
-                    message = f"nested deeper than {MAX_DEPTH} levels of mappings and lists: flatten it"
-                    return _line(event), message
+                    return _line(event), TOO_DEEP
             elif isinstance(event, CollectionEndEvent):
                 depth -= 1
+    except yaml.MarkedYAMLError as error:
+        if "nesting depth" in str(error.problem) and error.problem_mark is not None:  # libyaml's own cap (1000)
+            return error.problem_mark.line + 1, TOO_DEEP
+        return None
     except yaml.YAMLError:
         return None
     finally:
