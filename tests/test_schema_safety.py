@@ -412,6 +412,16 @@ def test_a_reference_bomb_is_refused() -> None:
     assert f"over {MAX_IN_PLACE} subschemas" in problem.reason
 
 
+def test_recursion_too_deep_for_the_interpreter_is_a_tool_input_error() -> None:
+    """The last resort: 22 allOf steps per level of input, 63 levels deep, overflows Python's
+    recursion limit inside jsonschema; that is a refused input, not a traceback."""
+    inner: dict[str, Any] = {"items": {"$ref": "#/$defs/n"}}
+    for _ in range(22):
+        inner = {"allOf": [inner]}
+    error = check({"$defs": {"n": inner}, "$ref": "#/$defs/n"}, nest(63))
+    assert error is not None and error.field == "/" and "nested too deeply" in str(error)
+
+
 def test_a_long_chain_of_references_is_refused() -> None:
     defs: dict[str, Any] = {f"d{i}": {"$ref": f"#/$defs/d{i + 1}"} for i in range(100)}
     defs["d100"] = {"type": "string"}
@@ -424,6 +434,23 @@ def test_a_deep_schema_is_refused_before_the_metaschema_recurses() -> None:
         deep = {"not": deep}
     problem = refused(deep)
     assert f"deeper than {MAX_SCHEMA_DEPTH} levels" in problem.reason
+
+
+def test_a_named_dialect_cannot_switch_to_the_stock_validator() -> None:
+    """jsonschema validates a subschema that names its `$schema` with that dialect's stock
+    validator (Python's re): also the root, when `$ref: "#"` re-enters it."""
+    root = {"$schema": "https://json-schema.org/draft/2020-12/schema", "properties": {"a": {"$ref": "#"}}}
+    error = check({**root, "pattern": EVIL}, {"a": "a" * 5000 + "b"})
+    assert error is not None and error.field == "/a" and "does not match" in str(error)
+    nested = {"properties": {"a": {"$schema": "http://json-schema.org/draft-07/schema#", "pattern": EVIL}}}
+    assert refused(nested).pointer == "/properties/a/$schema"
+    target = {"$defs": {"a": {"$schema": "https://json-schema.org/draft/2020-12/schema"}}, "$ref": "#/$defs/a"}
+    assert "only at the root" in refused(target).reason
+
+
+def test_metaschema_messages_stay_short() -> None:
+    problem = refused({"properties": [1] * 50_000})
+    assert problem.pointer == "/properties" and len(problem.reason) < 260
 
 
 def test_the_root_id_and_formats_are_fine() -> None:

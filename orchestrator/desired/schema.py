@@ -11,7 +11,8 @@ schema, and what to change) for:
 - a `$ref` that is not a reference within the schema itself: remote (`https://...`), file and
   relative references are refused, as are ones that resolve to nothing or to a non-schema,
   and an `$id` below the root (it would change what `#` means). `$dynamicRef` and
-  `$recursiveRef` are refused (write `$ref`);
+  `$recursiveRef` are refused (write `$ref`), and so is a `$schema` below the root (the
+  schema is validated as 2020-12 whatever the root's `$schema` says);
 - a cycle that consumes no input: `{"$ref": "#"}` at the root, or A -> B -> A through `$ref`,
   `allOf`, `anyOf`, `oneOf`, `not`, `if`/`then`/`else` or `dependentSchemas`. Recursion
   through `properties`, `items`, `prefixItems`, `additionalProperties`, `contains`, ...
@@ -117,7 +118,7 @@ class InputSchema:
 
 
 def compile_schema(schema: Any) -> InputSchema:
-    """`schema` checked and compiled (cached by its canonical JSON). Raises SchemaProblem."""
+    """`schema` checked and compiled (cached by its JSON). Raises SchemaProblem."""
     deep = _json_problem(schema)
     if deep is not None:
         raise SchemaProblem(*deep)
@@ -132,7 +133,13 @@ def _compiled(canonical: str) -> InputSchema | tuple[str, str]:
     schema = json.loads(canonical)
     error = best_match(_meta_validator().iter_errors(schema))
     if error is not None:
-        return _pointer(error.absolute_path), f"not a valid JSON Schema: {error.message}"
+        message = error.message if len(error.message) <= 200 else error.message[:197] + "..."
+        return _pointer(error.absolute_path), f"not a valid JSON Schema: {message}"
+    if isinstance(schema, dict):
+        # jsonschema switches a subschema that names its `$schema` to that dialect's stock
+        # validator (Python's re, quadratic uniqueItems), also when `$ref: "#"` re-enters the
+        # root: the root's is dropped (we validate as 2020-12 regardless), others are refused
+        schema.pop("$schema", None)
     try:
         compiled = InputSchema(schema)
         _SchemaGraph(schema, compiled._validator._resolver).check()
@@ -143,7 +150,9 @@ def _compiled(canonical: str) -> InputSchema | tuple[str, str]:
 
 @functools.cache
 def _meta_validator() -> Any:
-    return jsonschema.Draft202012Validator(jsonschema.Draft202012Validator.META_SCHEMA, format_checker=None)
+    """The 2020-12 metaschema on our keywords (abbreviated messages, RE2), formats not
+    asserted, references resolved from the bundled metaschemas only (nothing is fetched)."""
+    return _Validator(_BASE.META_SCHEMA, registry=referencing.Registry(), format_checker=None)
 
 
 def _pointer(parts: Any) -> str:
@@ -200,6 +209,8 @@ class _SchemaGraph:
 
         if "$id" in schema and schema is not self.root:
             raise SchemaProblem(f"{at}/$id", "$id is allowed only at the root (it would change what '#' refers to)")
+        if "$schema" in schema and schema is not self.root:
+            raise SchemaProblem(f"{at}/$schema", "$schema is allowed only at the root")
         for keyword in ("$dynamicRef", "$recursiveRef"):
             if keyword in schema:
                 raise SchemaProblem(f"{at}/{keyword}", f"{keyword} is not supported: use $ref")

@@ -72,15 +72,22 @@ def spend(steps: int) -> None:
             raise BudgetExceeded
 
 
-def _size(value: Any) -> int:
-    return len(value) if isinstance(value, list | dict) else 0
+_CONTAINERS = (list, dict)
 
 
 def counted(keyword: Keyword) -> Keyword:
     """`keyword`, spending 1 + the sizes of its schema value and its instance per call."""
 
     def spending(validator: Any, value: Any, instance: Any, schema: Any) -> Any:
-        spend(1 + _size(value) + _size(instance))
+        current = _BUDGET.get()
+        if current is not None:  # spend(), inlined: this runs for every keyword of every value
+            current.left -= 1
+            if type(value) in _CONTAINERS:
+                current.left -= len(value)
+            if type(instance) in _CONTAINERS:
+                current.left -= len(instance)
+            if current.left < 0:
+                raise BudgetExceeded
         return keyword(validator, value, instance, schema)
 
     spending.__name__ = getattr(keyword, "__name__", "keyword")
