@@ -218,6 +218,18 @@ def test_many_unknown_targets_keep_messages_short(root: Path) -> None:
     assert all(len(p.message) < 300 for p in problems)
 
 
+def test_long_keys_are_abbreviated_in_fields_and_messages(root: Path) -> None:
+    long = "k" * 100_000
+    # explicit keys ("? key"): YAML's implicit keys stop at 1024 characters
+    text = f"version: 1\ndefaults:\n  ? {long}\n  : 1\n"
+    text += f"capsules:\n  ? {long}\n  : {{path: capsules/hello, ? x{long} : 1}}\n"
+    problems = config_problems(root, text)
+    assert len(problems) == 3 and all(len(str(p)) < 500 for p in problems)
+    assert "unknown key 'kkkk" in problems[0].message and problems[0].field.endswith("...")
+    (problem,) = manifest_problems(MANIFEST.replace("[capabilities]", f"[capabilities]\n{long} = 1", 1))
+    assert len(str(problem)) < 500 and problem.field.startswith("capabilities.kkk")
+
+
 def test_a_long_line_in_a_manifest_does_not_stall_line_lookup() -> None:
     text = 'description2 = """\n[' + " " * 200_000 + '\n"""\n' + MANIFEST
     (problem,) = manifest_problems(text)

@@ -101,5 +101,7 @@ def surrogate_line(text: str) -> int | None:
     return text.count("\n", 0, found.start()) + 1 if found else None
 
 
-def dotted(loc: Loc) -> str:
-    return ".".join(str(p) for p in loc)
+def dotted(loc: tuple[Any, ...]) -> str:
+    """`loc` as a dotted field; a key longer than 80 characters is abbreviated (a field is
+    repeated in every problem below it, and keys can be as long as the file)."""
+    return ".".join(text if len(text := str(p)) <= 80 else text[:77] + "..." for p in loc)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from ..errors import GateError, ManifestError, Problem
 from ..files import FileReadError, FileStamp, read_regular
 from ..topics import check_pattern, pattern_covers
-from .common import MANIFEST, NAME, LimitsOverride, Loc, capped, line_at, listed, suggest
+from .common import MANIFEST, NAME, LimitsOverride, Loc, capped, dotted, line_at, listed, suggest
 from .schema import InputSchema, SchemaProblem, compile_schema
 from .tomlsource import key_lines, read_toml
 
@@ -343,7 +343,7 @@ def parse_manifest(text: str, *, file: str = MANIFEST) -> Manifest:
 
 def _problem(error: Any, lines: Mapping[Loc, int], file: str) -> Problem:
     loc = tuple(error["loc"])
-    field = ".".join(str(p) for p in loc)
+    field = dotted(loc)
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
