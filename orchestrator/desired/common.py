@@ -1,6 +1,7 @@
-"""What config.yaml and Capsule.toml share: names, the limits model, and how problems point.
+"""What config.yaml and Capsule.toml share: names, the limits model, the nesting limit, and
+how problems point (lines, dotted fields, suggestions, short lists, a cap on their number).
 
-Used by orchestrator.desired.config, .manifest and .yamlsource.
+Used by orchestrator.desired.config, .manifest, .yamlsource and .tomlsource.
 """
 
 from __future__ import annotations
