@@ -514,3 +514,49 @@ def test_ecma_patterns_keep_their_meaning(pattern: str, text: str, matches: bool
 def test_patterns_re2_cannot_run_are_refused(pattern: str) -> None:
     with pytest.raises(PatternError):
         compile_pattern(pattern)
+
+
+# -- fuzz: compiling and validating raise only SchemaProblem and ToolInputError ------------------
+
+KEYWORDS = st.sampled_from(
+    ["type", "properties", "items", "prefixItems", "allOf", "anyOf", "oneOf", "not", "if", "then", "else", "$ref",
+     "$defs", "$anchor", "$id", "$schema", "pattern", "patternProperties", "additionalProperties", "dependentSchemas",
+     "unevaluatedProperties", "unevaluatedItems", "contains", "propertyNames", "enum", "const", "uniqueItems",
+     "minItems", "required", "multipleOf", "maximum", "a", "definitions", "$dynamicRef", "$dynamicAnchor", "format"]
+)  # fmt: skip
+REFS = st.sampled_from(
+    ["#", "#/", "#/$defs/a", "#/properties/a", "#a", "#/%ZZ", "#/a~2", "#/items/0", "a.json", "urn:x", "#//",
+     "#/definitions/a", "#/allOf/0", "#/$defs/a/properties/a"]
+)  # fmt: skip
+SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 1000)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from(
+        ["string", "object", "array", "a", EVIL, "(?=x)", "[", "\\p{L}", "https://json-schema.org/draft/2020-12/schema"]
+    )
+    | REFS
+)
+SCHEMA_VALUES = st.recursive(
+    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYWORDS, inner, max_size=4), max_leaves=25
+)
+INPUTS = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=30),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(["a", "b", "aaaa"]), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(st.dictionaries(KEYWORDS, SCHEMA_VALUES, max_size=6), INPUTS)
+@settings(max_examples=500, deadline=None)
+def test_fuzzed_schemas_and_inputs_raise_only_our_errors(schema: dict[str, Any], arguments: Any) -> None:
+    try:
+        compiled = compile_schema(schema)
+    except SchemaProblem as problem:
+        assert problem.reason
+        return
+    try:
+        compiled.validate(arguments, capsule="c", tool="t")
+    except ToolInputError as error:
+        assert str(error).startswith("invalid input for c.t: at /")
