@@ -31,7 +31,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from ..errors import ConfigError, Problem
 from ..files import FileReadError, read_regular
-from .common import MANIFEST, NAME, LimitsOverride, Loc, dotted, line_at, suggest
+from .common import MANIFEST, NAME, LimitsOverride, Loc, capped, dotted, line_at, listed, suggest, surrogate_line
 from .yamlsource import YamlReader
 
 CONFIG_FILE = "config.yaml"
@@ -47,7 +47,7 @@ def _none_is_empty(value: Any, empty: Callable[[], Any]) -> Any:
 def _check_name(name: str) -> str:
     if not NAME_RE.match(name):
         raise ValueError(
-            f"invalid deployment name {name!r}: use lowercase letters, digits and '-' "
+            f"invalid deployment name {_show(name)}: use lowercase letters, digits and '-' "
             "(not first or last), at most 64 characters"
         )
     return name
@@ -172,6 +172,11 @@ def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -
     except FileReadError as error:
         if error.errno == errno.ENOENT:
             reason = f"no {path.name} here: create one or pass the path of an existing one"
+        elif _over_limit(path):
+            reason = (
+                f"{error.reason}: a config holds the desired state only; keep it under "
+                f"{MAX_CONFIG_BYTES >> 20} MiB (bulky capsule settings belong in files the capsule reads)"
+            )
         else:
             reason = f"{error.reason}; check the path and permissions"
         raise ConfigError([Problem(reason, file=str(path))]) from None
@@ -183,14 +188,23 @@ def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -
     return parse_config(text, path=path, environ=environ)
 
 
+def _over_limit(path: Path) -> bool:
+    try:
+        return os.stat(path).st_size > MAX_CONFIG_BYTES
+    except OSError:
+        return False
+
+
 def parse_config(text: str, *, path: Path, environ: Mapping[str, str] | None = None) -> LoadedConfig:
     """Validate config.yaml text read from `path`. Raises ConfigError listing every problem."""
     path = Path(os.path.abspath(path))
     file = str(path)
+    if (bad := surrogate_line(text)) is not None:
+        raise ConfigError([Problem("not UTF-8 text (a lone surrogate): save the file as UTF-8", file=file, line=bad)])
     reader = YamlReader(file)
     data = reader.read(text)
     if data is None:
-        raise ConfigError(reader.problems)
+        raise ConfigError(capped(reader.problems, file=file))
     problems = reader.problems
     lines = reader.lines
     data = _expand_capsule_config(data, os.environ if environ is None else environ, problems, lines, file)
@@ -203,7 +217,7 @@ def parse_config(text: str, *, path: Path, environ: Mapping[str, str] | None = N
         problems.extend(_reference_problems(model, path.parent, lines, file))
     if model is None:
         problems.sort(key=lambda p: p.line or 0)
-        raise ConfigError(problems)
+        raise ConfigError(capped(problems, file=file))
     loaded = LoadedConfig(
         path=path,
         model=model,
@@ -214,13 +228,13 @@ def parse_config(text: str, *, path: Path, environ: Mapping[str, str] | None = N
     )
     if problems:
         problems.sort(key=lambda p: p.line or 0)
-        references = ConfigError(problems)
+        references = ConfigError(capped(problems, file=file))
         references.partial = loaded  # well-formed, but with reference problems: callers may check further
         raise references
     return loaded
 
 
-_REFERENCE = re.compile(r"\$\$\{|\$\{(?:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\})?")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _expand_capsule_config(
@@ -236,33 +250,68 @@ def _expand_capsule_config(
             return {k: expand(v, (*loc, k)) for k, v in value.items()}
         if isinstance(value, list):
             return [expand(v, (*loc, i)) for i, v in enumerate(value)]
-        if not isinstance(value, str):
+        if not isinstance(value, str) or "$" not in value:
             return value
 
-        def substitute(match: re.Match[str]) -> str:
-            name, default = match.group(1), match.group(2)
-            if match.group(0) == "$${":
-                return "${"
-            if name is None:
-                message = "malformed '${': write ${NAME} or ${NAME:-default}, and $${ for a literal '${'"
-                problems.append(Problem(message, file=file, line=line_at(lines, loc), field=dotted(loc)))
-                return match.group(0)
-            found = environ.get(name)
-            if found is None or (found == "" and default is not None):
-                if default is not None:
-                    return default
-                message = f"environment variable {name!r} is not set: set it, or give a default: ${{{name}:-default}}"
-                problems.append(Problem(message, file=file, line=line_at(lines, loc), field=dotted(loc)))
-                return match.group(0)
-            return found
+        def problem(message: str) -> None:
+            problems.append(Problem(message, file=file, line=line_at(lines, loc), field=dotted(loc)))
 
-        return _REFERENCE.sub(substitute, value)
+        return _substitute(value, environ, problem)
 
     expanded = dict(capsules)
     for name, deployment in capsules.items():
         if isinstance(deployment, dict) and isinstance(deployment.get("config"), dict):
             expanded[name] = {**deployment, "config": expand(deployment["config"], ("capsules", name, "config"))}
     return {**data, "capsules": expanded}
+
+
+def _substitute(text: str, environ: Mapping[str, str], problem: Callable[[str], None]) -> str:
+    """`text` with `${NAME}` and `${NAME:-default}` replaced and `$${` made `${`; each reference
+    that cannot be expanded is reported and left as written. Linear in the length of `text`
+    (a regex with a `[^}]*` default rescans the rest of the text at every unclosed `${`)."""
+    out: list[str] = []
+    position = 0
+    close = -1  # the next '}' at or after the current reference (found once, reused)
+    while (start := text.find("$", position)) >= 0:
+        out.append(text[position:start])
+        if text.startswith("$${", start):
+            out.append("${")
+            position = start + 3
+            continue
+        if not text.startswith("${", start):
+            out.append("$")
+            position = start + 1
+            continue
+        name = _NAME.match(text, start + 2)
+        end = name.end() if name else start + 2
+        default: str | None = None
+        if name and text.startswith(":-", end):
+            if close < end + 2:
+                close = text.find("}", end + 2)
+                if close < 0:
+                    close = len(text)
+            if close < len(text):
+                default, end = text[end + 2 : close], close
+        if not name or not text.startswith("}", end):
+            problem("malformed '${': write ${NAME} or ${NAME:-default}, and $${ for a literal '${'")
+            out.append("${")
+            position = start + 2
+            continue
+        reference, variable = text[start : end + 1], name.group()
+        position = end + 1
+        found = environ.get(variable)
+        if found is None or (found == "" and default is not None):
+            if default is not None:
+                out.append(default)
+                continue
+            problem(
+                f"environment variable {variable!r} is not set: set it, or give a default: ${{{variable}:-default}}"
+            )
+            out.append(reference)
+            continue
+        out.append(found)
+    out.append(text[position:])
+    return "".join(out)
 
 
 def _validation_problem(error: Any, lines: Mapping[Loc, int], file: str) -> Problem:
@@ -272,7 +321,7 @@ def _validation_problem(error: Any, lines: Mapping[Loc, int], file: str) -> Prob
     info = model.model_fields.get(str(loc[-1])) if model is not None and loc else None
     if error["type"] == "extra_forbidden":
         allowed = sorted(model.model_fields) if model is not None else []
-        message = f"unknown key {loc[-1]!r}{suggest(str(loc[-1]), allowed)}; allowed here: {', '.join(allowed)}"
+        message = f"unknown key {_show(loc[-1])}{suggest(str(loc[-1]), allowed)}; allowed here: {', '.join(allowed)}"
     elif error["type"] == "missing":
         message = f"required: {info.description}" if info is not None else "required"
     elif error["type"] == "model_type" and (target := _model_at(loc)) is not None:
@@ -318,7 +367,7 @@ def _reference_problems(model: OrchestratorConfig, base: Path, lines: Mapping[Lo
             if target == name:
                 add(f"{name!r} depends on itself (depends_on cycle: {name} -> {name}); remove it", *loc)
             elif target not in model.capsules:
-                others = ", ".join(n for n in names if n != name) or "none"
+                others = listed(n for n in names if n != name) or "none"
                 add(f"unknown deployment {target!r}{suggest(target, names)}; deployments: {others}", *loc)
             else:
                 graph[name].append((target, i))
@@ -329,7 +378,7 @@ def _reference_problems(model: OrchestratorConfig, base: Path, lines: Mapping[Lo
         first, second = cycle[0], cycle[1]
         index = next(i for t, i in graph[first] if t == second)
         add(
-            f"depends_on cycle: {' -> '.join(cycle)}; remove one of these dependencies",
+            f"depends_on cycle: {_ring(cycle)}; remove one of these dependencies",
             "capsules",
             first,
             "depends_on",
@@ -353,16 +402,25 @@ def _folder_problem(base: Path, value: str) -> str | None:
     return None
 
 
+MAX_CYCLES = 10
+
+
 def _cycles(graph: Mapping[str, list[tuple[str, int]]]) -> list[list[str]]:
-    """Each distinct shortest cycle through some deployment, rotated to start at its least name."""
+    """A shortest cycle through each deployment on one that no earlier cycle passes through
+    (in name order, each rotated to start at its least name), at most MAX_CYCLES of them.
+    Searches only inside strongly connected components: linear for a long chain or ring."""
+    component = _components(graph)
     found: list[list[str]] = []
+    covered: set[str] = set()
     for start in sorted(graph):
+        if start in covered or len(found) >= MAX_CYCLES:
+            continue
         parent: dict[str, str] = {}
         queue = deque([start])
         while queue and start not in parent:
             node = queue.popleft()
             for target, _ in graph[node]:
-                if target not in parent:
+                if target not in parent and component[target] == component[start]:
                     parent[target] = node
                     queue.append(target)
         if start not in parent:
@@ -373,11 +431,55 @@ def _cycles(graph: Mapping[str, list[tuple[str, int]]]) -> list[list[str]]:
             chain.append(node)
             node = parent[node]
         ring = [start, *reversed(chain)]
+        covered.update(ring)
         least = ring.index(min(ring))
         cycle = [*ring[least:], *ring[:least], ring[least]]
         if cycle not in found:
             found.append(cycle)
     return found
+
+
+def _components(graph: Mapping[str, list[tuple[str, int]]]) -> dict[str, int]:
+    """The strongly connected component of each node (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    component: dict[str, int] = {}
+    stack: list[str] = []
+    for root in graph:
+        if root in index:
+            continue
+        work: list[tuple[str, int]] = [(root, 0)]
+        while work:
+            node, edge = work.pop()
+            if edge == 0:
+                index[node] = low[node] = len(index)
+                stack.append(node)
+            targets = graph[node]
+            while edge < len(targets) and targets[edge][0] in index:
+                target = targets[edge][0]
+                if target not in component:
+                    low[node] = min(low[node], index[target])
+                edge += 1
+            if edge < len(targets):
+                work.append((node, edge + 1))
+                work.append((targets[edge][0], 0))
+                continue
+            if low[node] == index[node]:
+                while True:
+                    member = stack.pop()
+                    component[member] = index[node]
+                    if member == node:
+                        break
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+    return component
+
+
+def _ring(cycle: list[str]) -> str:
+    if len(cycle) <= 12:
+        return " -> ".join(cycle)
+    return f"{' -> '.join(cycle[:5])} -> ... -> {' -> '.join(cycle[-5:])} ({len(cycle) - 1} deployments)"
 
 
 def _resolve(base: Path, value: str) -> Path:

@@ -13,27 +13,28 @@ Used by the desired-state loader, the capsule layer and the CLI (`orch capsule c
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import math
-import re
-import tomllib
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..errors import GateError, ManifestError, Problem
 from ..files import FileReadError, FileStamp, read_regular
 from ..topics import check_pattern, pattern_covers
-from .common import MANIFEST, NAME, LimitsOverride, suggest
+from .common import MANIFEST, NAME, LimitsOverride, Loc, capped, dotted, line_at, listed, suggest
+from .schema import InputSchema, SchemaProblem, compile_schema
+from .tomlsource import key_lines, read_toml
 
 SEMVER = r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$"
 EXPORT = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 SECRET_MASK = "***"
 MAX_MANIFEST_BYTES = 1 << 20
+MAX_ENTRIES = 256  # tools, interceptors, and entries of each [capabilities] list and of build.watch
+MAX_ENV_KEYS = 1024
 
 
 class _Model(BaseModel):
@@ -68,7 +69,7 @@ class Build(_Model):
     """[build]: how the dev loop rebuilds the capsule when its sources change."""
 
     command: str = Field(min_length=1, description="shell command run in the capsule folder")
-    watch: list[str] = Field(default_factory=list, description="source globs that trigger it")
+    watch: list[str] = Field(default_factory=list, max_length=MAX_ENTRIES, description="source globs that trigger it")
 
 
 EnvType = Literal["string", "secret", "number", "bool", "json"]
@@ -92,11 +93,19 @@ class Capabilities(_Model):
     """[capabilities]: deny by default; anything not listed is refused."""
 
     kv: bool = Field(False, description="a key-value store scoped to the capsule")
-    fs_read: list[str] = Field(default_factory=list, description="paths it may read (cwd://...)")
-    fs_write: list[str] = Field(default_factory=list, description="paths it may write")
-    ipc_publish: list[str] = Field(default_factory=list, description="topic patterns it may publish")
-    ipc_subscribe: list[str] = Field(default_factory=list, description="topic patterns it may receive")
-    net: list[str] = Field(default_factory=list, description="hosts it may reach (not granted yet)")
+    fs_read: list[str] = Field(
+        default_factory=list, max_length=MAX_ENTRIES, description="paths it may read (cwd://...)"
+    )
+    fs_write: list[str] = Field(default_factory=list, max_length=MAX_ENTRIES, description="paths it may write")
+    ipc_publish: list[str] = Field(
+        default_factory=list, max_length=MAX_ENTRIES, description="topic patterns it may publish"
+    )
+    ipc_subscribe: list[str] = Field(
+        default_factory=list, max_length=MAX_ENTRIES, description="topic patterns it may receive"
+    )
+    net: list[str] = Field(
+        default_factory=list, max_length=MAX_ENTRIES, description="hosts it may reach (not granted yet)"
+    )
 
     @field_validator("fs_read", "fs_write")
     @classmethod
@@ -132,22 +141,18 @@ class Tool(_Model):
 
     @field_validator("input_schema")
     @classmethod
-    def _valid_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
-        problem = _schema_problem(json.dumps(schema, sort_keys=True, default=str))
-        if problem:
-            raise ValueError(problem)
+    def _valid_schema(cls, schema: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        try:
+            compile_schema(schema)
+        except SchemaProblem as problem:
+            name = info.data.get("name")
+            raise ValueError(f"{f'tool {name!r}: ' if name else ''}input_schema {problem}") from None
         return schema
 
-
-@functools.lru_cache(maxsize=1024)
-def _schema_problem(schema_json: str) -> str:
-    """Why a JSON Schema is invalid ("" when valid); cached: checking is slow, schemas repeat."""
-    try:
-        jsonschema.Draft202012Validator.check_schema(json.loads(schema_json))
-    except jsonschema.SchemaError as error:
-        where = "/".join(str(p) for p in error.absolute_path)
-        return f"not a valid JSON Schema{' at ' + where if where else ''}: {error.message}"
-    return ""
+    @property
+    def input(self) -> InputSchema:
+        """The compiled input schema (checked when the manifest loaded; cached by its JSON)."""
+        return compile_schema(self.input_schema)
 
 
 class Interceptor(_Model):
@@ -173,18 +178,18 @@ class Manifest(_Model):
     package: Package
     components: list[Component] = Field(alias="component", min_length=1, max_length=1)
     build: Build | None = None
-    env: dict[str, EnvVar] = Field(default_factory=dict)
+    env: dict[str, EnvVar] = Field(default_factory=dict, max_length=MAX_ENV_KEYS)
     capabilities: Capabilities = Field(default_factory=Capabilities)
-    tools: list[Tool] = Field(default_factory=list, alias="tool")
-    interceptors: list[Interceptor] = Field(default_factory=list, alias="interceptor")
+    tools: list[Tool] = Field(default_factory=list, alias="tool", max_length=MAX_ENTRIES)
+    interceptors: list[Interceptor] = Field(default_factory=list, alias="interceptor", max_length=MAX_ENTRIES)
     limits: LimitsOverride = Field(default_factory=LimitsOverride)
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
-        names = [t.name for t in self.tools]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
+        counts = Counter(t.name for t in self.tools)
+        duplicates = sorted(n for n, count in counts.items() if count > 1)
         if duplicates:
-            raise ValueError(f"tool names must be unique: {', '.join(duplicates)} repeated")
+            raise ValueError(f"tool names must be unique: {listed(duplicates)} repeated")
         for interceptor in self.interceptors:
             if not any(pattern_covers(g, interceptor.event) for g in self.capabilities.ipc_subscribe):
                 raise ValueError(
@@ -216,23 +221,43 @@ def render_config_value(kind: str, value: Any) -> str:
             try:
                 value = float(value) if any(c in value for c in ".eE") else int(value)
             except ValueError:
-                raise ValueError(f"expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"expected a number, got {value!r}")
+                raise ValueError(f"expected a number, got {_show(value)}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
+            raise ValueError(f"expected a number, got {_show(value)}")
         return str(value)
     if kind == "bool":
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower()
         if not isinstance(value, bool):
-            raise ValueError(f"expected true or false, got {value!r}")
+            raise ValueError(f"expected true or false, got {_show(value)}")
         return "true" if value else "false"
     if isinstance(value, str):  # json given as text (e.g. from the command line)
         try:
             json.loads(value)
         except ValueError:
-            raise ValueError(f"expected JSON, got {value!r}") from None
+            raise ValueError(f"expected JSON, got {_show(value)}") from None
+        except RecursionError:
+            raise ValueError("expected JSON, got text nested too deeply to read") from None
         return value
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    try:
+        return json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    except ValueError:
+        raise ValueError("expected JSON, got a value holding nan or inf (JSON has no such numbers)") from None
+    except TypeError:  # a TOML date or time
+        raise ValueError("expected JSON, got a value holding a date or time: quote it as text") from None
+
+
+def _finite(value: float) -> bool:
+    """Whether a number fits a double (a 400-digit integer does not)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if not isinstance(value, str) or len(value) <= 60 else repr(value[:57])[:-1] + "...'"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 Where = Callable[[str], dict[str, Any]]  # a config key -> Problem keyword arguments (file, line, field)
@@ -249,7 +274,7 @@ def resolve_config(
     """
     locate = where or (lambda key: {"file": source, "field": key})
     problems: list[Problem] = []
-    declared_keys = ", ".join(sorted(manifest.env)) or "none"
+    declared_keys = listed(sorted(manifest.env)) or "none"
     for key in overrides:
         if key not in manifest.env:
             problems.append(
@@ -307,29 +332,25 @@ def read_manifest(folder: Path) -> tuple[Manifest, FileStamp]:
 
 
 def parse_manifest(text: str, *, file: str = MANIFEST) -> Manifest:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
-        match = re.search(r"at line (\d+)", str(error))
-        raise ManifestError(
-            [Problem(f"not valid TOML: {error}", file=file, line=int(match.group(1)) if match else None)]
-        ) from None
+    """Validate Capsule.toml `text` read from `file`. Raises ManifestError listing every problem."""
+    data = read_toml(text, file=file)
     try:
         return Manifest.model_validate(data)
     except ValidationError as error:
-        raise ManifestError([_problem(e, text, file) for e in error.errors()]) from None
+        lines = key_lines(text)
+        raise ManifestError(capped([_problem(e, lines, file) for e in error.errors()], file=file)) from None
 
 
-def _problem(error: Any, text: str, file: str) -> Problem:
+def _problem(error: Any, lines: Mapping[Loc, int], file: str) -> Problem:
     loc = tuple(error["loc"])
-    field = ".".join(str(p) for p in loc)
+    field = dotted(loc)
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         allowed = _allowed_keys(loc[:-1])
-        message = f"unknown key{suggest(str(loc[-1]), allowed)}; allowed here: {', '.join(sorted(allowed))}"
+        message = f"unknown key{suggest(str(loc[-1]), allowed)}; allowed here: {listed(sorted(allowed), 20)}"
     elif error["type"] == "missing":
         message = "required"
-    return Problem(message, file=file, line=_line_of(text, loc), field=field)
+    return Problem(message, file=file, line=line_at(lines, loc), field=field)
 
 
 def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
@@ -348,30 +369,3 @@ def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
     if model is None:
         return []
     return [info.alias or name for name, info in model.model_fields.items()]
-
-
-def _line_of(text: str, loc: tuple[Any, ...]) -> int | None:
-    """Best-effort line of `loc` in the TOML text: the deepest key or table header on the path
-    (an error inside an inline table points at the key that holds it)."""
-    lines: dict[tuple[Any, ...], int] = {}
-    table: tuple[Any, ...] = ()
-    counts: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        header = re.match(r"^(\[\[?)\s*([^\]]+?)\s*\]", line)
-        if header:
-            parts = tuple(p.strip().strip('"') for p in header.group(2).split("."))
-            if header.group(1) == "[[":
-                name = ".".join(parts)
-                counts[name] = counts.get(name, -1) + 1
-                parts = (*parts, counts[name])
-            table = parts
-            lines.setdefault(table, number)
-            continue
-        key = re.match(r'^("[^"]*"|[A-Za-z0-9_-]+)\s*=', line)
-        if key:
-            lines.setdefault((*table, key.group(1).strip('"')), number)
-    for depth in range(len(loc), 0, -1):
-        if loc[:depth] in lines:
-            return lines[loc[:depth]]
-    return None
