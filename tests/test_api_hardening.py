@@ -598,3 +598,42 @@ async def test_a_cancelled_stream_handler_reraises_and_unsubscribes(served: Serv
     assert bus.subscribers == before and served.server.api.streams == 0
     writer.close()
     assert len((await served.json("GET", "/v1/status"))["capsules"]) == 4
+
+
+# == the client =====================================================================================
+async def test_a_connection_that_breaks_before_the_answer_is_a_remote_error(tmp_path: Path) -> None:
+    path = tmp_path / "half.sock"
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # read the request head, answer nothing, close
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{")
+        writer.close()
+
+    server = await asyncio.start_unix_server(hang_up, str(path))
+    try:
+        async with Client(path) as api:
+            with pytest.raises(RemoteError) as caught:
+                await api.call("counter", "increment", b'{"by": 1}')
+        assert (caught.value.status, caught.value.kind) == (0, "ConnectionLost")
+        assert "may or may not have been applied" in str(caught.value)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_warnings_are_rate_limited_and_say_how_many_were_held_back(caplog: pytest.LogCaptureFixture) -> None:
+    from orchestrator.api.connections import Throttle
+
+    now = [100.0]
+    throttle = Throttle(logging.getLogger("test.throttle"), interval=10, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="test.throttle"):
+        for _ in range(5):
+            throttle.warning("a", "refused %s", "x")
+        throttle.warning("b", "other")
+        now[0] += 10
+        throttle.warning("a", "refused %s", "y")
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused x",
+        "other",
+        "refused y (and 4 more like it since the last such warning)",
+    ]
