@@ -166,10 +166,10 @@ class _Refusal(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         transport.write(self._answer)
-        if self._guard.lingering >= MAX_LINGERING:
+        if len(self._guard.lingering) >= MAX_LINGERING:
             transport.close()
             return
-        self._guard.lingering += 1
+        self._guard.lingering.add(transport)
         self._transport = transport
         self._timer = asyncio.get_running_loop().call_later(REFUSAL_LINGER, transport.abort)
 
@@ -182,7 +182,7 @@ class _Refusal(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._transport is not None:
-            self._guard.lingering -= 1
+            self._guard.lingering.discard(self._transport)
             self._transport = None
         if self._timer is not None:
             self._timer.cancel()
@@ -191,10 +191,12 @@ class _Refusal(asyncio.Protocol):
 class GuardedHandler(web_protocol.RequestHandler):
     """aiohttp's per-connection protocol, with the guard's deadlines and JSON errors."""
 
-    def __init__(self, manager: web.Server, *, guard: ConnectionGuard, loop: asyncio.AbstractEventLoop, **kwargs: Any):
+    def __init__(
+        self, manager: web.Server, *, guard: ConnectionGuard, loop: asyncio.AbstractEventLoop, **kwargs: Any
+    ) -> None:
         super().__init__(manager, loop=loop, **kwargs)
         self._guard = guard
-        self._timers = loop
+        self._scheduler = loop
         self._busy = 0
         self._in_head = False
         self._evicted = False
@@ -213,7 +215,7 @@ class GuardedHandler(web_protocol.RequestHandler):
     def data_received(self, data: bytes) -> None:
         if data and not self._busy and not self._in_head:
             self._in_head = True
-            self._arm(self._timers.time() + self._guard.limits.head_timeout, "head")
+            self._arm(self._scheduler.time() + self._guard.limits.head_timeout, "head")
         super().data_received(data)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -231,7 +233,7 @@ class GuardedHandler(web_protocol.RequestHandler):
     def request_finished(self) -> None:
         self._busy -= 1
         if self._busy == 0 and self.transport is not None:
-            self.idle_since = self._timers.time()
+            self.idle_since = self._scheduler.time()
             self._arm(self.idle_since + self._guard.limits.idle_timeout, "idle")
             self._guard.idle(self)
 
@@ -242,7 +244,7 @@ class GuardedHandler(web_protocol.RequestHandler):
     # -- deadlines and eviction ------------------------------------------------------------
     def _arm(self, when: float, reason: str) -> None:
         self._disarm()
-        self._deadline = self._timers.call_at(when, self._expire, reason)
+        self._deadline = self._scheduler.call_at(when, self._expire, reason)
 
     def _disarm(self) -> None:
         if self._deadline is not None:
@@ -315,7 +317,7 @@ class ConnectionGuard:
             "Busy",
             f"the orchestrator already serves {cap} connections, each with a request in progress; retry shortly",
         )
-        self.lingering = 0  # refusals waiting for their client to finish sending
+        self.lingering: set[asyncio.Transport] = set()  # refusals waiting for their client to finish sending
         self.counts = {"refused": 0, "evicted": 0, "head_timeouts": 0, "idle_timeouts": 0, "bad_requests": 0}
 
     def __call__(self) -> asyncio.BaseProtocol:
@@ -394,6 +396,8 @@ class ConnectionGuard:
         for handler in list(self._open):
             self.forget(handler)
             handler.evict()
+        for transport in list(self.lingering):
+            transport.abort()
 
 
 @web.middleware
