@@ -60,6 +60,7 @@ logger = logging.getLogger(__name__)
 MAX_HISTORY = 10_000
 MAX_REQUEST_LINE = 16384  # a 4096-byte key, percent-encoded, fits
 MAX_PREFIX_BYTES = 4096  # a key's length
+LINGERING_SECONDS = 2.0  # after answering a request whose body was not read (404, 408, 413), read the rest this long
 
 __all__ = ["MAX_BODY", "MAX_HISTORY", "ApiError", "ControlApi", "ControlServer", "ServerLimits"]
 
@@ -280,6 +281,7 @@ class ControlServer:
                 "keepalive_timeout": 2 * self.limits.idle_timeout,  # a backstop: the guard closes first
                 "max_line_size": MAX_REQUEST_LINE,
                 "max_headers": self.limits.max_headers,
+                "lingering_time": LINGERING_SECONDS,
                 "access_log": None,
             },
         )
