@@ -2,7 +2,10 @@
 dashboard use it to talk to a running orchestrator over its unix socket.
 
 Errors from the server arrive as `RemoteError` with the server's kind, message and HTTP
-status; an absent orchestrator is `NotRunning`, whose message says how to start one.
+status; an absent orchestrator is `NotRunning`, whose message says how to start one; a
+connection lost before the answer is `ConnectionLost` (a RemoteError with status 0). Event
+streams are split into lines here, not by aiohttp's line reader, so an event of any size up
+to MAX_EVENT_BYTES arrives (aiohttp's readline refuses lines over 512 KiB).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from ..desired.config import load_config
 from ..errors import OrchestratorError
 
 BASE = "http://orch"
+MAX_EVENT_BYTES = 16 << 20
+"""The longest SSE line accepted (a 1 MiB payload serialises to about 1 MiB)."""
 
 
 class NotRunning(OrchestratorError):
@@ -33,6 +38,19 @@ class RemoteError(OrchestratorError):
     def __init__(self, status: int, kind: str, message: str) -> None:
         super().__init__(message)
         self.status, self.kind = status, kind
+
+
+class ConnectionLost(RemoteError):
+    """The connection broke before the whole answer arrived (status 0)."""
+
+    def __init__(self, what: str, error: BaseException) -> None:
+        detail = " ".join(str(error).split()) or type(error).__name__
+        super().__init__(
+            0,
+            "ConnectionLost",
+            f"the connection to the orchestrator broke during {what} ({detail}); "
+            "a request that changes something may or may not have been applied",
+        )
 
 
 def socket_for(config: Path | None = None, socket: Path | None = None) -> Path:
@@ -76,6 +94,8 @@ class Client:
                 status = response.status
         except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as error:
             raise self._not_running() from error
+        except (aiohttp.ClientError, ConnectionError) as error:
+            raise ConnectionLost(f"{method} {path}", error) from error
         if status >= 400:
             try:
                 detail = json.loads(body)["error"]
@@ -144,21 +164,40 @@ class Client:
                     raise RemoteError(response.status, "HTTPError", body.decode(errors="replace")[:500]) from None
                 raise RemoteError(response.status, detail["kind"], detail["message"])
             kind, data = "", ""
-            async for raw in response.content:
-                line = raw.decode().rstrip("\n")
-                if line.startswith("event: "):
-                    kind = line[7:]
-                elif line.startswith("data: "):
-                    data = line[6:]
-                elif line == "" and data:
-                    payload = json.loads(data)
-                    if kind == "lost":
-                        yield {"lost": payload}
-                    elif kind == "live":
-                        yield {"live": True}
-                    else:
-                        yield payload
-                    kind, data = "", ""
+            try:
+                async for raw in _lines(response.content):
+                    line = raw.decode().rstrip("\r")
+                    if line.startswith("event: "):
+                        kind = line[7:]
+                    elif line.startswith("data: "):
+                        data = line[6:]
+                    elif line == "" and data:
+                        payload = json.loads(data)
+                        if kind == "lost":
+                            yield {"lost": payload}
+                        elif kind == "live":
+                            yield {"live": True}
+                        else:
+                            yield payload
+                        kind, data = "", ""
+            except (aiohttp.ClientError, ConnectionError) as error:
+                raise ConnectionLost("the event stream", error) from error
+
+
+async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The lines of a stream (without their newline), each at most MAX_EVENT_BYTES."""
+    buffer = bytearray()
+    async for chunk in content.iter_any():
+        start = len(buffer)
+        buffer += chunk
+        while (end := buffer.find(b"\n", start)) >= 0:
+            yield bytes(buffer[:end])
+            del buffer[: end + 1]
+            start = 0
+        if len(buffer) > MAX_EVENT_BYTES:
+            raise RemoteError(0, "TooLarge", f"an event from the orchestrator is longer than {MAX_EVENT_BYTES} bytes")
+    if buffer:
+        yield bytes(buffer)
 
 
 def _kv(name: str, key: str) -> str:

@@ -4,7 +4,7 @@ The socket is `<state_dir>/orch.sock`, created 0600 inside a state dir that othe
 write (refused otherwise), so only the user who runs the orchestrator gets in. Works with
 `curl --unix-socket .orch/orch.sock http://orch/v1/status`. Endpoints (contract):
 
-    GET    /v1/status                         the orchestrator and every capsule's status
+    GET    /v1/status                         the orchestrator, every capsule, the API (`api`)
     GET    /v1/capsules/{name}                status + manifest summary (secrets masked)
     POST   /v1/capsules/{name}/tools/{tool}   body: JSON arguments -> the tool's output
     POST   /v1/capsules/{name}/restart
@@ -14,12 +14,14 @@ write (refused otherwise), so only the user who runs the orchestrator gets in. W
     POST   /v1/reconcile                      re-read files and apply; returns the plan
     GET    /v1/plan                           what a reconcile would do now
 
-Errors are JSON `{"error": {"kind", "message"}}` with 400 (bad input), 403 (denied), 404
-(no such capsule, tool, key or route), 409 (capsule not running), 413 (body too large),
-422 (the guest failed: an error, a trap, its memory limit; or an invalid config), 504
-(timeout or fuel), 500 otherwise. A slow event
-client loses events (counted, and announced with an `event: lost` message); it never slows
-the orchestrator.
+Errors are JSON `{"error": {"kind", "message"}}` with 400 (bad input: malformed HTTP,
+JSON or query; see .inputs), 403 (denied), 404 (no such capsule, tool, key or route), 408
+(a body that did not arrive in time), 409 (capsule not running), 413 (body too large), 422
+(the guest failed: an error, a trap, its memory limit; or an invalid config), 503 (too
+many connections busy, or event streams open), 504 (timeout or fuel), 500 otherwise. A
+slow event client loses events (counted, and announced with an `event: lost` message); it
+never slows the orchestrator. Connections are capped and timed out (.connections, with
+the bounds and their reasons in .settings.ServerLimits).
 
 Used by `orch up` (orchestrator.cli.up); the CLI and the dashboard are its clients
 (orchestrator.api.client).
@@ -45,92 +47,35 @@ from ..control import Orchestrator
 from ..control.statedir import SOCKET
 from ..desired.manifest import SECRET_MASK
 from ..desired.plan import plan
-from ..errors import (
-    CallTimeout,
-    CapabilityDenied,
-    CapsuleNotRunning,
-    CapsuleTrap,
-    ConfigError,
-    FuelExhausted,
-    GateError,
-    GuestError,
-    MemoryLimitExceeded,
-    OrchestratorError,
-    ToolInputError,
-    UnknownCapsule,
-    UnknownTool,
-)
+from ..errors import GateError, OrchestratorError
 from ..topics import check_pattern
+from .connections import ConnectionGuard, connection_cap, open_fds, raise_fd_limit, track_requests
+from .events import EventStreams
+from .inputs import parse_count, parse_json, parse_query, read_body
+from .responses import ApiError, errors_as_json
+from .settings import MAX_BODY, ServerLimits
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY = 1 << 20  # request bodies (tool arguments, KV values)
 MAX_HISTORY = 10_000
-EVENT_QUEUE = 4096
-HEARTBEAT_SECONDS = 2.0  # an idle stream sends a comment this often (and so notices a departed client)
 MAX_REQUEST_LINE = 16384  # a 4096-byte key, percent-encoded, fits
+MAX_PREFIX_BYTES = 4096  # a key's length
+LINGERING_SECONDS = 2.0  # after answering a request whose body was not read (404, 408, 413), read the rest this long
 
-STATUS_OF: list[tuple[type[BaseException], int]] = [
-    (ToolInputError, 400),
-    (GateError, 400),
-    (CapabilityDenied, 403),
-    (UnknownCapsule, 404),
-    (UnknownTool, 404),
-    (CapsuleNotRunning, 409),
-    (GuestError, 422),
-    (CapsuleTrap, 422),  # the guest failed (an abort, an out-of-range access, a refused publish)
-    (MemoryLimitExceeded, 422),
-    (ConfigError, 422),
-    (CallTimeout, 504),
-    (FuelExhausted, 504),
-]
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.kind = status, kind
-
-
-def _sse(events: list[Any]) -> bytes:
-    return "".join(
-        f"id: {event.seq}\ndata: {json.dumps(event.to_dict(), ensure_ascii=False, default=str)}\n\n" for event in events
-    ).encode()
-
-
-def error_response(status: int, kind: str, message: str) -> web.Response:
-    return web.json_response({"error": {"kind": kind, "message": message}}, status=status)
-
-
-@web.middleware
-async def errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        response: web.StreamResponse = await handler(request)
-        return response
-    except ApiError as error:
-        return error_response(error.status, error.kind, str(error))
-    except web.HTTPException as error:  # aiohttp's own: 404 route, 405, 413 ...
-        kind = {404: "NotFound", 405: "MethodNotAllowed", 413: "TooLarge"}.get(error.status, type(error).__name__)
-        response = error_response(error.status, kind, error.reason or str(error))
-        if "Allow" in error.headers:
-            response.headers["Allow"] = error.headers["Allow"]
-        return response
-    except OrchestratorError as error:
-        status = next((code for kind, code in STATUS_OF if isinstance(error, kind)), 500)
-        return error_response(status, type(error).__name__, " ".join(str(error).split()))
+__all__ = ["MAX_BODY", "MAX_HISTORY", "ApiError", "ControlApi", "ControlServer", "ServerLimits"]
 
 
 class ControlApi:
     """The HTTP application over one Orchestrator."""
 
-    def __init__(self, orchestrator: Orchestrator, *, max_body: int = MAX_BODY) -> None:
+    def __init__(
+        self, orchestrator: Orchestrator, *, max_body: int = MAX_BODY, limits: ServerLimits | None = None
+    ) -> None:
         self.orchestrator = orchestrator
-        self.app = web.Application(
-            middlewares=[errors_as_json],
-            client_max_size=max_body,
-            handler_args={"max_line_size": MAX_REQUEST_LINE},
-        )
-        self.streams = 0
+        self.limits = limits or ServerLimits()
+        self.app = web.Application(middlewares=[track_requests, errors_as_json], client_max_size=max_body)
+        self.event_streams = EventStreams(bus=orchestrator.bus, limits=self.limits)
+        self.guard: ConnectionGuard | None = None  # set by ControlServer.start
         routes = [
             web.get("/v1/status", self.status),
             web.get("/v1/capsules/{name}", self.capsule),
@@ -148,6 +93,16 @@ class ControlApi:
 
     # -- helpers ---------------------------------------------------------------------------
     @property
+    def streams(self) -> int:
+        """Event streams open now."""
+        return len(self.event_streams.active)
+
+    def connections(self) -> dict[str, int]:
+        """What the API serves now and has refused (GET /v1/status shows it as `api`)."""
+        stats = self.guard.stats() if self.guard is not None else {}
+        return {**stats, "event_streams": self.streams, "max_event_streams": self.limits.max_event_streams}
+
+    @property
     def reconciler(self) -> Any:
         assert self.orchestrator.reconciler is not None
         return self.orchestrator.reconciler
@@ -161,7 +116,9 @@ class ControlApi:
 
     # -- status ----------------------------------------------------------------------------
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response({"orchestrator": self.orchestrator.info(), "capsules": self.reconciler.status()})
+        return web.json_response(
+            {"orchestrator": self.orchestrator.info(), "capsules": self.reconciler.status(), "api": self.connections()}
+        )
 
     async def capsule(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -189,11 +146,8 @@ class ControlApi:
     # -- calls -----------------------------------------------------------------------------
     async def call(self, request: web.Request) -> web.Response:
         name, tool = request.match_info["name"], request.match_info["tool"]
-        body = await request.read()
-        try:
-            arguments = json.loads(body) if body.strip() else None
-        except (ValueError, RecursionError) as error:
-            raise ApiError(400, "BadJson", f"the body is not valid JSON: {error}") from None
+        body = await read_body(request, timeout=self.limits.body_timeout)
+        arguments = parse_json(body) if body.strip() else None
         result = await self.reconciler.call_tool(name, tool, arguments)
         output: bytes = result.output
         try:
@@ -212,48 +166,14 @@ class ControlApi:
 
     # -- events ----------------------------------------------------------------------------
     async def events(self, request: web.Request) -> web.StreamResponse:
-        pattern = request.query.get("topic", ">")
+        query = parse_query(request.rel_url.raw_query_string, ("topic", "history"))
+        pattern = query.get("topic", ">")
         try:
             check_pattern(pattern)
-            history = int(request.query.get("history", "0"))
         except GateError as error:
             raise ApiError(400, "BadPattern", f"topic: {error}") from None
-        except ValueError:
-            raise ApiError(400, "BadRequest", "history must be an integer") from None
-        if not 0 <= history <= MAX_HISTORY:
-            raise ApiError(400, "BadRequest", f"history must be between 0 and {MAX_HISTORY}")
-        # Subscribe before answering, so no event published after the 200 can be missed; the
-        # queue holds the whole requested history plus room for live events.
-        subscription = self.orchestrator.bus.subscribe(pattern, queue_size=EVENT_QUEUE + history, history=history)
-        self.streams += 1
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
-        announced = 0
-        try:
-            await response.prepare(request)
-            backlog = subscription.drain()
-            await response.write(_sse(backlog) + b"event: live\ndata: {}\n\n")  # history done, live from here
-            while True:
-                try:
-                    first = await asyncio.wait_for(subscription.get(), HEARTBEAT_SECONDS)
-                except TimeoutError:  # a comment line: a client that went away is noticed now
-                    await response.write(b": keep-alive\n\n")
-                    continue
-                batch = [first, *subscription.drain()]
-                notice = b""
-                if subscription.dropped > announced:
-                    lost, announced = subscription.dropped - announced, subscription.dropped
-                    notice = f"event: lost\ndata: {json.dumps({'dropped': lost, 'total': announced})}\n\n".encode()
-                await response.write(notice + _sse(batch))
-        except (ConnectionResetError, asyncio.CancelledError, OSError):
-            pass
-        except Exception:  # the bus closed (shutdown) or the client went away
-            logger.debug("event stream ended", exc_info=True)
-        finally:
-            subscription.close()
-            self.streams -= 1
-        return response
+        history = parse_count(query.get("history", "0"), "history", MAX_HISTORY)
+        return await self.event_streams.serve(request, pattern, history)
 
     # -- kv --------------------------------------------------------------------------------
     def _store(self) -> Any:
@@ -272,7 +192,9 @@ class ControlApi:
     async def kv_list(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         self.deployment(name)
-        prefix = request.query.get("prefix", "")
+        prefix = parse_query(request.rel_url.raw_query_string, ("prefix",)).get("prefix", "")
+        if "\0" in prefix or len(prefix.encode()) > MAX_PREFIX_BYTES:
+            raise ApiError(400, "BadQuery", f"prefix must be at most {MAX_PREFIX_BYTES} bytes, without NUL")
         return web.json_response(
             {"capsule": name, "prefix": prefix, "keys": await self._store().list_keys(name, prefix)}
         )
@@ -286,7 +208,7 @@ class ControlApi:
 
     async def kv_put(self, request: web.Request) -> web.Response:
         name, key = self._key(request)
-        value = await request.read()
+        value = await read_body(request, timeout=self.limits.body_timeout)
         await self._store().set(name, key, value)
         return web.json_response({"capsule": name, "key": key, "bytes": len(value)})
 
@@ -307,12 +229,25 @@ class ControlApi:
 
 
 class ControlServer:
-    """Serves a ControlApi on `<state_dir>/orch.sock`."""
+    """Serves a ControlApi on `<state_dir>/orch.sock`, with the connection bounds of `limits`."""
 
-    def __init__(self, orchestrator: Orchestrator, *, state_dir: Path, max_body: int = MAX_BODY) -> None:
-        self.api = ControlApi(orchestrator, max_body=max_body)
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        *,
+        state_dir: Path,
+        max_body: int = MAX_BODY,
+        limits: ServerLimits | None = None,
+    ) -> None:
+        self.limits = limits or ServerLimits()
+        self.api = ControlApi(orchestrator, max_body=max_body, limits=self.limits)
         self.path = Path(state_dir) / SOCKET
         self._runner: web.AppRunner | None = None
+        self._listening: asyncio.AbstractServer | None = None
+
+    @property
+    def guard(self) -> ConnectionGuard | None:
+        return self.api.guard
 
     async def start(self) -> None:
         check_private(self.path.parent)
@@ -322,6 +257,8 @@ class ControlServer:
             if socket_alive(self.path):
                 raise OrchestratorError(f"another orchestrator is already serving {self.path}")
             self.path.unlink()
+        soft_limit = raise_fd_limit(self.limits.fd_target)
+        cap = connection_cap(self.limits, soft_limit, open_fds())
         # Bind under a temporary name, make it 0600, then rename it into place: nobody can
         # connect before it is private (and no process-wide umask change is needed).
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -331,20 +268,37 @@ class ControlServer:
         listener.bind(str(temporary))
         os.chmod(temporary, 0o600)
         os.rename(temporary, self.path)
-        self._runner = web.AppRunner(
-            self.api.app,
-            access_log=None,
-            shutdown_timeout=1.0,
-            handle_signals=False,
-        )
+        self._runner = web.AppRunner(self.api.app, access_log=None, shutdown_timeout=1.0, handle_signals=False)
         await self._runner.setup()
-        await web.SockSite(self._runner, listener).start()
+        assert self._runner.server is not None
+        loop = asyncio.get_running_loop()
+        guard = ConnectionGuard(
+            self._runner.server,
+            limits=self.limits,
+            cap=cap,
+            loop=loop,
+            handler_args={
+                "keepalive_timeout": 2 * self.limits.idle_timeout,  # a backstop: the guard closes first
+                "max_line_size": MAX_REQUEST_LINE,
+                "max_headers": self.limits.max_headers,
+                "lingering_time": LINGERING_SECONDS,
+                "access_log": None,
+            },
+        )
+        self.api.guard = guard
+        self._listening = await loop.create_unix_server(guard, sock=listener, backlog=128)
+        logger.debug("control API on %s: at most %d connections (open-file limit %d)", self.path, cap, soft_limit)
 
     async def stop(self) -> None:
         if self._runner is None:
             return  # never started: the path (if any) is not ours to remove
+        if self._listening is not None:
+            self._listening.close()  # no new connections
+            self._listening = None
         await self._runner.cleanup()
         self._runner = None
+        if self.api.guard is not None:
+            self.api.guard.close_all()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
