@@ -957,7 +957,7 @@ def test_audit_with_a_recording_publisher(rig: Rig) -> None:
         def __init__(self) -> None:
             self.events: list[tuple[str, object, str]] = []
 
-        def publish(self, topic: str, payload: object = None, *, source: str = "orch") -> None:
+        def publish(self, topic: str, payload: object = None, *, source: str = "orch", size: int | None = None) -> None:
             self.events.append((topic, payload, source))
 
     recorder = Recorder()

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..capsule.store import KVConflict
 from ..errors import (
     CallTimeout,
     CapabilityDenied,
@@ -45,6 +46,7 @@ STATUS_OF: list[tuple[type[BaseException], int]] = [
     (ConfigError, 422),
     (CallTimeout, 504),
     (FuelExhausted, 504),
+    (KVConflict, 503),  # the call kept meeting concurrent writes: it may be retried
 ]
 
 AIOHTTP_KINDS = {404: "NotFound", 405: "MethodNotAllowed", 413: "TooLarge"}

@@ -158,7 +158,11 @@ class ControlApi:
         return web.Response(
             body=output,
             content_type=content_type,
-            headers={"X-Fuel-Used": str(result.fuel_used), "X-Seconds": f"{result.seconds:.6f}"},
+            headers={
+                "X-Fuel-Used": str(result.fuel_used),
+                "X-Seconds": f"{result.seconds:.6f}",
+                "X-Attempts": str(result.attempts),
+            },
         )
 
     async def restart(self, request: web.Request) -> web.Response:

@@ -65,7 +65,7 @@ class KVAccess(Protocol):
 
 
 class Publisher(Protocol):
-    def publish(self, topic: str, payload: Any = None, *, source: str = "orch") -> Any: ...
+    def publish(self, topic: str, payload: Any = None, *, source: str = "orch", size: int | None = None) -> Any: ...
 
 
 @dataclass
@@ -87,7 +87,7 @@ class HostContext:
 class CallState:
     """One call's view: the capsule's context plus what this call did (for the commit).
 
-    `outbox`, when given, buffers the call's publishes as (topic, payload): the capsule
+    `outbox`, when given, buffers the call's publishes as (topic, payload, size): the capsule
     layer publishes them, in order, only once the call succeeded and its KV writes
     committed (a failed or conflicted attempt publishes nothing). Without it, a publish
     goes to the bus at once."""
@@ -95,7 +95,7 @@ class CallState:
     host: HostContext
     function: str = ""
     kv: KVAccess | None = None  # this call's own view of the KV (its writes kept until it ends)
-    outbox: list[tuple[str, Any]] | None = None
+    outbox: list[tuple[str, Any, int]] | None = None  # (topic, payload, its size in bytes)
 
 
 def ok(payload: bytes = b"") -> bytes:
@@ -220,9 +220,9 @@ def astrid_ipc_publish(call: CallState, topic: bytes, payload: bytes) -> bytes:
     except GateError as error:
         return err(str(error))
     if call.outbox is not None:
-        call.outbox.append((name, value))  # checked and counted now, published after the commit
+        call.outbox.append((name, value, len(payload)))  # checked and counted now, published after the commit
     else:
-        host.bus.publish(name, value, source=host.capsule)
+        host.bus.publish(name, value, source=host.capsule, size=len(payload))
     return ok()
 
 

@@ -291,7 +291,7 @@ class Capsule:
 
     async def _attempt(
         self, export: str, data: bytes, *, solo: bool
-    ) -> tuple[bytes, int, Staged, list[tuple[str, Any]]]:
+    ) -> tuple[bytes, int, Staged, list[tuple[str, Any, int]]]:
         """One run on a worker thread, its KV validated and staged there: (output, fuel,
         staged: CONFLICT, a ticket or None, outbox)."""
         gate = self._gate
@@ -307,9 +307,9 @@ class Capsule:
             else:
                 gate.leave_shared()
 
-    def _attempt_here(self, export: str, data: bytes) -> tuple[bytes, int, Staged, list[tuple[str, Any]]]:
+    def _attempt_here(self, export: str, data: bytes) -> tuple[bytes, int, Staged, list[tuple[str, Any, int]]]:
         kv = CallKV(self._store, self.name) if self._store is not None else None
-        outbox: list[tuple[str, Any]] = []
+        outbox: list[tuple[str, Any, int]] = []
         state = CallState(self.host, function=export, kv=kv, outbox=outbox)
         output, fuel = self.plugin.call_metered(export, data, context=state)
         # Validate and stage on the worker thread, before it takes the next call: a call
@@ -321,9 +321,9 @@ class Capsule:
         assert self._store is not None
         await self._store.commit(ticket)
 
-    def _publish(self, outbox: list[tuple[str, Any]]) -> None:
-        for topic, payload in outbox:
-            self.host.bus.publish(topic, payload, source=self.name)
+    def _publish(self, outbox: list[tuple[str, Any, int]]) -> None:
+        for topic, payload, size in outbox:
+            self.host.bus.publish(topic, payload, source=self.name, size=size)
 
     async def _run_interceptor(self, action: str, event: bytes) -> ToolResult:
         return await self._run(action, event)
