@@ -291,6 +291,7 @@ def test_up_prints_events_as_json_lines_and_stops_cleanly(tmp_path: Path) -> Non
 
 
 def test_up_with_an_invalid_config_exits_1(tmp_path: Path) -> None:
-    (tmp_path / "config.yaml").write_text("version: 1\ncapsules:\n  x:\n    path: nowhere\n")
+    (tmp_path / "config.yaml").write_text("version: 1\ncapsules:\n  x:\n    path: nowhere\n    instance: 2\n")
     result = orch("up", str(tmp_path / "config.yaml"))
     assert result.returncode == 1 and b"nothing started" in result.stderr
+    assert b"did you mean 'instances'" in result.stderr

@@ -168,9 +168,11 @@ async def test_manifest_edit_reloads_and_invalid_manifest_changes_nothing(runnin
     spec = running.orchestrator.desired.specs["ver"]  # type: ignore[union-attr]
     assert spec.manifest["package"]["description"] == "edited"
     replace_atomically(manifest, "[package]\nname = 'ver'\nversion = 'nope'\n")
-    event = await running.wait_topic("orch.reconcile.rejected")
-    assert any("package.version" in p for p in event.payload["problems"])
-    assert await running.version() == "1" and running.phase() == "Running"
+    event = await running.wait_topic("orch.capsule.ver.degraded")  # its own row says why (issue 11)
+    assert "package.version" in event.payload["last_error"]
+    assert await running.version() == "1" and running.phase() == "Degraded"  # the last good version serves
+    health = running.orchestrator.info()["desired"]
+    assert health["state"] == "accepted" and "package.version" in health["broken"]["ver"]["problems"][0]
 
 
 async def test_broken_config_keeps_the_last_good_state(running: Running) -> None:
@@ -187,8 +189,8 @@ async def test_broken_config_keeps_the_last_good_state(running: Running) -> None
 
 async def test_deleting_a_capsule_folder_changes_nothing_that_runs(running: Running) -> None:
     shutil.rmtree(running.root / "caps" / "ver")
-    event = await running.wait_topic("orch.reconcile.rejected")
-    assert "caps/ver" in " ".join(event.payload["problems"])
+    event = await running.wait_topic("orch.capsule.ver.degraded")  # broken files: its own row says why
+    assert "caps/ver" in event.payload["last_error"]
     assert await running.version() == "1"
 
 

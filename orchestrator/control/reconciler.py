@@ -78,6 +78,8 @@ class Slot:
     handle: Handle | None = None
     since_ms: int = 0
     last_error: str | None = None
+    last_error_at_ms: int | None = None
+    last_error_tool: str | None = None  # the tool (or "interceptor ACTION") whose call failed last
     next_retry_ms: int | None = None
     failed_hash: str | None = None  # the spec that failed to start, and when to retry it
     retry_at: float = 0.0
@@ -108,6 +110,8 @@ class Slot:
             "fuel_last": self.fuel_last,
             "fuel_mean": round(self.fuel_total / self.calls) if self.calls else 0,
             "last_error": self.last_error,
+            "last_error_at_ms": self.last_error_at_ms,
+            "last_error_tool": self.last_error_tool,
             "since_ms": self.since_ms,
             "next_retry_ms": self.next_retry_ms,
             "reload_count": self.reload_count,
@@ -159,10 +163,21 @@ class Reconciler:
         return self._slots.get(name)
 
     # -- applying ------------------------------------------------------------------------
-    async def apply(self, desired: Mapping[str, CapsuleSpec]) -> Plan:
-        """Converge on `desired` (every deployment, enabled or not). Returns the plan applied."""
+    async def apply(self, desired: Mapping[str, CapsuleSpec], *, broken: Mapping[str, str] | None = None) -> Plan:
+        """Converge on `desired` (every deployment, enabled or not). Returns the plan applied.
+
+        `broken`: deployments whose files cannot be used now (name -> why). Each keeps the
+        version it runs, if any, and shows the reason: `Degraded` while its last good version
+        serves, `Failed` when nothing runs (no retry: only a change of its files can help).
+        """
+        broken = dict(broken or {})
         async with self._lock:
-            self._desired = dict(desired)
+            desired = dict(desired)
+            for name in broken:
+                running = self._slots[name].spec if name in self._slots and self._slots[name].handle else None
+                if running is not None:
+                    desired[name] = running  # the last good version keeps serving
+            self._desired = desired
             for name, spec in desired.items():
                 if name not in self._slots:
                     self._slots[name] = Slot(name, phase=PENDING if spec.enabled else STOPPED, since_ms=self._wall_ms())
@@ -175,18 +190,41 @@ class Reconciler:
             for action in current.actions:
                 if action.action == "keep":
                     self._keep(action.capsule)
-            self._forget_unwanted(desired)
+            self._forget_unwanted(desired, keep=set(broken))
+            for name, why in broken.items():
+                self._mark_broken(name, why)
             if changes:
                 failed = [n for n, s in self._slots.items() if s.phase in (FAILED, DEGRADED)]
                 self._bus.publish("orch.reconcile.finished", {"actions": changes, "failing": sorted(failed)})
             return current
 
-    def _forget_unwanted(self, desired: Mapping[str, CapsuleSpec]) -> None:
+    def _mark_broken(self, name: str, why: str) -> None:
+        slot = self._slots.get(name)
+        if slot is None:
+            slot = self._slots[name] = Slot(name, since_ms=self._wall_ms())
+        self._cancel_retry(slot)
+        if slot.last_error == why and slot.phase in (DEGRADED, FAILED):
+            return  # said already
+        self._error(slot, why)
+        self._set_phase(slot, DEGRADED if slot.handle is not None else FAILED)
+
+    def _error(self, slot: Slot, message: str, tool: str | None = None) -> None:
+        """Record the latest failure: of the capsule's files or loading (`tool` None), or of
+        a call (the tool, or `interceptor ACTION`)."""
+        slot.last_error, slot.last_error_at_ms, slot.last_error_tool = message, self._wall_ms(), tool
+
+    def _clear_error(self, slot: Slot) -> None:
+        """The capsule loaded again: forget a loading failure (a call's failure stays shown)."""
+        if slot.last_error_tool is None:
+            slot.last_error, slot.last_error_at_ms = None, None
+
+    def _forget_unwanted(self, desired: Mapping[str, CapsuleSpec], *, keep: set[str]) -> None:
         """Slots with nothing running that are no longer wanted: stop retrying; forget those
-        removed from the config, show the disabled ones as Stopped."""
+        removed from the config, show the disabled ones as Stopped. `keep`: broken
+        deployments, whose slots stay to show why."""
         for name, slot in list(self._slots.items()):
             spec = desired.get(name)
-            if slot.handle is not None or (spec is not None and spec.enabled):
+            if slot.handle is not None or (spec is not None and spec.enabled) or name in keep:
                 continue
             self._cancel_retry(slot)
             slot.failed_hash = None
@@ -210,7 +248,7 @@ class Reconciler:
         if wanted is not None and slot.spec is not None and wanted.spec_hash == slot.spec.spec_hash:
             slot.spec = wanted  # same version; its depends_on may have changed
         if slot.phase == DEGRADED:  # the desired state went back to what is serving
-            slot.last_error = None
+            self._clear_error(slot)
             self._set_phase(slot, RUNNING)
 
     async def _start(self, slot: Slot, spec: CapsuleSpec) -> None:
@@ -229,7 +267,8 @@ class Reconciler:
             return
         handle.start_interceptors()
         slot.handle, slot.spec = handle, spec
-        slot.attempts, slot.failed_hash, slot.next_retry_ms, slot.last_error = 0, None, None, None
+        slot.attempts, slot.failed_hash, slot.next_retry_ms = 0, None, None
+        self._clear_error(slot)
         self._set_phase(slot, RUNNING)
 
     def _failed(self, slot: Slot, spec: CapsuleSpec, error: OrchestratorError) -> None:
@@ -239,7 +278,7 @@ class Reconciler:
         slot.failed_hash = spec.spec_hash
         slot.retry_at = self._monotonic() + delay
         slot.next_retry_ms = self._wall_ms() + int(delay * 1000)
-        slot.last_error = str(error)
+        self._error(slot, str(error))
         self._set_phase(slot, FAILED)
         slot.retry_task = asyncio.get_running_loop().create_task(self._retry(slot.name, delay))
 
@@ -268,14 +307,14 @@ class Reconciler:
             logger.info("capsule %s: %s; waiting for the next change", slot.name, error)
             return
         except OrchestratorError as error:
-            slot.last_error = str(error)
+            self._error(slot, str(error))
             self._set_phase(slot, DEGRADED)
             return
         handed_over = await old.stop_interceptors()
         new.start_interceptors(after_seq=handed_over)
         slot.handle, slot.spec = new, spec  # new calls go to the new version from here on
         slot.reload_count += 1
-        slot.last_error = None
+        self._clear_error(slot)
         self._retire(old)
         if slot.phase != RUNNING:
             self._set_phase(slot, RUNNING)

@@ -30,9 +30,10 @@ from ..capsule import CapsuleLauncher, EventBus, KVStore
 from ..capsule.protected import ProtectedHolder, ProtectedPaths
 from ..desired import DesiredState, Plan, load_desired
 from ..engine import WasmEngine, load_or_create_key
-from ..errors import ConfigError
+from ..errors import ConfigError, Problem
 from .builds import Builder
 from .gitrev import GitRevision
+from .health import DesiredHealth
 from .reconciler import Reconciler
 from .statedir import CACHE, CACHE_KEY, KV_DATABASE, StateDir, write_applied
 from .watcher import Watcher
@@ -67,6 +68,7 @@ class Orchestrator:
         self._watcher: Watcher | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._changes = asyncio.Lock()
+        self.health = DesiredHealth(wall_ms=lambda: int(time.time() * 1000))
         self.protected = ProtectedHolder()  # swapped on every desired state: gates read it per access
         self._first: DesiredState | None = None
         self.ready = False  # the first plan has been applied
@@ -75,7 +77,7 @@ class Orchestrator:
     async def load(self, *, previous: DesiredState | None = None, only: list[str] | None = None) -> DesiredState:
         """Read the desired state on a worker thread. Raises ConfigError."""
         return await asyncio.to_thread(
-            load_desired, self.config_path, environ=self.environ, previous=previous, only=only
+            load_desired, self.config_path, environ=self.environ, previous=previous, only=only, strict=False
         )
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -172,16 +174,43 @@ class Orchestrator:
         assert self.reconciler is not None
         self.desired = desired  # what is being applied: the API names its deployments from here on
         self.protected.current = await asyncio.to_thread(self._protected_paths, desired)  # resolves paths
-        plan = await self.reconciler.apply(desired.specs)
+        broken = {name: _why_broken(problems) for name, problems in desired.broken.items()}
+        plan = await self.reconciler.apply(desired.specs, broken=broken)
         self.last_plan = plan
+        self._accepted(desired)
         running = {name: spec.record() for name, spec in self.reconciler.actual().items()}
         await asyncio.to_thread(self._record_applied, desired, running)
         return plan
 
     async def reconcile(self) -> Plan:
-        """Re-read every file now and apply (the control API's `POST /v1/reconcile`)."""
+        """Re-read every file now and apply (the control API's `POST /v1/reconcile`).
+        Raises ConfigError (recorded as a rejection) when config.yaml cannot be used."""
         async with self._changes:
-            return await self._apply(await self.load(previous=self.desired))
+            try:
+                desired = await self.load(previous=self.desired)
+            except ConfigError as error:
+                self._rejected(error)
+                raise
+            return await self._apply(desired)
+
+    def _accepted(self, desired: DesiredState) -> None:
+        self.health.forget(set(desired.config.model.capsules))
+        for name, problems in desired.broken.items():
+            if name not in self.health.broken or self.health.broken[name]["problems"] != [str(p) for p in problems]:
+                logger.warning(
+                    "capsule %s: its files have problems; it keeps its last good version:\n  %s",
+                    name,
+                    "\n  ".join(str(p) for p in problems),
+                )
+        if self.health.accepted(desired.broken):
+            logger.info("desired state accepted again: every file is usable")
+            self.bus.publish("orch.reconcile.accepted", {"config": str(self.config_path)})
+
+    def _rejected(self, error: ConfigError) -> None:
+        problems = [str(p) for p in error.problems]
+        self.health.rejected_config(problems)
+        logger.warning("not applied; the last good state keeps running:\n  %s", "\n  ".join(problems))
+        self.bus.publish("orch.reconcile.rejected", {"problems": problems, "config": str(self.config_path)})
 
     def _protected_paths(self, desired: DesiredState) -> ProtectedPaths:
         """What no capsule may reach through its file grants: this orchestrator's own files,
@@ -239,9 +268,7 @@ class Orchestrator:
         try:
             desired = await self.load(previous=previous, only=None if config_changed else names)
         except ConfigError as error:
-            problems = [str(p) for p in error.problems]
-            logger.warning("not applied; the last good state keeps running:\n  %s", "\n  ".join(problems))
-            self.bus.publish("orch.reconcile.rejected", {"problems": problems, "config": str(self.config_path)})
+            self._rejected(error)
             return
         await self._apply(desired)
         if self._watcher is not None:
@@ -271,6 +298,7 @@ class Orchestrator:
             "git_revision": self.revision.last,
             "uptime_s": round(time.time() - self.started_at, 3),
             "ready": self.ready,
+            "desired": self.health.to_dict(),
             "state_dir": str(desired.config.state_dir) if desired else None,
         }
 
@@ -281,3 +309,10 @@ def _by_folder(desired: DesiredState) -> dict[Path, list[str]]:
     for name in desired.config.model.capsules:
         mapping.setdefault(desired.config.folder(name).absolute(), []).append(name)
     return mapping
+
+
+def _why_broken(problems: list[Problem]) -> str:
+    """One line for a capsule's status: its files' problems."""
+    shown = "; ".join(str(p) for p in problems[:3])
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return f"its files cannot be used, so the last good version (if any) keeps running: {shown}{more}"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class DesiredState:
 
     config: LoadedConfig
     specs: dict[str, CapsuleSpec]
+    broken: dict[str, list[Problem]] = field(default_factory=dict)  # per deployment (`strict=False`)
 
     @property
     def enabled(self) -> dict[str, CapsuleSpec]:
@@ -58,18 +59,32 @@ def load_desired(
     environ: Mapping[str, str] | None = None,
     previous: DesiredState | None = None,
     only: Iterable[str] | None = None,
+    strict: bool = True,
 ) -> DesiredState:
-    """Read everything; raise ConfigError listing every problem found."""
-    problems: list[Problem] = []
+    """Read everything; raise ConfigError listing every problem found.
+
+    With `strict=False` (the running orchestrator), a problem of one deployment's own
+    files — its folder, manifest or module, or config keys its manifest does not declare —
+    is recorded in `DesiredState.broken` and everything else loads: that capsule keeps its
+    last good version while the rest of the change applies. Only a problem of config.yaml
+    itself (syntax, unknown keys, dependencies) raises, holding back the whole change.
+    """
+    config_problems: list[Problem] = []
+    broken: dict[str, list[Problem]] = {}
     try:
         loaded = load_config(path, environ=environ)
     except ConfigError as error:
         if not isinstance(error.partial, LoadedConfig):
             raise
-        loaded, problems = error.partial, list(error.problems)  # keep checking the capsules
+        loaded = error.partial  # well-formed, with reference problems: keep checking the capsules
+        for problem in error.problems:
+            owner = _deployment_of(problem)
+            if owner is None:
+                config_problems.append(problem)
+            else:
+                broken.setdefault(owner, []).append(problem)
     reread = set(only) if only is not None and previous is not None else None
     specs: dict[str, CapsuleSpec] = {}
-    broken = {p.field.split(".")[1] for p in problems if p.field.startswith("capsules.") and p.field.endswith(".path")}
     for name in loaded.model.capsules:
         if name in broken:
             continue
@@ -81,10 +96,19 @@ def load_desired(
         try:
             specs[name] = load_spec(loaded, name, previous=old.source if old is not None else None)
         except (ConfigError, ManifestError) as error:
-            problems.extend(error.problems)
-    if problems:
-        raise ConfigError(problems)
-    return DesiredState(config=loaded, specs=specs)
+            broken[name] = list(error.problems)
+    if config_problems or (strict and broken):
+        raise ConfigError(config_problems + [p for name in sorted(broken) for p in broken[name]])
+    return DesiredState(config=loaded, specs=specs, broken=broken)
+
+
+def _deployment_of(problem: Problem) -> str | None:
+    """The deployment a config.yaml problem belongs to alone (its folder or its config
+    keys), or None for a problem of the config as a whole (dependencies, syntax)."""
+    parts = problem.field.split(".")
+    if len(parts) >= 3 and parts[0] == "capsules" and parts[2] in ("path", "config"):
+        return parts[1]
+    return None
 
 
 def read_capsule(
