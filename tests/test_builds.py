@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.capsule.bus import EventBus, Subscription
+from orchestrator.control import builds, watcher
 from orchestrator.control.builds import OUTPUT_TAIL, Builder, glob_match, matches, sources
 from orchestrator.desired.manifest import Build
 
@@ -85,6 +86,10 @@ def test_sources_and_matches_agree(tmp_path: Path, patterns: list[str]) -> None:
     every = sorted(p for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink())
     assert sources(tmp_path, build) == [p for p in every if matches(build, tmp_path, p)]
     assert all("node_modules" not in p.parts for p in sources(tmp_path, build))
+
+
+def test_the_builder_skips_the_folders_the_watcher_ignores() -> None:
+    assert builds.IGNORED_DIRS == watcher.IGNORED_DIRS
 
 
 # -- running builds ---------------------------------------------------------------------------

@@ -59,7 +59,6 @@ from pathlib import Path
 
 from ..capsule.bus import EventBus
 from ..desired.manifest import Build
-from .watcher import IGNORED_DIRS
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +67,9 @@ OUTPUT_KEEP = 64 * 1024
 BUILD_TIMEOUT_SECONDS = 600.0
 KILL_GRACE_SECONDS = 2.0
 MAX_PATTERN_CHARS = 1024
+IGNORED_DIRS = frozenset({"node_modules", ".git", ".hg", ".svn", "__pycache__", ".orch", ".venv", ".mypy_cache"})
+"""Never searched for sources: the folders the watcher ignores (its IGNORED_DIRS; the two
+modules may not import each other, and a test checks that the sets agree)."""
 
 # -- the glob matcher -----------------------------------------------------------------------
 
