@@ -56,6 +56,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..capsule.bus import EventBus
 from ..desired.manifest import Build
@@ -268,6 +269,21 @@ class Builder:
     async def _build_once(self, folder: Path, build: Build, names: list[str]) -> None:
         self._publish(names, "build_started", {"command": build.command})
         started = time.perf_counter()
+        stop = asyncio.Event()
+        # The command runs in a task of its own that is never cancelled: cancelling this one
+        # (close()) tells it to stop, and it ends the process group however far it got.
+        command = asyncio.ensure_future(self._run_command(folder, build, stop))
+        try:
+            code, text = await asyncio.shield(command)
+        except asyncio.CancelledError:
+            logger.info("build of %s stopped: shutting down", folder)
+            stop.set()
+            await command
+            raise
+        self._finished(folder, build, names, code=code, text=text, started=started)
+
+    async def _run_command(self, folder: Path, build: Build, stop: asyncio.Event) -> tuple[int | None, str]:
+        """Run the command until it exits, times out or `stop` is set; then end its group."""
         loop = asyncio.get_running_loop()
         try:
             transport, protocol = await loop.subprocess_shell(
@@ -280,23 +296,21 @@ class Builder:
                 start_new_session=True,  # its own process group, ended as a whole
             )
         except OSError as error:
-            self._finished(folder, build, names, code=-1, text=f"cannot run the build: {error}", started=started)
-            return
+            return -1, f"cannot run the build: {error}"
         note = ""
+        stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        exited: asyncio.Future[Any] = protocol.exited
         try:
-            await asyncio.wait_for(asyncio.shield(protocol.exited), self._timeout)
-        except TimeoutError:
-            note = f"\n(build killed after {self._timeout:g} s)"
-        except asyncio.CancelledError:
-            logger.info("build of %s stopped: shutting down", folder)
-            raise
+            done, _ = await asyncio.wait({exited, stopped}, timeout=self._timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                note = f"\n(build killed after {self._timeout:g} s)"
         finally:
+            stopped.cancel()
             await _end_group(transport.get_pid(), protocol.exited)  # and what it left running
             if not await protocol.pipes_closed():
                 note += "\n(output incomplete: a process the build started left its group and holds it)"
             transport.close()
-        text = protocol.output.decode("utf-8", "replace") + note
-        self._finished(folder, build, names, code=transport.get_returncode(), text=text, started=started)
+        return transport.get_returncode(), protocol.output.decode("utf-8", "replace") + note
 
     def _finished(
         self, folder: Path, build: Build, names: list[str], *, code: int | None, text: str, started: float
