@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import stat
@@ -130,7 +131,6 @@ class _Watch:
         self.name = name
         self.up = False
         self.restarts = 0
-        self.failures = 0
         self._recursive = recursive
         self._resolve = resolve
         self._on_batch = on_batch
@@ -188,16 +188,12 @@ class _Watch:
                 try:
                     generation = await loop.run_in_executor(self._executor, self._open)
                 except (OSError, RuntimeError) as error:  # WatchfilesRustInternalError is a RuntimeError
-                    failures += 1
-                    self.failures += 1
-                    self.up, rescan = False, True
+                    self.up, rescan, failures = False, True, failures + 1
                     if pump is not None:  # the roots changed and the new watch failed
                         self._retire(current, pump, retiring)
                         current, pump = None, None
-                    delay = min(self._retry_base * 2 ** (failures - 1), self._retry_max)
-                    logger.warning("%s watch failed (%s); retrying in %.3g s", self.name, error, delay)
                     await self._attempted_version(version)
-                    await self._pause(delay)
+                    await self._retry_later(error, failures)
                     continue
                 previous = current
                 if pump is not None:
@@ -216,7 +212,8 @@ class _Watch:
                 waker.cancel()
                 if not pump.done():
                     continue  # want() or close(): a new generation overlaps the old one
-                outcome, pump = self._outcome(pump), None
+                failure = pump.exception()
+                outcome, pump = (str(failure) if failure else pump.result()), None
                 self._close(current)
                 current = None
                 if outcome == "stop":
@@ -226,10 +223,7 @@ class _Watch:
                     failures = 0
                 if outcome != "stale":
                     failures += 1
-                    self.failures += 1
-                    delay = min(self._retry_base * 2 ** (failures - 1), self._retry_max)
-                    logger.warning("%s watch failed (%s); retrying in %.3g s", self.name, outcome, delay)
-                    await self._pause(delay)
+                    await self._retry_later(outcome, failures)
         finally:
             for task in [*retiring, *([pump] if pump else [])]:
                 with contextlib.suppress(Exception, asyncio.CancelledError):
@@ -252,17 +246,15 @@ class _Watch:
 
         pump.add_done_callback(closed)
 
-    def _outcome(self, pump: asyncio.Task[str]) -> str:
-        error = pump.exception()
-        return str(error) if error is not None else pump.result()
-
     async def _attempted_version(self, version: int) -> None:
         async with self._attempts:
             self._attempted = max(self._attempted, version)
             self._attempts.notify_all()
 
-    async def _pause(self, delay: float) -> None:
-        """Wait `delay` seconds, or until want() or close()."""
+    async def _retry_later(self, error: object, failures: int) -> None:
+        """Log, then wait out the backoff for `failures` in a row (want() or close() end it)."""
+        delay = min(self._retry_base * 2 ** (failures - 1), self._retry_max)
+        logger.warning("%s watch failed (%s); retrying in %.3g s", self.name, error, delay)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), delay)
 
@@ -333,29 +325,21 @@ class Watcher:
         self._closing = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="watch")
         self._config_names: frozenset[Path] = frozenset()
-        options = {
-            "executor": self._executor,
-            "closing": self._closing,
-            "debounce_ms": debounce_ms,
-            "step_ms": step_ms,
-            "retry_base": retry_base,
-            "retry_max": retry_max,
-        }
-        self._config_watch = _Watch(
-            name="config",
-            recursive=False,
-            resolve=self._config_roots,
-            on_batch=self._config_batch,
+        watch = functools.partial(
+            _Watch,
             on_start=self._started,
-            **options,  # type: ignore[arg-type]
+            executor=self._executor,
+            closing=self._closing,
+            debounce_ms=debounce_ms,
+            step_ms=step_ms,
+            retry_base=retry_base,
+            retry_max=retry_max,
         )
-        self._folder_watch = _Watch(
-            name="capsule folder",
-            recursive=True,
-            resolve=self._folder_roots,
-            on_batch=self._folder_batch,
-            on_start=self._started,
-            **options,  # type: ignore[arg-type]
+        self._config_watch = watch(
+            name="config", recursive=False, resolve=self._config_roots, on_batch=self._config_batch
+        )
+        self._folder_watch = watch(
+            name="capsule folder", recursive=True, resolve=self._folder_roots, on_batch=self._folder_batch
         )
 
     @property
