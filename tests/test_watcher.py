@@ -180,7 +180,8 @@ async def test_a_watch_that_cannot_start_emfile_retries_and_rescans(
     finally:
         handle.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    changes = await stream.until(lambda c: c.rescan, "rescan once the watch runs")
+    # each watch (config, folders) reports its own rescan when it runs again: wait for both
+    changes = await stream.until(lambda c: c.rescan and stream.watcher.watching, "rescan once both run")
     assert changes.config and folder in changes.folders and stream.watcher.restarts >= 1
     (folder / "next.wasm").write_bytes(b"\0asm")
     await stream.until(touched(folder, folder / "next.wasm"), "a change once it runs again")
