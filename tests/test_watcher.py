@@ -66,7 +66,12 @@ def touched(folder: Path, path: Path) -> Callable[[Changes], bool]:
     return lambda changes: path in changes.folders.get(folder, set())
 
 
-async def test_a_change_made_right_after_start_is_reported(tmp_path: Path, watch: Callable[..., Stream]) -> None:
+@pytest.mark.parametrize("polling", [False, True])
+async def test_a_change_made_right_after_start_is_reported(
+    tmp_path: Path, watch: Callable[..., Stream], monkeypatch: pytest.MonkeyPatch, polling: bool
+) -> None:
+    monkeypatch.setenv("WATCHFILES_FORCE_POLLING", "true" if polling else "false")
+    monkeypatch.setenv("WATCHFILES_POLL_DELAY_MS", "20")
     for attempt in range(5):  # each a fresh watcher: start() must mean "watching"
         folder = tmp_path / f"caps{attempt}"
         folder.mkdir()

@@ -40,6 +40,7 @@ import contextlib
 import functools
 import logging
 import os
+import platform
 import stat
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -92,6 +93,18 @@ def _identity(path: Path) -> Identity:
     except OSError:
         return None
     return (info.st_dev, info.st_ino) if stat.S_ISDIR(info.st_mode) else None
+
+
+def _polling() -> tuple[bool, int]:
+    """Whether to poll instead of using OS notifications, and how often (ms): watchfiles'
+    own rules (WATCHFILES_FORCE_POLLING, WATCHFILES_POLL_DELAY_MS; on by itself under WSL)."""
+    forced = os.getenv("WATCHFILES_FORCE_POLLING")
+    if forced:
+        force = forced.lower() not in {"false", "disable", "disabled"}
+    else:
+        force = "microsoft-standard" in platform.uname().release.lower() and platform.system() == "Linux"
+    delay = os.getenv("WATCHFILES_POLL_DELAY_MS", "")
+    return force, int(delay) if delay.isdecimal() else 300
 
 
 def _real(path: Path) -> Path:
@@ -265,7 +278,8 @@ class _Watch:
         existing = [str(root) for root, identity in identities.items() if identity is not None]
         notify = None
         if existing:
-            notify = RustNotify(existing, False, False, 300, self._recursive, False)
+            force_polling, poll_delay_ms = _polling()
+            notify = RustNotify(existing, False, force_polling, poll_delay_ms, self._recursive, False)
         return _Generation(notify, roots, identities)
 
     def _watch_once(self, generation: _Generation) -> tuple[set[tuple[int, str]] | str, bool]:
