@@ -622,7 +622,7 @@ async def test_a_connection_that_breaks_before_the_answer_is_a_remote_error(tmp_
 
 
 def test_warnings_are_rate_limited_and_say_how_many_were_held_back(caplog: pytest.LogCaptureFixture) -> None:
-    from orchestrator.api.connections import Throttle
+    from orchestrator.throttle import Throttle
 
     now = [100.0]
     throttle = Throttle(logging.getLogger("test.throttle"), interval=10, clock=lambda: now[0])

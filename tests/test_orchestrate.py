@@ -214,6 +214,7 @@ async def test_build_step_runs_on_source_change_without_loops(tmp_path: Path) ->
     write_capsule(folder, 1, extra=build)
     (folder / "src").mkdir()
     (folder / "src" / "v.txt").write_text(module(1))
+    (folder / "v.wat").touch()  # built after its source: nothing to build at start
     (tmp_path / "config.yaml").write_text(CONFIG)
     orchestrator = Orchestrator(tmp_path / "config.yaml")
     events = orchestrator.bus.subscribe(">", queue_size=100_000)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from orchestrator.capsule.bus import EventBus
+from orchestrator.capsule.capsule import CallOutcome
 from orchestrator.control.reconciler import Reconciler
 from orchestrator.desired.spec import CapsuleSpec
 from orchestrator.errors import CapsuleNotRunning, InvalidModule, StaleSpec, UnknownCapsule
@@ -41,13 +42,22 @@ class FakeHandle:
         self.closed = False
         self.gate: asyncio.Event | None = None
         self.interceptors_from: int | str | None = "off"
+        self.observer: Callable[[CallOutcome], None] | None = None
 
     async def call_tool(self, tool: str, arguments: Any = None) -> str:
         if self.gate is not None:
             await self.gate.wait()
         if self.closed:
             raise AssertionError("called a closed version")
+        if self.observer is not None:  # as the real capsule reports every call
+            self.observer(CallOutcome(tool, self.fuel_last, None, 1))
         return f"{self.spec.name}@{self.spec.wasm_sha256[:1]}"
+
+    def observe(self, observer: Callable[[CallOutcome], None] | None) -> None:
+        self.observer = observer
+
+    def counters(self) -> dict[str, int]:
+        return {"conflicts": 0, "events_lost": 0}
 
     def start_interceptors(self, after_seq: int | None = None) -> None:
         self.interceptors_from = after_seq

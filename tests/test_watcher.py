@@ -231,7 +231,7 @@ async def test_the_orchestrator_serves_a_wasm_written_while_its_folder_was_gone(
     run = Running(orchestrator, events, tmp_path)
     try:
         shutil.rmtree(folder)
-        await run.wait_topic("orch.reconcile.rejected")
+        await run.wait_topic("orch.capsule.ver.degraded")  # its folder is gone: its own row says so
         assert await run.version() == "1"
         write_capsule(folder, 7)  # a new folder: no watch on it until the watcher notices
         await run.wait_topic("orch.capsule.ver.reloaded")

@@ -34,12 +34,11 @@ import asyncio
 import logging
 import os
 import resource
-import time
-from collections.abc import Callable
 from typing import Any
 
 from aiohttp import http_exceptions, web, web_protocol, web_request
 
+from ..throttle import Throttle
 from .responses import error_body
 from .settings import ServerLimits
 
@@ -48,29 +47,6 @@ logger = logging.getLogger(__name__)
 MIN_CONNECTIONS = 8
 REFUSAL_LINGER = 0.5  # seconds a refused connection may take to send its request and close
 MAX_LINGERING = 32
-
-
-class Throttle:
-    """Warnings of each kind at most once per `interval` seconds; the next one that gets
-    through says how many were held back."""
-
-    def __init__(self, log: logging.Logger, *, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._log, self._interval, self._clock = log, interval, clock
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def warning(self, kind: str, message: str, *args: object) -> None:
-        now = self._clock()
-        last = self._last.get(kind)
-        if last is not None and now - last < self._interval:
-            self._held[kind] = self._held.get(kind, 0) + 1
-            return
-        self._last[kind] = now
-        held = self._held.pop(kind, 0)
-        if held:
-            message += " (and %d more like it since the last such warning)"
-            args = (*args, held)
-        self._log.warning(message, *args)
 
 
 def raise_fd_limit(target: int) -> int:

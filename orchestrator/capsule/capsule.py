@@ -29,7 +29,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -68,6 +68,19 @@ TOOL_FALLBACK = "astrid_tool_call"
 VALIDATION_SECONDS = 5.0  # a backstop: the validator's step budget ends any validation sooner
 OPTIMISTIC_ATTEMPTS = 3  # attempts side by side with the capsule's other calls; then solo
 MAX_ATTEMPTS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class CallOutcome:
+    """What one call of a capsule came to, for whoever keeps its status (the reconciler)."""
+
+    label: str  # the tool, or "interceptor ACTION"
+    fuel: int
+    error: str | None  # one line; None when the call succeeded
+    attempts: int
+
+
+Observer = Callable[[CallOutcome], None]
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,7 @@ class Capsule:
         self.fuel_total = 0
         self.fuel_last = 0
         self.conflicts = 0  # attempts run again because their KV reads changed
+        self._observer: Observer | None = None
         self._gate = CallGate()
 
     # -- launching -----------------------------------------------------------------------
@@ -239,22 +253,35 @@ class Capsule:
         `arguments` is the parsed JSON (None means {})."""
         arguments = {} if arguments is None else arguments
         try:
-            await asyncio.wait_for(asyncio.to_thread(self.validate, tool, arguments), VALIDATION_SECONDS)
-        except TimeoutError:
-            raise ToolInputError(
-                f"invalid input for {self.name}.{tool}: checking it against the tool's input schema took over "
-                f"{VALIDATION_SECONDS:g} s; send a smaller input",
-                tool=tool,
-            ) from None
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.validate, tool, arguments), VALIDATION_SECONDS)
+            except TimeoutError:
+                raise ToolInputError(
+                    f"invalid input for {self.name}.{tool}: checking it against the tool's input schema took "
+                    f"over {VALIDATION_SECONDS:g} s; send a smaller input",
+                    tool=tool,
+                ) from None
+        except OrchestratorError as error:  # refused before the guest ran: a failed call for the status
+            self._report(tool, 0, error, 0)
+            raise
         data = json.dumps(arguments, ensure_ascii=False, separators=(",", ":")).encode()
         if self.plugin.has_function(tool):  # a dict lookup: launch asked about every tool
             export = tool
         else:
             export = TOOL_FALLBACK
             data = json.dumps({"name": tool, "arguments": arguments}, ensure_ascii=False).encode()
-        return await self._run(export, data)
+        return await self._run(export, data, label=tool)
 
-    async def _run(self, export: str, data: bytes) -> ToolResult:
+    def observe(self, observer: Observer | None) -> None:
+        """Tell `observer` the outcome of every call from now on: tools and interceptors."""
+        self._observer = observer
+
+    def counters(self) -> dict[str, int]:
+        """What this version counted that its status shows: KV conflicts (attempts run
+        again) and events its interceptors lost."""
+        return {"conflicts": self.conflicts, "events_lost": self._interceptors.lost}
+
+    async def _run(self, export: str, data: bytes, *, label: str) -> ToolResult:
         """Run `export` until an attempt's KV reads validate, commit its writes, then publish
         its events. Fuel: the sum over the call's attempts (each attempt has the full budget)."""
         started = time.perf_counter()
@@ -281,13 +308,20 @@ class Capsule:
         except CapsuleError as error:
             self.errors += 1
             error.fuel_used += fuel  # the attempts before the one that failed
+            self._report(label, error.fuel_used, error, attempt)
             raise
-        except OrchestratorError:
+        except OrchestratorError as error:
             self.errors += 1
+            self._report(label, fuel, error, attempt)
             raise
         self.fuel_total += fuel
         self.fuel_last = fuel
+        self._report(label, fuel, None, attempt)
         return ToolResult(output, fuel, time.perf_counter() - started, attempt)
+
+    def _report(self, label: str, fuel: int, error: BaseException | None, attempts: int) -> None:
+        if self._observer is not None:
+            self._observer(CallOutcome(label, fuel, None if error is None else _one_line(error), attempts))
 
     async def _attempt(
         self, export: str, data: bytes, *, solo: bool
@@ -326,7 +360,7 @@ class Capsule:
             self.host.bus.publish(topic, payload, source=self.name, size=size)
 
     async def _run_interceptor(self, action: str, event: bytes) -> ToolResult:
-        return await self._run(action, event)
+        return await self._run(action, event, label=f"interceptor {action}")
 
     # -- interceptors --------------------------------------------------------------------
     def start_interceptors(self, after_seq: int | None = None) -> None:
@@ -391,3 +425,7 @@ def check_exports(manifest: Manifest, plugin: Plugin, manifest_file: str) -> Non
             )
     if problems:
         raise ManifestError(problems)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())

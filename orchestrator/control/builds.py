@@ -53,7 +53,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,9 +197,17 @@ class _FolderState:
 class Builder:
     """Runs build commands for capsule folders, never two at once for one folder."""
 
-    def __init__(self, *, bus: EventBus, enabled: bool = True, timeout: float = BUILD_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        *,
+        bus: EventBus,
+        enabled: bool = True,
+        timeout: float = BUILD_TIMEOUT_SECONDS,
+        on_finished: Callable[[list[str], int, str], None] | None = None,
+    ) -> None:
         self.enabled = enabled
         self._bus = bus
+        self._on_finished = on_finished  # (deployment names, exit code, output tail) after each build
         self._timeout = timeout
         self._folders: dict[Path, _FolderState] = {}
         self._told_off: set[Path] = set()
@@ -316,11 +324,14 @@ class Builder:
         self, folder: Path, build: Build, names: list[str], *, code: int | None, text: str, started: float
     ) -> None:
         seconds = round(time.perf_counter() - started, 3)
+        tail = text[-OUTPUT_TAIL:]
+        if self._on_finished is not None:
+            self._on_finished(names, -1 if code is None else code, "" if code == 0 else tail)
         if code == 0:
+            logger.info("build of %s succeeded in %.1f s", folder, seconds)
             self._publish(names, "build_succeeded", {"command": build.command, "seconds": seconds})
             return
-        tail = text[-OUTPUT_TAIL:]
-        logger.warning("build of %s failed (exit %s):\n%s", folder, code, tail)
+        logger.warning("build of %s failed (exit %s) after %.1f s:\n%s", folder, code, seconds, tail)
         self._publish(
             names,
             "build_failed",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -37,6 +38,7 @@ from ..capsule.bus import EventBus
 from ..desired.plan import Action, Plan, plan
 from ..desired.spec import CapsuleSpec
 from ..errors import CapsuleNotRunning, OrchestratorError, StaleSpec, UnknownCapsule
+from ..throttle import Throttle
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +53,15 @@ PENDING, STARTING, RUNNING, DEGRADED, FAILED, STOPPING, STOPPED = (
 )
 PHASES = (PENDING, STARTING, RUNNING, DEGRADED, FAILED, STOPPING, STOPPED)
 DRAIN_SECONDS = 30.0
+FAILURE_LOG_SECONDS = 10.0  # a failing call is logged at most this often per capsule and tool
 
 
 class Handle(Protocol):
     """A running capsule version, as the reconciler sees it (orchestrator.capsule.Capsule)."""
 
-    fuel_last: int
-
     async def call_tool(self, tool: str, arguments: Any = None) -> Any: ...
+    def observe(self, observer: Callable[[Any], None] | None) -> None: ...
+    def counters(self) -> dict[str, int]: ...
     def start_interceptors(self, after_seq: int | None = None) -> None: ...
     async def stop_interceptors(self) -> int: ...
     async def close(self) -> None: ...
@@ -91,11 +94,17 @@ class Slot:
     fuel_last: int = 0
     retry_task: asyncio.Task[None] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    retired: dict[str, int] = field(default_factory=dict)  # counters of versions no longer serving
     # At most `instances` calls run at once per deployment, across versions: while a reload
     # swaps versions, calls still running on the old one count too, so a capsule with one
     # instance never has two calls interleaving their reads and writes.
     gate: asyncio.Semaphore | None = None
     gate_size: int = 0
+
+    def counters(self) -> dict[str, int]:
+        """KV conflicts and lost interceptor events, over every version of this deployment."""
+        live = self.handle.counters() if self.handle is not None else {}
+        return {k: self.retired.get(k, 0) + live.get(k, 0) for k in ("conflicts", "events_lost")}
 
     def status(self) -> dict[str, Any]:
         spec = self.spec
@@ -112,6 +121,7 @@ class Slot:
             "last_error": self.last_error,
             "last_error_at_ms": self.last_error_at_ms,
             "last_error_tool": self.last_error_tool,
+            **self.counters(),
             "since_ms": self.since_ms,
             "next_retry_ms": self.next_retry_ms,
             "reload_count": self.reload_count,
@@ -147,6 +157,7 @@ class Reconciler:
         self._inflight: dict[int, int] = {}  # id(handle) -> calls running on it
         self._drained: dict[int, asyncio.Event] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._warnings = Throttle(logger, interval=FAILURE_LOG_SECONDS)  # failed calls: one line each, rate-limited
 
     # -- what runs -----------------------------------------------------------------------
     def actual(self) -> dict[str, CapsuleSpec]:
@@ -266,7 +277,7 @@ class Reconciler:
             self._failed(slot, spec, error)
             return
         handle.start_interceptors()
-        slot.handle, slot.spec = handle, spec
+        self._serve(slot, handle, spec)
         slot.attempts, slot.failed_hash, slot.next_retry_ms = 0, None, None
         self._clear_error(slot)
         self._set_phase(slot, RUNNING)
@@ -312,10 +323,10 @@ class Reconciler:
             return
         handed_over = await old.stop_interceptors()
         new.start_interceptors(after_seq=handed_over)
-        slot.handle, slot.spec = new, spec  # new calls go to the new version from here on
+        self._serve(slot, new, spec)  # new calls go to the new version from here on
         slot.reload_count += 1
         self._clear_error(slot)
-        self._retire(old)
+        self._retire(slot, old)
         if slot.phase != RUNNING:
             self._set_phase(slot, RUNNING)
         self._publish(slot, "reloaded")
@@ -326,17 +337,17 @@ class Reconciler:
         self._set_phase(slot, STOPPING)
         slot.handle = None
         if handle is not None:
-            await self._drain_and_close(handle)
+            await self._drain_and_close(handle, slot=slot)
         self._set_phase(slot, STOPPED)
         if remove:
             del self._slots[slot.name]
 
-    def _retire(self, handle: Handle) -> None:
-        task = asyncio.get_running_loop().create_task(self._drain_and_close(handle))
+    def _retire(self, slot: Slot, handle: Handle) -> None:
+        task = asyncio.get_running_loop().create_task(self._drain_and_close(handle, slot=slot))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _drain_and_close(self, handle: Handle, timeout: float = DRAIN_SECONDS) -> None:
+    async def _drain_and_close(self, handle: Handle, timeout: float = DRAIN_SECONDS, *, slot: Slot) -> None:
         key = id(handle)
         if self._inflight.get(key):
             drained = self._drained.setdefault(key, asyncio.Event())
@@ -346,6 +357,8 @@ class Reconciler:
             await handle.close()
         except Exception:
             logger.exception("closing a capsule version failed")
+        for counter, value in handle.counters().items():  # what the slot's status keeps showing
+            slot.retired[counter] = slot.retired.get(counter, 0) + value
 
     async def restart(self, name: str) -> dict[str, Any]:
         """Build a fresh version of `name` (same spec) and swap to it, as a reload does; a
@@ -389,11 +402,7 @@ class Reconciler:
         key = id(handle)
         self._inflight[key] = self._inflight.get(key, 0) + 1
         try:
-            result = await handle.call_tool(tool, arguments)
-        except OrchestratorError:
-            slot.calls += 1
-            slot.errors += 1
-            raise
+            return await handle.call_tool(tool, arguments)  # counted by the observer
         finally:
             left = self._inflight[key] - 1
             if left:
@@ -403,10 +412,24 @@ class Reconciler:
                 drained = self._drained.pop(key, None)
                 if drained is not None:
                     drained.set()
+
+    def _observed(self, slot: Slot, outcome: Any) -> None:
+        """Every call of the slot's versions, tools and interceptors alike (CallOutcome)."""
         slot.calls += 1
-        slot.fuel_total += handle.fuel_last
-        slot.fuel_last = handle.fuel_last
-        return result
+        if outcome.error is not None:
+            slot.errors += 1
+            self._error(slot, outcome.error, outcome.label)
+            self._warnings.warning(
+                f"{slot.name}:{outcome.label}", "capsule %s: %s failed: %s", slot.name, outcome.label, outcome.error
+            )
+        else:
+            slot.fuel_total += outcome.fuel
+            slot.fuel_last = outcome.fuel
+
+    def _serve(self, slot: Slot, handle: Handle, spec: CapsuleSpec) -> None:
+        """`handle` is the version of `slot` serving from now on."""
+        handle.observe(functools.partial(self._observed, slot))
+        slot.handle, slot.spec = handle, spec
 
     # -- shutdown ------------------------------------------------------------------------
     async def shutdown(self, timeout: float = 10.0) -> None:
@@ -425,7 +448,7 @@ class Reconciler:
         self._set_phase(slot, STOPPING)
         slot.handle = None
         if handle is not None:
-            await self._drain_and_close(handle, timeout)
+            await self._drain_and_close(handle, timeout, slot=slot)
         self._set_phase(slot, STOPPED)
 
     # -- events --------------------------------------------------------------------------

@@ -29,9 +29,11 @@ from typing import Any
 from ..capsule import CapsuleLauncher, EventBus, KVStore
 from ..capsule.protected import ProtectedHolder, ProtectedPaths
 from ..desired import DesiredState, Plan, load_desired
+from ..desired.manifest import Manifest, load_manifest
 from ..engine import WasmEngine, load_or_create_key
-from ..errors import ConfigError, Problem
+from ..errors import ConfigError, ManifestError, Problem
 from .builds import Builder
+from .builds import sources as build_sources
 from .gitrev import GitRevision
 from .health import DesiredHealth
 from .reconciler import Reconciler
@@ -61,7 +63,7 @@ class Orchestrator:
         self.store: KVStore | None = None
         self.engine: WasmEngine | None = None
         self.reconciler: Reconciler | None = None
-        self.builder = Builder(bus=self.bus)
+        self.builder = Builder(bus=self.bus, enabled=builds, on_finished=self._build_finished)
         self.started_at = time.time()
         self.last_plan: Plan | None = None
         self.revision = GitRevision(self.config_path.parent, watched=self.config_path)
@@ -129,6 +131,8 @@ class Orchestrator:
         async with self._changes:
             plan = await self._apply(desired)
         self.ready = True
+        self.builder.enabled = self.builds and desired.config.model.builds
+        await self._build_stale(desired)
         if self.watch:
             self._watcher = Watcher(config_path=self.config_path)
             await self._watcher.start(self._folders(desired))
@@ -254,15 +258,18 @@ class Orchestrator:
         async for changes in self._watcher.changes():
             try:
                 async with self._changes:
-                    await self._on_changes(changes.config, changes.folders)
+                    await self._on_changes(changes.config, changes.folders, rescan=changes.rescan)
             except Exception:  # never let one bad change end the watching
                 logger.exception("handling file changes failed")
 
-    async def _on_changes(self, config_changed: bool, folders: Mapping[Path, set[Path]]) -> None:
+    async def _on_changes(
+        self, config_changed: bool, folders: Mapping[Path, set[Path]], *, rescan: bool = False
+    ) -> None:
         assert self.desired is not None
         previous = self.desired
         names = self._deployments_in(previous, folders)
-        self._run_builds(previous, folders)
+        self.builder.enabled = self.builds and previous.config.model.builds
+        await self._run_builds(previous, folders, rescan=rescan)
         if not config_changed and not names:
             return
         try:
@@ -278,16 +285,33 @@ class Orchestrator:
         by_folder = _by_folder(desired)
         return [name for folder in folders for name in by_folder.get(folder.absolute(), ())]
 
-    def _run_builds(self, desired: DesiredState, folders: Mapping[Path, set[Path]]) -> None:
-        if not (self.builds and desired.config.model.builds):
-            return  # builds run a shell command from the manifest: only when the operator allows it
-        by_folder = _by_folder(desired)
-        for folder, paths in folders.items():
-            names = [n for n in by_folder.get(folder.absolute(), ()) if desired.manifest(n) is not None]
-            manifest = desired.manifest(names[0]) if names else None
-            build = manifest.build if manifest is not None else None
-            if build is not None and build.watch:
-                self.builder.changed(folder, build, paths, names)
+    async def _run_builds(
+        self, desired: DesiredState, folders: Mapping[Path, set[Path]], *, rescan: bool = False
+    ) -> None:
+        """Builds for the changed sources (after a watcher rescan: for every folder whose
+        sources differ from what its last build saw). Builds run a shell command from the
+        manifest: only when the operator allows it (the builder is off otherwise)."""
+        for folder, names, manifest in await asyncio.to_thread(_with_builds, desired):
+            assert manifest.build is not None
+            if rescan:
+                self.builder.rescan(folder, manifest.build, names)
+            elif folder in folders:
+                self.builder.changed(folder, manifest.build, folders[folder], names)
+
+    async def _build_stale(self, desired: DesiredState) -> None:
+        """At start: build each capsule whose module is missing or older than its sources."""
+        for folder, names, manifest in await asyncio.to_thread(_with_builds, desired):
+            assert manifest.build is not None
+            stale = await asyncio.to_thread(_stale_sources, folder, manifest)
+            if stale:
+                logger.info("capsule folder %s: its module is missing or older than its sources: building", folder)
+                self.builder.changed(folder, manifest.build, stale, names)
+
+    def _build_finished(self, names: list[str], exit_code: int, output: str) -> None:
+        for name in names:
+            if self.health.build_finished(name, exit_code=exit_code, output=output):
+                logger.info("desired state accepted again: the build of %s succeeded", name)
+                self.bus.publish("orch.reconcile.accepted", {"config": str(self.config_path)})
 
     # -- what the CLI and API show ---------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -316,3 +340,38 @@ def _why_broken(problems: list[Problem]) -> str:
     shown = "; ".join(str(p) for p in problems[:3])
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
     return f"its files cannot be used, so the last good version (if any) keeps running: {shown}{more}"
+
+
+def _with_builds(desired: DesiredState) -> list[tuple[Path, list[str], Manifest]]:
+    """Each capsule folder with a `[build]` that watches sources: (folder, its deployments,
+    its manifest). A deployment whose files are broken is looked at too (reads files: call
+    it on a worker thread)."""
+    found = []
+    for folder, names in _by_folder(desired).items():
+        manifest = next((m for n in names if (m := desired.manifest(n)) is not None), None)
+        if manifest is None:  # broken (say, its module does not exist yet): the manifest may be fine
+            manifest = _manifest_or_none(folder)
+        if manifest is not None and manifest.build is not None and manifest.build.watch:
+            found.append((folder, names, manifest))
+    return found
+
+
+def _manifest_or_none(folder: Path) -> Manifest | None:
+    try:
+        return load_manifest(folder)
+    except ManifestError:
+        return None
+
+
+def _stale_sources(folder: Path, manifest: Manifest) -> list[Path]:
+    """The build's sources when its module is missing or older than the newest of them."""
+    assert manifest.build is not None
+    found = build_sources(folder, manifest.build)
+    if not found:
+        return []
+    try:
+        built: int | None = (folder / manifest.component.file).stat().st_mtime_ns
+    except OSError:
+        built = None
+    newest = max(p.stat().st_mtime_ns for p in found)
+    return found if built is None or newest > built else []
