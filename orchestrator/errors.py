@@ -170,9 +170,41 @@ class StaleSpec(OrchestratorError):
     nothing is applied, and the change event that follows triggers a new attempt."""
 
 
+class StoreError(OrchestratorError):
+    """The KV store could not be opened, read or written (the message says which and why)."""
+
+
+class KVConflict(StoreError):
+    """A call's KV reads kept changing under it, even when run alone; it was not applied
+    (nothing of it happened: it may be retried)."""
+
+
 class CapsuleNotRunning(OrchestratorError):
     """The deployment exists but has no running version (starting, failed or stopped)."""
 
 
 class UnknownCapsule(OrchestratorError):
     """No deployment of that name in the configuration."""
+
+
+HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (ToolInputError, 400),
+    (GateError, 400),
+    (CapabilityDenied, 403),
+    (UnknownCapsule, 404),
+    (UnknownTool, 404),
+    (CapsuleNotRunning, 409),
+    (GuestError, 422),
+    (CapsuleTrap, 422),  # the guest failed (an abort, an out-of-range access, a refused publish)
+    (MemoryLimitExceeded, 422),
+    (ConfigError, 422),
+    (CallTimeout, 504),
+    (FuelExhausted, 504),
+    (KVConflict, 503),  # the call kept meeting concurrent writes: it may be retried
+)
+"""The status code of each error kind, as the control API (and the lattice's calls) answer."""
+
+
+def http_status(error: BaseException) -> int:
+    """The status code for `error` (500 for anything not named in HTTP_STATUS)."""
+    return next((code for kind, code in HTTP_STATUS if isinstance(error, kind)), 500)

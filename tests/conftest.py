@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.engine import WasmEngine
+from tests.natsserver import nats_cluster, nats_server  # noqa: F401  (fixtures for every test module)
 
 REPO = Path(__file__).resolve().parent.parent
 CAPSULES = REPO / "capsules"

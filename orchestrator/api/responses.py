@@ -14,40 +14,10 @@ from typing import Any
 
 from aiohttp import web
 
-from ..capsule.store import KVConflict
-from ..errors import (
-    CallTimeout,
-    CapabilityDenied,
-    CapsuleNotRunning,
-    CapsuleTrap,
-    ConfigError,
-    FuelExhausted,
-    GateError,
-    GuestError,
-    MemoryLimitExceeded,
-    OrchestratorError,
-    ToolInputError,
-    UnknownCapsule,
-    UnknownTool,
-)
+from ..errors import OrchestratorError, http_status
 
 logger = logging.getLogger(__name__)
 
-STATUS_OF: list[tuple[type[BaseException], int]] = [
-    (ToolInputError, 400),
-    (GateError, 400),
-    (CapabilityDenied, 403),
-    (UnknownCapsule, 404),
-    (UnknownTool, 404),
-    (CapsuleNotRunning, 409),
-    (GuestError, 422),
-    (CapsuleTrap, 422),  # the guest failed (an abort, an out-of-range access, a refused publish)
-    (MemoryLimitExceeded, 422),
-    (ConfigError, 422),
-    (CallTimeout, 504),
-    (FuelExhausted, 504),
-    (KVConflict, 503),  # the call kept meeting concurrent writes: it may be retried
-]
 
 AIOHTTP_KINDS = {404: "NotFound", 405: "MethodNotAllowed", 413: "TooLarge"}
 
@@ -85,7 +55,7 @@ async def errors_as_json(request: web.Request, handler: Any) -> web.StreamRespon
             response.headers["Allow"] = error.headers["Allow"]
         return response
     except OrchestratorError as error:
-        status = next((code for kind, code in STATUS_OF if isinstance(error, kind)), 500)
+        status = http_status(error)
         if status == 500:
             logger.error("%s %s failed", request.method, request.path, exc_info=error)
         return error_response(status, type(error).__name__, " ".join(str(error).split()))

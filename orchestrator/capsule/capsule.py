@@ -57,8 +57,9 @@ from .bus import EventBus
 from .gate import PathGate, RateLimiter, TopicGate
 from .interceptors import InterceptorRunner
 from .kv import CallGate, CallKV, CapsuleKV
+from .kvbackend import CommitConflict, KVBackend
 from .protected import ProtectedSource
-from .store import CONFLICT, Batch, KVConflict, KVStore, Staged
+from .store import CONFLICT, KVConflict
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class Capsule:
         plugin: Plugin,
         host: HostContext,
         bus: EventBus,
-        store: KVStore | None,
+        store: KVBackend | None,
         executor: ThreadPoolExecutor,
     ) -> None:
         self.spec = spec
@@ -136,7 +137,7 @@ class Capsule:
         *,
         engine: WasmEngine,
         bus: EventBus,
-        store: KVStore | None,
+        store: KVBackend | None,
         workspace: Path,
         rate: RateLimiter | None = None,
         interceptors: bool = True,
@@ -205,7 +206,7 @@ class Capsule:
         *,
         engine: WasmEngine,
         bus: EventBus,
-        store: KVStore | None,
+        store: KVBackend | None,
         workspace: Path,
         name: str | None = None,
         config: Mapping[str, Any] | None = None,
@@ -294,8 +295,12 @@ class Capsule:
                 if staged is CONFLICT:
                     self.conflicts += 1
                     continue
-                if isinstance(staged, Batch):
-                    await self._commit(staged)  # its events are published by the commit
+                if staged is not None:
+                    try:
+                        await self._commit(staged)  # its events are published by the commit
+                    except CommitConflict:  # the store checked the reads at commit: nothing written
+                        self.conflicts += 1
+                        continue
                 elif outbox:
                     self._publish(outbox)
                 break
@@ -325,7 +330,7 @@ class Capsule:
 
     async def _attempt(
         self, export: str, data: bytes, *, solo: bool
-    ) -> tuple[bytes, int, Staged, list[tuple[str, Any, int]]]:
+    ) -> tuple[bytes, int, Any, list[tuple[str, Any, int]]]:
         """One run on a worker thread, its KV validated and staged there: (output, fuel,
         staged: CONFLICT, a ticket or None, outbox)."""
         gate = self._gate
@@ -341,7 +346,7 @@ class Capsule:
             else:
                 gate.leave_shared()
 
-    def _attempt_here(self, export: str, data: bytes) -> tuple[bytes, int, Staged, list[tuple[str, Any, int]]]:
+    def _attempt_here(self, export: str, data: bytes) -> tuple[bytes, int, Any, list[tuple[str, Any, int]]]:
         kv = CallKV(self._store, self.name) if self._store is not None else None
         outbox: list[tuple[str, Any, int]] = []
         state = CallState(self.host, function=export, kv=kv, outbox=outbox)
@@ -351,7 +356,7 @@ class Capsule:
         staged = kv.finish(partial(self._publish, outbox) if outbox else None) if kv is not None else None
         return output, fuel, staged, outbox
 
-    async def _commit(self, ticket: Batch) -> None:
+    async def _commit(self, ticket: Any) -> None:
         assert self._store is not None
         await self._store.commit(ticket)
 

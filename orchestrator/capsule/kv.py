@@ -19,19 +19,20 @@ Used by orchestrator.capsule.capsule (which hands a CallKV to each call's airloc
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Any
 
-from .store import KVStore, Staged
+from .kvbackend import KVBackend
 
 
 class CallKV:
     """One call's view of its capsule's KV; see the module docstring."""
 
-    def __init__(self, store: KVStore, capsule: str) -> None:
+    def __init__(self, store: KVBackend, capsule: str) -> None:
         self._store = store
         self._capsule = capsule
         self.writes: dict[str, bytes | None] = {}
-        self.reads: dict[int, int] = {}  # stripe -> the first version this call saw
+        self.reads: dict[Hashable, int] = {}  # token (a stripe, a key, a listing) -> the first version seen
         self.dirty = False  # read staged data not yet committed
 
     def get(self, key: str) -> bytes | None:
@@ -39,7 +40,7 @@ class CallKV:
             return self.writes[key]
         stripe, version, value, dirty = self._store.read_from_thread(self._capsule, key)
         self._saw(stripe, version, dirty)
-        return value  # type: ignore[no-any-return]
+        return value
 
     def set(self, key: str, value: bytes) -> None:
         self.writes[key] = value
@@ -59,11 +60,11 @@ class CallKV:
                     keys.add(key)
         return sorted(keys)
 
-    def _saw(self, stripe: int, version: int, dirty: bool) -> None:
+    def _saw(self, stripe: Hashable, version: int, dirty: bool) -> None:
         self.reads.setdefault(stripe, version)  # a later, newer stamp must not hide a change
         self.dirty = self.dirty or dirty
 
-    def finish(self, on_commit: Callable[[], None] | None = None) -> Staged:
+    def finish(self, on_commit: Callable[[], None] | None = None) -> Any:
         """Validate and stage (see `KVStore.stage_call`): CONFLICT, a ticket to commit, or
         None when there is nothing to wait for."""
         return self._store.stage_call(
@@ -74,7 +75,7 @@ class CallKV:
 class CapsuleKV:
     """One capsule's slice of the KVStore, for host functions on worker threads."""
 
-    def __init__(self, store: KVStore, capsule: str) -> None:
+    def __init__(self, store: KVBackend, capsule: str) -> None:
         self._store = store
         self._capsule = capsule
 

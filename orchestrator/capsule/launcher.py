@@ -12,15 +12,15 @@ from ..engine import WasmEngine
 from .bus import EventBus
 from .capsule import Capsule
 from .gate import RateLimiter
+from .kvbackend import KVBackend
 from .protected import ProtectedSource
-from .store import KVStore
 
 
 class CapsuleLauncher:
     """Launches a spec as a running Capsule, interceptors off until the swap."""
 
     def __init__(
-        self, *, engine: WasmEngine, bus: EventBus, store: KVStore, workspace: Path, protected: ProtectedSource
+        self, *, engine: WasmEngine, bus: EventBus, store: KVBackend, workspace: Path, protected: ProtectedSource
     ) -> None:
         self._engine = engine
         self._bus = bus

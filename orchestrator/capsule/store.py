@@ -46,7 +46,7 @@ from typing import Any
 
 import aiosqlite
 
-from ..errors import OrchestratorError
+from ..errors import KVConflict, StoreError  # StoreError, KVConflict: re-exported
 from .kvfile import RECOVER, check_database, crc, prepare_database
 
 logger = logging.getLogger(__name__)
@@ -65,14 +65,6 @@ __all__ = ["CONFLICT", "Batch", "Conflict", "KVConflict", "KVStore", "Staged", "
 
 Entry = tuple[str, str]  # (capsule, key)
 Read = tuple[int, int, Any, bool]  # (stripe, version before the read, value, from staged data)
-
-
-class StoreError(OrchestratorError):
-    """The database could not be opened, read or written (the message says which and why)."""
-
-
-class KVConflict(StoreError):
-    """A call's KV reads kept changing under it, even when run alone; it was not applied."""
 
 
 class Batch:

@@ -1,0 +1,153 @@
+"""Connecting to a lattice: one NATS connection with JetStream, and its buckets.
+
+`LatticeAddress` is what the operator gives: the server URL(s) (several, comma-separated,
+for a cluster; user and password or a token may be in the URL's user info), a creds file
+(`--lattice-creds`), TLS files, and the lattice's name. `connect()` fails within a bounded
+time with one clear line when no server answers (nats-py alone would retry for minutes),
+and once connected reconnects forever, to any server of the cluster.
+
+`Lattice` holds the connection, the JetStream context and the names (naming.py), and finds
+or creates buckets and the object store: the first host or `orch apply` creates them, the
+others bind. Used by every part of orchestrator.lattice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from ..errors import OrchestratorError
+from .naming import LatticeNames
+
+logger = logging.getLogger(__name__)
+
+CONNECT_SECONDS = 5.0
+REQUEST_SECONDS = 5.0
+
+
+class LatticeError(OrchestratorError):
+    """The lattice cannot be reached or used; the message names the server and what to do."""
+
+
+@dataclass(frozen=True)
+class LatticeAddress:
+    """Where a lattice is and how to get in."""
+
+    urls: tuple[str, ...]
+    name: str = "default"
+    creds: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    names: LatticeNames = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "names", LatticeNames(self.name))
+        if not self.urls:
+            raise LatticeError("no lattice URL: give --lattice nats://HOST:PORT")
+
+    @classmethod
+    def parse(cls, urls: str, *, name: str = "default", **files: Path | None) -> LatticeAddress:
+        """`urls`: one or more NATS URLs, comma-separated."""
+        return cls(tuple(u.strip() for u in urls.split(",") if u.strip()), name=name, **files)
+
+    @property
+    def shown(self) -> str:
+        """The URLs without any password or token, for messages."""
+        return ", ".join(_hide_secret(url) for url in self.urls)
+
+    def tls(self) -> ssl.SSLContext | None:
+        if self.tls_ca is None and self.tls_cert is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self.tls_ca) if self.tls_ca else None)
+        if self.tls_cert is not None:
+            context.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
+        return context
+
+
+def _hide_secret(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+class Lattice:
+    """A connection to one lattice. `await Lattice.connect(address)`; `await close()`."""
+
+    def __init__(self, address: LatticeAddress, nc: Client) -> None:
+        self.address = address
+        self.names = address.names
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=REQUEST_SECONDS)
+        self._buckets: dict[str, KeyValue] = {}
+
+    @classmethod
+    async def connect(cls, address: LatticeAddress, *, timeout: float = CONNECT_SECONDS) -> Lattice:
+        """Connect, or raise LatticeError within `timeout` seconds."""
+
+        async def quiet(error: Exception) -> None:  # nats-py logs whole tracebacks otherwise
+            logger.debug("lattice %s: %s", address.shown, error)
+
+        options: dict[str, Any] = {
+            "servers": list(address.urls),
+            "error_cb": quiet,
+            "reconnect_time_wait": 0.2,
+            "max_reconnect_attempts": -1,
+            "connect_timeout": min(2.0, timeout),
+        }
+        if address.creds is not None:
+            options["user_credentials"] = str(address.creds)
+        if (context := address.tls()) is not None:
+            options["tls"] = context
+        try:
+            nc = await asyncio.wait_for(nats.connect(**options), timeout)
+        except (TimeoutError, OSError, nats.errors.Error) as error:
+            raise LatticeError(
+                f"cannot reach the lattice at {address.shown} within {timeout:g} s ({type(error).__name__}: "
+                f"{error or 'no answer'}): start a NATS server with JetStream (`nats-server -js`), or fix --lattice"
+            ) from None
+        return cls(address, nc)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def bucket(self, name: str, **config: Any) -> KeyValue:
+        """The KV bucket `name`, created with `config` (KeyValueConfig fields) if absent."""
+        found = self._buckets.get(name)
+        if found is not None:
+            return found
+        try:
+            found = await self.js.key_value(name)
+        except nats.js.errors.BucketNotFoundError:
+            try:
+                found = await self.js.create_key_value(KeyValueConfig(bucket=name, storage=StorageType.FILE, **config))
+            except nats.js.errors.BadRequestError:  # another host created it meanwhile
+                found = await self.js.key_value(name)
+        self._buckets[name] = found
+        return found
+
+    async def objects(self) -> ObjectStore:
+        """The artifacts' object store (wasm modules and manifests by sha256)."""
+        name = self.names.artifacts
+        try:
+            return await self.js.object_store(name)
+        except nats.js.errors.BucketNotFoundError:
+            try:
+                return await self.js.create_object_store(name, config=ObjectStoreConfig(storage=StorageType.FILE))
+            except nats.js.errors.BadRequestError:
+                return await self.js.object_store(name)
