@@ -307,8 +307,8 @@ def test_text_sha256_changes_with_the_bytes(root: Path) -> None:
             "version: 1\ncapsule: {}\n",
             2,
             "capsule",
-            "(did you mean 'capsules'?); allowed here: builds, capsules, defaults, engine, state_dir, version, "
-            "workspace",
+            "(did you mean 'capsules'?); allowed here: builds, capsules, defaults, engine, lattice, state_dir, "
+            "version, workspace",
         ),
         ("version: 1\nfrobnicate: 3\n", 2, "frobnicate", "unknown key 'frobnicate'; allowed here: builds, capsules,"),
         (
@@ -316,7 +316,7 @@ def test_text_sha256_changes_with_the_bytes(root: Path) -> None:
             5,
             "capsules.hello.dependson",
             "unknown key 'dependson' (did you mean 'depends_on'?); "
-            "allowed here: config, depends_on, enabled, instances, limits, path",
+            "allowed here: config, depends_on, enabled, hosts, instances, labels, limits, path",
         ),
         (capsule("instance: 2"), 5, "capsules.hello.instance", "(did you mean 'instances'?)"),
         (
@@ -352,8 +352,8 @@ def test_text_sha256_changes_with_the_bytes(root: Path) -> None:
             "version: 1\ncapsules:\n  hello: capsules/hello\n",
             3,
             "capsules.hello",
-            "expected a mapping with keys path, config, limits, publish_rate, instances, depends_on, enabled, "
-            "got 'capsules/hello'",
+            "expected a mapping with keys path, config, limits, publish_rate, instances, depends_on, enabled, hosts, "
+            "labels, got 'capsules/hello'",
         ),
         ("version: 1\ncapsules:\n  hello: {}\n", 3, "capsules.hello.path", "required: the capsule folder, relative to"),
         (capsule("", path="''"), 4, "capsules.hello.path", "must be a non-empty path"),

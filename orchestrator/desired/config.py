@@ -105,6 +105,16 @@ class Deployment(_Model):
         default_factory=list, description="a list of deployment names started before this one"
     )
     enabled: bool = Field(True, description="true or false (false: stopped, state kept)")
+    hosts: int = Field(1, ge=1, le=1000, description="a whole number 1..1000: in a lattice, how many hosts run it")
+    labels: Annotated[dict[str, str], EmptyDict] = Field(
+        default_factory=dict, description="a mapping of label to value: in a lattice, only hosts with all of these"
+    )
+
+
+class LatticeSettings(_Model):
+    """lattice: how the deployment behaves when applied to a lattice (`orch apply --lattice`)."""
+
+    replicas: int = Field(1, ge=1, le=5, description="a whole number 1..5: copies of the KV data in the NATS cluster")
 
 
 class EngineSettings(_Model):
@@ -128,6 +138,9 @@ class OrchestratorConfig(_Model):
     )
     engine: Annotated[EngineSettings, EmptyDict] = Field(
         default_factory=EngineSettings, description="a mapping of cache_max_mib, max_module_mib"
+    )
+    lattice: Annotated[LatticeSettings, EmptyDict] = Field(
+        default_factory=LatticeSettings, description="a mapping with replicas"
     )
     capsules: Annotated[dict[DeploymentName, Deployment], EmptyDict] = Field(
         default_factory=dict, description="a mapping of deployment names to deployments"
@@ -339,6 +352,8 @@ def _model_at(loc: Loc) -> type[BaseModel] | None:
             return Defaults
         case ("engine",):
             return EngineSettings
+        case ("lattice",):
+            return LatticeSettings
         case ("defaults", "limits") | ("capsules", _, "limits"):
             return LimitsOverride
         case ("capsules", _):

@@ -206,6 +206,8 @@ def load_spec(loaded: LoadedConfig, name: str, *, previous: CapsuleSource | None
         },
         depends_on=tuple(deployment.depends_on),
         enabled=deployment.enabled,
+        hosts=deployment.hosts,
+        labels=dict(deployment.labels),
     )
 
 
@@ -243,6 +245,8 @@ def build_spec(
     publish_rate: Mapping[str, float] | None = None,
     depends_on: tuple[str, ...] = (),
     enabled: bool = True,
+    hosts: int = 1,
+    labels: Mapping[str, str] | None = None,
 ) -> CapsuleSpec:
     manifest = source.manifest
     data = manifest.model_dump(by_alias=True, mode="json")
@@ -262,6 +266,8 @@ def build_spec(
         publish_rate=dict(publish_rate or {}),
         depends_on=depends_on,
         enabled=enabled,
+        hosts=hosts,
+        labels=dict(labels or {}),
         source=source,
     )
 

@@ -70,6 +70,8 @@ class CapsuleSpec:
     publish_rate: Mapping[str, float] = field(default_factory=dict)  # messages_per_second, bytes_per_second
     depends_on: tuple[str, ...] = ()
     enabled: bool = True
+    hosts: int = 1  # in a lattice: how many hosts run it (placement only: not in the spec hash)
+    labels: Mapping[str, str] = field(default_factory=dict)  # in a lattice: hosts must have all of these
     source: CapsuleSource | None = field(default=None, compare=False, repr=False)  # None when rebuilt from a record
     spec_hash: str = field(default="", compare=False, init=False)  # always computed (also by `replace`)
 
@@ -121,6 +123,8 @@ class CapsuleSpec:
             "publish_rate": dict(self.publish_rate),
             "depends_on": list(self.depends_on),
             "enabled": self.enabled,
+            "hosts": self.hosts,
+            "labels": dict(self.labels),
             "spec_hash": self.spec_hash,
         }
 
@@ -138,6 +142,8 @@ class CapsuleSpec:
             instances=int(record.get("instances", 1)),
             publish_rate={str(k): float(v) for k, v in record.get("publish_rate", {}).items()},
             depends_on=tuple(record.get("depends_on", ())),
+            hosts=int(record.get("hosts", 1)),
+            labels={str(k): str(v) for k, v in record.get("labels", {}).items()},
             enabled=bool(record.get("enabled", True)),
         )
         return spec
