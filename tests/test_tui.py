@@ -33,16 +33,18 @@ from orchestrator.control.runtime import Orchestrator
 from tests.conftest import REPO
 from tests.test_cli import example_deployment
 from tui import Clock, Dashboard, connect_to
+from tui.arguments import check_arguments
 from tui.capsules import CapsulesScreen
-from tui.detail import CapsuleScreen, check_arguments
+from tui.detail import CapsuleScreen
 from tui.dialogs import HelpScreen, PlanScreen
+from tui.eventlog import EventLog
 from tui.events import EventsScreen
 from tui.feed import ERROR, EventFeed, EventFilter, TopicPatternError, parse_pattern, topic_matches
 from tui.format import compact, hexdump, phase_text
 from tui.kv import KVScreen
-from tui.widgets import EventLog, TopBar
+from tui.widgets import TopBar
 
-DEADLINE = 10.0
+DEADLINE = 30.0  # a backstop for a busy machine: waits end as soon as their condition holds
 SIZE = (100, 30)
 
 
@@ -183,23 +185,22 @@ async def test_a_capsule_in_detail_and_its_tools(live: Live) -> None:
         for shown in ("A count kept in KV", "publish counter.*", "step = 1", "fuel 100M", "running"):
             assert shown in overview, shown
 
-        await pilot.press("enter")  # choose `increment`: the arguments field gets the focus
         field = screen.query_one("#args", Input)
-        assert screen.focused is field
+        assert screen.focused is field  # the arguments field has the focus from the start
+        await until(lambda: screen.tool is not None and screen.tool["name"] == "increment", "the first tool chosen")
         field.value = '{"by": "x'
         await pilot.press(*'"}')
-        problem = text_of(screen.query_one("#args-problem", Static))
-        assert "$.by: 'x' is not of type 'integer'" in problem and field.has_class("-invalid")
+        problem = screen.query_one("#args-problem", Static)
+        await until(lambda: "at /by: 'x' is not of type 'integer'" in text_of(problem), "the schema problem")
+        assert field.has_class("-invalid")
         await pilot.press("enter")
-        assert "not sent" in text_of(screen.query_one("#tool-output", Static))
+        await until(lambda: "not sent" in text_of(screen.query_one("#tool-output", Static)), "the refusal")
         assert live.status("counter")["calls"] == 0  # an invalid input never leaves the dashboard
 
         field.value = '{"by": 5'
-        await pilot.pause()
-        assert "not JSON" in text_of(screen.query_one("#args-problem", Static))
+        await until(lambda: "not JSON" in text_of(problem), "the JSON problem")
         field.value = '{"by": 5}'
-        await pilot.pause()
-        assert "valid" in text_of(screen.query_one("#args-problem", Static))
+        await until(lambda: "valid" in text_of(problem) and not field.has_class("-invalid"), "valid arguments")
         await pilot.press("enter")
         output = screen.query_one("#tool-output", Static)
         await until(lambda: "fuel" in text_of(output), "the tool's output")
@@ -212,8 +213,8 @@ async def test_a_capsule_in_detail_and_its_tools(live: Live) -> None:
         assert isinstance(app.screen, CapsuleScreen) and app.screen.capsule == "notes"
         screen = app.screen
         await until(lambda: screen.query_one(OptionList).option_count == 4, "the notes tools")
-        screen.query_one(OptionList).highlighted = 3  # peek: reads any path, and is denied
-        await pilot.press("enter")
+        await pilot.press("down", "down", "down")  # in the field, down chooses the next tool
+        await until(lambda: screen.tool is not None and screen.tool["name"] == "peek", "peek: reads any path")
         screen.query_one("#args", Input).value = '{"path": "/etc/passwd"}'
         await pilot.press("enter")
         output = screen.query_one("#tool-output", Static)
@@ -240,19 +241,18 @@ async def test_events_filter_search_problems_and_pause(live: Live) -> None:
         topic = screen.query_one("#topic", Input)
         topic.value = "counter.>"
         topic.cursor_position = len(topic.value)
-        await pilot.pause()
-        assert set(topics()) == {"counter.changed"}
+        await until(lambda: set(topics()) == {"counter.changed"}, "the topic filter")
         await pilot.press(".", "x")  # counter.>.x is not a pattern: said inline, filter kept
         assert topic.has_class("-invalid")
         assert "'>' may only be the last token" in text_of(screen.query_one("#event-stats", Static))
         assert set(topics()) == {"counter.changed"}
         topic.value = "orch.capsule.*.running"
-        await pilot.pause()
-        assert set(topics()) == {f"orch.capsule.{n}.running" for n in ("counter", "milestones", "notes")}
+        running = {f"orch.capsule.{n}.running" for n in ("counter", "milestones", "notes")}
+        await until(lambda: set(topics()) == running, "a pattern with a wildcard")
         topic.value = ""
         await pilot.press("enter", "slash", "m")
         screen.query_one("#search", Input).value = "milestones"
-        await pilot.pause()
+        await until(lambda: screen.filter.search == "milestones", "the search")
         assert "orch.capsule.milestones.running" in topics() and "counter.changed" not in topics()
         assert all("milestones" in row.topic + row.text for row in screen.visible_rows())
         screen.query_one("#search", Input).value = ""
@@ -270,7 +270,7 @@ async def test_events_filter_search_problems_and_pause(live: Live) -> None:
         for _ in range(3):
             await live.call("counter", "increment")
         await until(lambda: app.feed.received - screen.cursor >= 3, "events buffered while paused")
-        await pilot.pause(0.2)
+        screen._frame()  # what the frame timer does: while paused it shows nothing new
         assert len(screen.visible_rows()) == shown
         assert "PAUSED: " in text_of(screen.query_one("#event-stats", Static))
         await pilot.press("space")
@@ -289,8 +289,8 @@ async def test_reconnects_when_the_orchestrator_returns(live: Live) -> None:
         await live.stop()
         bar = app.screen.query_one(TopBar)
         await until(lambda: not app.connected, "the disconnection to show")
-        await pilot.pause()
-        assert bar.has_class("-down") and "disconnected" in text_of(bar.query_one("#link", Static))
+        await until(lambda: bar.has_class("-down"), "the top bar to say so")
+        assert "disconnected" in text_of(bar.query_one("#link", Static))
 
         await live.start()
         await until(lambda: app.connected, "reconnected")
@@ -428,7 +428,7 @@ def test_the_headless_orchestrator_never_loads_textual() -> None:
     assert result.stdout.strip() == "[]", result.stdout
 
 
-def test_the_dashboard_imports_only_the_client_and_errors_of_the_orchestrator() -> None:
+def test_the_dashboard_imports_only_the_client_errors_topics_and_schema_of_the_orchestrator() -> None:
     imported = set()
     for path in (REPO / "tui").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -436,7 +436,7 @@ def test_the_dashboard_imports_only_the_client_and_errors_of_the_orchestrator() 
                 imported.add(node.module)
             elif isinstance(node, ast.Import):
                 imported.update(alias.name for alias in node.names)
-    allowed = {"orchestrator.api.client", "orchestrator.errors", "orchestrator.topics"}
+    allowed = {"orchestrator.api.client", "orchestrator.errors", "orchestrator.topics", "orchestrator.desired.schema"}
     assert {m for m in imported if m.split(".")[0] == "orchestrator"} <= allowed
     assert "orchestrator.api.client" in imported
 
@@ -499,11 +499,20 @@ def test_event_filters_and_severity() -> None:
 
 def test_arguments_are_checked_against_the_schema() -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
-    assert check_arguments('{"n": 2}', schema) == ({"n": 2}, [])
-    assert check_arguments("", {"type": "object"}) == ({}, [])
-    assert check_arguments("", schema)[1] == ["$: 'n' is a required property"]
-    assert check_arguments('{"n": "2"}', schema)[1] == ["$.n: '2' is not of type 'integer'"]
-    assert check_arguments("{", schema)[1][0].startswith("not JSON: ")
+
+    def check(text: str, against: Any = schema) -> tuple[Any, list[str]]:
+        return check_arguments(text, against, capsule="c", tool="t")
+
+    assert check('{"n": 2}') == ({"n": 2}, [])
+    assert check("", {"type": "object"}) == ({}, [])
+    assert check("")[1] == ["at /: 'n' is a required property"]
+    assert check('{"n": "2"}')[1] == ["at /n: '2' is not of type 'integer'"]
+    assert check("{")[1][0].startswith("not JSON: ")
+    assert check("[" * 100_000)[1][0].startswith("not JSON")  # nested too deeply for the parser
+    assert check("NaN", {})[1] == ["at /: nan is not a JSON number"]  # Python's json reads NaN; JSON has none
+    assert check('"' + "a" * 40 + '!"', {"pattern": "^(a+)+$"})[1] == [f"at /: '{'a' * 40}!' does not match '^(a+)+$'"]
+    problem = check("{}", {"type": "object", "properties": {"a": {"pattern": "(a)\\1"}}})[1][0]
+    assert problem.startswith("the tool's input schema is unusable (at #/properties/a/pattern")
 
 
 def test_formats() -> None:
@@ -547,6 +556,13 @@ STATUS = {
         "git_revision": "29b36ae1f2c3",
         "uptime_s": 3720.0,
         "state_dir": "/srv/deploy/.orch",
+        "desired": {
+            "state": "accepted",
+            "accepted_at_ms": MS - 3_700_000,
+            "rejected": None,
+            "broken": {},
+            "builds_failed": {},
+        },
     },
     "capsules": [
         capsule_status(
@@ -563,7 +579,19 @@ STATUS = {
             last_error="capsules/milestones/milestones.wasm: not a WebAssembly module (magic header not detected); "
             "the previous version keeps serving",
         ),
-        capsule_status("notes", "Running", "12d59a2f788d", calls=3, errors=1, fuel_mean=120_000),
+        capsule_status(
+            "notes",
+            "Running",
+            "12d59a2f788d",
+            calls=3,
+            errors=1,
+            fuel_mean=120_000,
+            last_error="capability denied: fs_read /etc/passwd (notes may read cwd://data)",
+            last_error_tool="peek",
+            last_error_at_ms=MS - 42_000,
+            conflicts=2,
+            events_lost=0,
+        ),
         capsule_status(
             "tally",
             "Failed",
@@ -614,6 +642,9 @@ EVENTS = [
 class FakeApi:
     """The client's methods over fixed data (for screenshots that never change)."""
 
+    def __init__(self, status: Any = STATUS, detail: Any = DETAIL) -> None:
+        self._status, self._detail = status, detail
+
     async def __aenter__(self) -> FakeApi:
         return self
 
@@ -621,10 +652,10 @@ class FakeApi:
         return None
 
     async def status(self) -> Any:
-        return STATUS
+        return self._status
 
     async def capsule(self, name: str) -> Any:
-        return DETAIL
+        return self._detail
 
     async def call(self, name: str, tool: str, arguments: bytes) -> tuple[bytes, dict[str, str]]:
         return b'{"count":45}', {"X-Fuel-Used": "60473", "X-Seconds": "0.002100"}
@@ -661,8 +692,10 @@ class FakeApi:
         await asyncio.Event().wait()  # a quiet bus
 
 
-def fixed_app() -> Dashboard:
-    return Dashboard(FakeApi, where="/srv/deploy/.orch/orch.sock", clock=Clock(now=lambda: NOW, utc=True))
+def fixed_app(status: Any = STATUS, detail: Any = DETAIL) -> Dashboard:
+    return Dashboard(
+        lambda: FakeApi(status, detail), where="/srv/deploy/.orch/orch.sock", clock=Clock(now=lambda: NOW, utc=True)
+    )
 
 
 async def settled(pilot: Any) -> None:
@@ -688,7 +721,9 @@ def test_snapshot_detail_after_running_a_tool(snap_compare: Any) -> None:
         await settled(pilot)
         await pilot.press("enter")
         await until(lambda: pilot.app.screen.query_one(OptionList).option_count == 2, "the tools")
-        await pilot.press("enter", *'{"by": 3}', "enter")
+        await until(lambda: pilot.app.screen.tool is not None, "the first tool chosen")
+        await pilot.press(*'{"by": 3}', "enter")  # the arguments field has the focus
+        await until(lambda: "valid" in text_of(pilot.app.screen.query_one("#args-problem", Static)), "the check")
         await until(lambda: "fuel" in text_of(pilot.app.screen.query_one("#tool-output", Static)), "the output")
 
     assert snap_compare(fixed_app(), run_before=run_tool, terminal_size=(130, 34))
