@@ -13,10 +13,10 @@ import ast
 import asyncio
 import io
 import json
-import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,24 @@ async def until(predicate: Callable[[], object], what: str, timeout: float = DEA
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def press(app: Dashboard, key: str) -> None:
+    """A key press as the terminal driver delivers one, without Pilot's wait for an idle
+    process (which a flood never gives): the caller awaits the key's effect instead."""
+    event = events.Key(key, key if len(key) == 1 else " " if key == "space" else None)
+    event.set_sender(app)
+    app.post_message(event)
+
+
+async def eventually(predicate: Callable[[], object], seconds: float) -> bool:
+    """Whether `predicate()` becomes true within `seconds` (checking every 20 ms)."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 class Live:
@@ -355,10 +373,11 @@ async def test_up_dash_runs_the_dashboard_on_its_own_socket_and_quitting_stops(t
     assert not seen["socket"].exists()  # shut down as Ctrl+C does
 
 
-async def test_a_flood_of_events_leaves_the_keyboard_responsive(live: Live) -> None:
-    """10,000 events a second onto the bus while the events view is open: a key press is
-    still handled within 200 ms."""
-    app = dashboard(live, frame_interval=0.25, poll_interval=0.5)
+async def test_a_flood_of_events_leaves_the_keyboard_working_and_loses_nothing_silently(live: Live) -> None:
+    """A flood onto the bus while the events view is open: every key press takes effect
+    during it, the view keeps within its bounds and catches up, and every event published is
+    either received or counted lost. How fast, and how quickly keys are handled: bench/tui.py."""
+    app = dashboard(live, frame_interval=0.25, poll_interval=0.5, feed_capacity=4000)
     assert live.orchestrator is not None
     bus = live.orchestrator.bus
     async with app.run_test(size=SIZE) as pilot:
@@ -366,46 +385,71 @@ async def test_a_flood_of_events_leaves_the_keyboard_responsive(live: Live) -> N
         await pilot.press("e")
         screen = app.screen
         assert isinstance(screen, EventsScreen)
+        log = screen.query_one(EventLog)
+        arrived: Counter[str] = Counter()  # by topic (the feed itself keeps only the newest 10,000)
+        add = app.feed.add
+
+        def counting(item: dict[str, Any]) -> None:
+            arrived[str(item.get("topic", "(notice)"))] += 1
+            add(item)
+
+        app.feed.add = counting  # type: ignore[method-assign]
+        bus.publish("flood.start", {}, source="test")
+        await until(lambda: arrived["flood.start"] == 1, "the stream to be live")
+        lost_before = app.feed.lost
         published = 0
         flooding = True
 
-        async def flood() -> None:  # 100 events every 10 ms
+        async def flood() -> None:  # 100 events at a time, until told to stop
             nonlocal published
-            started = time.monotonic()
             while flooding:
                 for _ in range(100):
                     bus.publish("flood.tick", {"n": published, "pad": "x" * 40}, source="test")
                     published += 1
-                await asyncio.sleep(max(0.0, started + published / 10_000 - time.monotonic()))
+                await asyncio.sleep(0.005)
 
         task = asyncio.get_running_loop().create_task(flood())
-        flood_started = time.monotonic()
         try:
-            await asyncio.sleep(0.5)
-            received_before = app.feed.received
-            latencies = []
-            for _ in range(6):
-                was = screen.paused
-                key = events.Key("space", " ")
-                key.set_sender(app)
-                pressed = time.perf_counter()
-                app.post_message(key)
-                await until(lambda w=was: screen.paused != w, "the key press", timeout=5)
-                latencies.append(time.perf_counter() - pressed)
-                await asyncio.sleep(0.15)
-            await asyncio.sleep(0.3)
-            flood_seconds = time.monotonic() - flood_started
+            await until(lambda: arrived["flood.tick"] >= 2_000, "the flood to reach the dashboard")
+            for _ in range(2):
+                press(app, "space")
+                await until(lambda: screen.paused, "pause, during the flood")
+                held = log.rows[-1]
+                received = app.feed.received
+                await until(lambda r=received: app.feed.received >= r + 500, "events arriving while paused")
+                screen._frame()  # what the frame timer does
+                assert log.rows[-1] is held
+                press(app, "space")
+                await until(lambda: not screen.paused, "resume, during the flood")
+                await until(lambda h=held: log.rows[-1] is not h, "the view to move on")
+                press(app, "w")  # warnings and errors only: no tick is one
+                await until(lambda: screen.filter.problems_only, "the filter, during the flood")
+                await until(lambda: all(r.topic != "flood.tick" for r in log.rows), "the ticks filtered out")
+                press(app, "w")
+                await until(lambda: not screen.filter.problems_only, "the filter off")
+                await until(lambda: log.rows and log.rows[-1].topic == "flood.tick", "the ticks back")
+            assert not task.done()  # all of it happened while the flood went on
+            await until(lambda: published >= 10_000, "more events than the feed and the view hold")
         finally:
             flooding = False
             await task
-        received = app.feed.received - received_before
-        rate = published / max(1e-9, flood_seconds)
-        assert published > 10_000, "the flood was not a flood"
-        assert received > 5_000, f"only {received} events reached the dashboard"
-        assert len(screen.query_one(EventLog).rows) <= 2000 and len(app.feed.rows) <= app.feed.capacity
-        print(f"flood: {rate:.0f} events/s published, {received} received, lost {app.feed.lost}, latencies {latencies}")
-        assert statistics.median(latencies) < 0.2, f"key presses took {latencies} under {rate:.0f} events/s"
-        assert max(latencies) < 0.5, latencies
+
+        # an end marker published after the flood: events lost before it are announced before
+        # it arrives (another one while it may itself have been dropped from a full queue)
+        ends = 0
+        while ends < 60:
+            bus.publish("flood.end", {}, source="test")
+            ends += 1
+            if await eventually(lambda: arrived["flood.end"] > 0, 1.0):
+                break
+        await until(
+            lambda: arrived["flood.tick"] + arrived["flood.end"] + app.feed.lost - lost_before == published + ends,
+            "every event received or counted lost",
+        )
+        await until(lambda: screen.cursor == app.feed.received, "the view to catch up")
+        assert log.follow and log.rows[-1].topic == "flood.end"
+        assert len(log.rows) == log.rows.maxlen and len(app.feed.rows) == app.feed.capacity  # full, and bounded
+        await until(lambda: f"lost {app.feed.lost:,}" in text_of(screen.query_one("#event-stats", Static)), "stats")
 
 
 def test_dash_without_a_config_says_so() -> None:
