@@ -164,6 +164,8 @@ def test_an_older_or_malformed_desired_section_says_nothing_wrong() -> None:
     assert weird.broken == () and [b.capsule for b in weird.builds_failed] == ["milestones"]
     assert header(weird, CLOCK).plain == "✖ config rejected: 0 problems · ✖ build failed: milestones"
     assert "an unknown time" in text_of(Static(report(weird, CLOCK)))
+    stale = read_health(status_with(desired(rejected={"at_ms": MS, "count": 1, "problems": ["old"]})))
+    assert stale is not None and stale.rejected is None and not stale.troubled  # accepted since
 
 
 def test_problems_are_text_never_markup() -> None:

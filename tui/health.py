@@ -76,7 +76,8 @@ def read_health(status: Any) -> Health | None:
         return None
     rejected = None
     raw = desired.get("rejected")
-    if desired.get("state") == "rejected" or isinstance(raw, Mapping):
+    state = desired.get("state")
+    if state == "rejected" or (state is None and isinstance(raw, Mapping)):  # "accepted" wins over a stale report
         raw = raw if isinstance(raw, Mapping) else {}
         problems = _strings(raw.get("problems"))
         count = _int(raw.get("count"))
