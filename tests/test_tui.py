@@ -13,10 +13,10 @@ import ast
 import asyncio
 import io
 import json
-import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -33,16 +33,18 @@ from orchestrator.control.runtime import Orchestrator
 from tests.conftest import REPO
 from tests.test_cli import example_deployment
 from tui import Clock, Dashboard, connect_to
+from tui.arguments import check_arguments
 from tui.capsules import CapsulesScreen
-from tui.detail import CapsuleScreen, check_arguments
+from tui.detail import CapsuleScreen
 from tui.dialogs import HelpScreen, PlanScreen
+from tui.eventlog import EventLog
 from tui.events import EventsScreen
 from tui.feed import ERROR, EventFeed, EventFilter, TopicPatternError, parse_pattern, topic_matches
 from tui.format import compact, hexdump, phase_text
 from tui.kv import KVScreen
-from tui.widgets import EventLog, TopBar
+from tui.widgets import TopBar
 
-DEADLINE = 10.0
+DEADLINE = 30.0  # a backstop for a busy machine: waits end as soon as their condition holds
 SIZE = (100, 30)
 
 
@@ -53,6 +55,24 @@ async def until(predicate: Callable[[], object], what: str, timeout: float = DEA
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def press(app: Dashboard, key: str) -> None:
+    """A key press as the terminal driver delivers one, without Pilot's wait for an idle
+    process (which a flood never gives): the caller awaits the key's effect instead."""
+    event = events.Key(key, key if len(key) == 1 else " " if key == "space" else None)
+    event.set_sender(app)
+    app.post_message(event)
+
+
+async def eventually(predicate: Callable[[], object], seconds: float) -> bool:
+    """Whether `predicate()` becomes true within `seconds` (checking every 20 ms)."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 class Live:
@@ -185,23 +205,22 @@ async def test_a_capsule_in_detail_and_its_tools(live: Live) -> None:
         for shown in ("A count kept in KV", "publish counter.*", "step = 1", "fuel 100M", "running"):
             assert shown in overview, shown
 
-        await pilot.press("enter")  # choose `increment`: the arguments field gets the focus
         field = screen.query_one("#args", Input)
-        assert screen.focused is field
+        assert screen.focused is field  # the arguments field has the focus from the start
+        await until(lambda: screen.tool is not None and screen.tool["name"] == "increment", "the first tool chosen")
         field.value = '{"by": "x'
         await pilot.press(*'"}')
-        problem = text_of(screen.query_one("#args-problem", Static))
-        assert "$.by: 'x' is not of type 'integer'" in problem and field.has_class("-invalid")
+        problem = screen.query_one("#args-problem", Static)
+        await until(lambda: "at /by: 'x' is not of type 'integer'" in text_of(problem), "the schema problem")
+        assert field.has_class("-invalid")
         await pilot.press("enter")
-        assert "not sent" in text_of(screen.query_one("#tool-output", Static))
+        await until(lambda: "not sent" in text_of(screen.query_one("#tool-output", Static)), "the refusal")
         assert live.status("counter")["calls"] == 0  # an invalid input never leaves the dashboard
 
         field.value = '{"by": 5'
-        await pilot.pause()
-        assert "not JSON" in text_of(screen.query_one("#args-problem", Static))
+        await until(lambda: "not JSON" in text_of(problem), "the JSON problem")
         field.value = '{"by": 5}'
-        await pilot.pause()
-        assert "valid" in text_of(screen.query_one("#args-problem", Static))
+        await until(lambda: "valid" in text_of(problem) and not field.has_class("-invalid"), "valid arguments")
         await pilot.press("enter")
         output = screen.query_one("#tool-output", Static)
         await until(lambda: "fuel" in text_of(output), "the tool's output")
@@ -214,8 +233,8 @@ async def test_a_capsule_in_detail_and_its_tools(live: Live) -> None:
         assert isinstance(app.screen, CapsuleScreen) and app.screen.capsule == "notes"
         screen = app.screen
         await until(lambda: screen.query_one(OptionList).option_count == 4, "the notes tools")
-        screen.query_one(OptionList).highlighted = 3  # peek: reads any path, and is denied
-        await pilot.press("enter")
+        await pilot.press("down", "down", "down")  # in the field, down chooses the next tool
+        await until(lambda: screen.tool is not None and screen.tool["name"] == "peek", "peek: reads any path")
         screen.query_one("#args", Input).value = '{"path": "/etc/passwd"}'
         await pilot.press("enter")
         output = screen.query_one("#tool-output", Static)
@@ -242,19 +261,18 @@ async def test_events_filter_search_problems_and_pause(live: Live) -> None:
         topic = screen.query_one("#topic", Input)
         topic.value = "counter.>"
         topic.cursor_position = len(topic.value)
-        await pilot.pause()
-        assert set(topics()) == {"counter.changed"}
+        await until(lambda: set(topics()) == {"counter.changed"}, "the topic filter")
         await pilot.press(".", "x")  # counter.>.x is not a pattern: said inline, filter kept
         assert topic.has_class("-invalid")
         assert "'>' may only be the last token" in text_of(screen.query_one("#event-stats", Static))
         assert set(topics()) == {"counter.changed"}
         topic.value = "orch.capsule.*.running"
-        await pilot.pause()
-        assert set(topics()) == {f"orch.capsule.{n}.running" for n in ("counter", "milestones", "notes")}
+        running = {f"orch.capsule.{n}.running" for n in ("counter", "milestones", "notes")}
+        await until(lambda: set(topics()) == running, "a pattern with a wildcard")
         topic.value = ""
         await pilot.press("enter", "slash", "m")
         screen.query_one("#search", Input).value = "milestones"
-        await pilot.pause()
+        await until(lambda: screen.filter.search == "milestones", "the search")
         assert "orch.capsule.milestones.running" in topics() and "counter.changed" not in topics()
         assert all("milestones" in row.topic + row.text for row in screen.visible_rows())
         screen.query_one("#search", Input).value = ""
@@ -272,7 +290,7 @@ async def test_events_filter_search_problems_and_pause(live: Live) -> None:
         for _ in range(3):
             await live.call("counter", "increment")
         await until(lambda: app.feed.received - screen.cursor >= 3, "events buffered while paused")
-        await pilot.pause(0.2)
+        screen._frame()  # what the frame timer does: while paused it shows nothing new
         assert len(screen.visible_rows()) == shown
         assert "PAUSED: " in text_of(screen.query_one("#event-stats", Static))
         await pilot.press("space")
@@ -291,8 +309,8 @@ async def test_reconnects_when_the_orchestrator_returns(live: Live) -> None:
         await live.stop()
         bar = app.screen.query_one(TopBar)
         await until(lambda: not app.connected, "the disconnection to show")
-        await pilot.pause()
-        assert bar.has_class("-down") and "disconnected" in text_of(bar.query_one("#link", Static))
+        await until(lambda: bar.has_class("-down"), "the top bar to say so")
+        assert "disconnected" in text_of(bar.query_one("#link", Static))
 
         await live.start()
         await until(lambda: app.connected, "reconnected")
@@ -357,10 +375,11 @@ async def test_up_dash_runs_the_dashboard_on_its_own_socket_and_quitting_stops(t
     assert not seen["socket"].exists()  # shut down as Ctrl+C does
 
 
-async def test_a_flood_of_events_leaves_the_keyboard_responsive(live: Live) -> None:
-    """10,000 events a second onto the bus while the events view is open: a key press is
-    still handled within 200 ms."""
-    app = dashboard(live, frame_interval=0.25, poll_interval=0.5)
+async def test_a_flood_of_events_leaves_the_keyboard_working_and_loses_nothing_silently(live: Live) -> None:
+    """A flood onto the bus while the events view is open: every key press takes effect
+    during it, the view keeps within its bounds and catches up, and every event published is
+    either received or counted lost. How fast, and how quickly keys are handled: bench/tui.py."""
+    app = dashboard(live, frame_interval=0.25, poll_interval=0.5, feed_capacity=4000)
     assert live.orchestrator is not None
     bus = live.orchestrator.bus
     async with app.run_test(size=SIZE) as pilot:
@@ -368,46 +387,71 @@ async def test_a_flood_of_events_leaves_the_keyboard_responsive(live: Live) -> N
         await pilot.press("e")
         screen = app.screen
         assert isinstance(screen, EventsScreen)
+        log = screen.query_one(EventLog)
+        arrived: Counter[str] = Counter()  # by topic (the feed itself keeps only the newest 10,000)
+        add = app.feed.add
+
+        def counting(item: dict[str, Any]) -> None:
+            arrived[str(item.get("topic", "(notice)"))] += 1
+            add(item)
+
+        app.feed.add = counting  # type: ignore[method-assign]
+        bus.publish("flood.start", {}, source="test")
+        await until(lambda: arrived["flood.start"] == 1, "the stream to be live")
+        lost_before = app.feed.lost
         published = 0
         flooding = True
 
-        async def flood() -> None:  # 100 events every 10 ms
+        async def flood() -> None:  # 100 events at a time, until told to stop
             nonlocal published
-            started = time.monotonic()
             while flooding:
                 for _ in range(100):
                     bus.publish("flood.tick", {"n": published, "pad": "x" * 40}, source="test")
                     published += 1
-                await asyncio.sleep(max(0.0, started + published / 10_000 - time.monotonic()))
+                await asyncio.sleep(0.005)
 
         task = asyncio.get_running_loop().create_task(flood())
-        flood_started = time.monotonic()
         try:
-            await asyncio.sleep(0.5)
-            received_before = app.feed.received
-            latencies = []
-            for _ in range(6):
-                was = screen.paused
-                key = events.Key("space", " ")
-                key.set_sender(app)
-                pressed = time.perf_counter()
-                app.post_message(key)
-                await until(lambda w=was: screen.paused != w, "the key press", timeout=5)
-                latencies.append(time.perf_counter() - pressed)
-                await asyncio.sleep(0.15)
-            await asyncio.sleep(0.3)
-            flood_seconds = time.monotonic() - flood_started
+            await until(lambda: arrived["flood.tick"] >= 2_000, "the flood to reach the dashboard")
+            for _ in range(2):
+                press(app, "space")
+                await until(lambda: screen.paused, "pause, during the flood")
+                held = log.rows[-1]
+                received = app.feed.received
+                await until(lambda r=received: app.feed.received >= r + 500, "events arriving while paused")
+                screen._frame()  # what the frame timer does
+                assert log.rows[-1] is held
+                press(app, "space")
+                await until(lambda: not screen.paused, "resume, during the flood")
+                await until(lambda h=held: log.rows[-1] is not h, "the view to move on")
+                press(app, "w")  # warnings and errors only: no tick is one
+                await until(lambda: screen.filter.problems_only, "the filter, during the flood")
+                await until(lambda: all(r.topic != "flood.tick" for r in log.rows), "the ticks filtered out")
+                press(app, "w")
+                await until(lambda: not screen.filter.problems_only, "the filter off")
+                await until(lambda: log.rows and log.rows[-1].topic == "flood.tick", "the ticks back")
+            assert not task.done()  # all of it happened while the flood went on
+            await until(lambda: published >= 10_000, "more events than the feed and the view hold")
         finally:
             flooding = False
             await task
-        received = app.feed.received - received_before
-        rate = published / max(1e-9, flood_seconds)
-        assert published > 10_000, "the flood was not a flood"
-        assert received > 5_000, f"only {received} events reached the dashboard"
-        assert len(screen.query_one(EventLog).rows) <= 2000 and len(app.feed.rows) <= app.feed.capacity
-        print(f"flood: {rate:.0f} events/s published, {received} received, lost {app.feed.lost}, latencies {latencies}")
-        assert statistics.median(latencies) < 0.2, f"key presses took {latencies} under {rate:.0f} events/s"
-        assert max(latencies) < 0.5, latencies
+
+        # an end marker published after the flood: events lost before it are announced before
+        # it arrives (another one while it may itself have been dropped from a full queue)
+        ends = 0
+        while ends < 60:
+            bus.publish("flood.end", {}, source="test")
+            ends += 1
+            if await eventually(lambda: arrived["flood.end"] > 0, 1.0):
+                break
+        await until(
+            lambda: arrived["flood.tick"] + arrived["flood.end"] + app.feed.lost - lost_before == published + ends,
+            "every event received or counted lost",
+        )
+        await until(lambda: screen.cursor == app.feed.received, "the view to catch up")
+        assert log.follow and log.rows[-1].topic == "flood.end"
+        assert len(log.rows) == log.rows.maxlen and len(app.feed.rows) == app.feed.capacity  # full, and bounded
+        await until(lambda: f"lost {app.feed.lost:,}" in text_of(screen.query_one("#event-stats", Static)), "stats")
 
 
 def test_dash_without_a_config_says_so() -> None:
@@ -430,7 +474,7 @@ def test_the_headless_orchestrator_never_loads_textual() -> None:
     assert result.stdout.strip() == "[]", result.stdout
 
 
-def test_the_dashboard_imports_only_the_client_and_errors_of_the_orchestrator() -> None:
+def test_the_dashboard_imports_only_the_client_errors_topics_and_schema_of_the_orchestrator() -> None:
     imported = set()
     for path in (REPO / "tui").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -438,7 +482,7 @@ def test_the_dashboard_imports_only_the_client_and_errors_of_the_orchestrator() 
                 imported.add(node.module)
             elif isinstance(node, ast.Import):
                 imported.update(alias.name for alias in node.names)
-    allowed = {"orchestrator.api.client", "orchestrator.errors", "orchestrator.topics"}
+    allowed = {"orchestrator.api.client", "orchestrator.errors", "orchestrator.topics", "orchestrator.desired.schema"}
     assert {m for m in imported if m.split(".")[0] == "orchestrator"} <= allowed
     assert "orchestrator.api.client" in imported
 
@@ -501,11 +545,20 @@ def test_event_filters_and_severity() -> None:
 
 def test_arguments_are_checked_against_the_schema() -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
-    assert check_arguments('{"n": 2}', schema) == ({"n": 2}, [])
-    assert check_arguments("", {"type": "object"}) == ({}, [])
-    assert check_arguments("", schema)[1] == ["$: 'n' is a required property"]
-    assert check_arguments('{"n": "2"}', schema)[1] == ["$.n: '2' is not of type 'integer'"]
-    assert check_arguments("{", schema)[1][0].startswith("not JSON: ")
+
+    def check(text: str, against: Any = schema) -> tuple[Any, list[str]]:
+        return check_arguments(text, against, capsule="c", tool="t")
+
+    assert check('{"n": 2}') == ({"n": 2}, [])
+    assert check("", {"type": "object"}) == ({}, [])
+    assert check("")[1] == ["at /: 'n' is a required property"]
+    assert check('{"n": "2"}')[1] == ["at /n: '2' is not of type 'integer'"]
+    assert check("{")[1][0].startswith("not JSON: ")
+    assert check("[" * 100_000)[1][0].startswith("not JSON")  # nested too deeply for the parser
+    assert check("NaN", {})[1] == ["at /: nan is not a JSON number"]  # Python's json reads NaN; JSON has none
+    assert check('"' + "a" * 40 + '!"', {"pattern": "^(a+)+$"})[1] == [f"at /: '{'a' * 40}!' does not match '^(a+)+$'"]
+    problem = check("{}", {"type": "object", "properties": {"a": {"pattern": "(a)\\1"}}})[1][0]
+    assert problem.startswith("the tool's input schema is unusable (at #/properties/a/pattern")
 
 
 def test_formats() -> None:
@@ -549,6 +602,13 @@ STATUS = {
         "git_revision": "29b36ae1f2c3",
         "uptime_s": 3720.0,
         "state_dir": "/srv/deploy/.orch",
+        "desired": {
+            "state": "accepted",
+            "accepted_at_ms": MS - 3_700_000,
+            "rejected": None,
+            "broken": {},
+            "builds_failed": {},
+        },
     },
     "capsules": [
         capsule_status(
@@ -565,7 +625,19 @@ STATUS = {
             last_error="capsules/milestones/milestones.wasm: not a WebAssembly module (magic header not detected); "
             "the previous version keeps serving",
         ),
-        capsule_status("notes", "Running", "12d59a2f788d", calls=3, errors=1, fuel_mean=120_000),
+        capsule_status(
+            "notes",
+            "Running",
+            "12d59a2f788d",
+            calls=3,
+            errors=1,
+            fuel_mean=120_000,
+            last_error="capability denied: fs_read /etc/passwd (notes may read cwd://data)",
+            last_error_tool="peek",
+            last_error_at_ms=MS - 42_000,
+            conflicts=2,
+            events_lost=0,
+        ),
         capsule_status(
             "tally",
             "Failed",
@@ -616,6 +688,9 @@ EVENTS = [
 class FakeApi:
     """The client's methods over fixed data (for screenshots that never change)."""
 
+    def __init__(self, status: Any = STATUS, detail: Any = DETAIL) -> None:
+        self._status, self._detail = status, detail
+
     async def __aenter__(self) -> FakeApi:
         return self
 
@@ -623,10 +698,10 @@ class FakeApi:
         return None
 
     async def status(self) -> Any:
-        return STATUS
+        return self._status
 
     async def capsule(self, name: str) -> Any:
-        return DETAIL
+        return self._detail
 
     async def call(self, name: str, tool: str, arguments: bytes) -> tuple[bytes, dict[str, str]]:
         return b'{"count":45}', {"X-Fuel-Used": "60473", "X-Seconds": "0.002100"}
@@ -663,8 +738,10 @@ class FakeApi:
         await asyncio.Event().wait()  # a quiet bus
 
 
-def fixed_app() -> Dashboard:
-    return Dashboard(FakeApi, where="/srv/deploy/.orch/orch.sock", clock=Clock(now=lambda: NOW, utc=True))
+def fixed_app(status: Any = STATUS, detail: Any = DETAIL) -> Dashboard:
+    return Dashboard(
+        lambda: FakeApi(status, detail), where="/srv/deploy/.orch/orch.sock", clock=Clock(now=lambda: NOW, utc=True)
+    )
 
 
 async def settled(pilot: Any) -> None:
@@ -690,7 +767,9 @@ def test_snapshot_detail_after_running_a_tool(snap_compare: Any) -> None:
         await settled(pilot)
         await pilot.press("enter")
         await until(lambda: pilot.app.screen.query_one(OptionList).option_count == 2, "the tools")
-        await pilot.press("enter", *'{"by": 3}', "enter")
+        await until(lambda: pilot.app.screen.tool is not None, "the first tool chosen")
+        await pilot.press(*'{"by": 3}', "enter")  # the arguments field has the focus
+        await until(lambda: "valid" in text_of(pilot.app.screen.query_one("#args-problem", Static)), "the check")
         await until(lambda: "fuel" in text_of(pilot.app.screen.query_one("#tool-output", Static)), "the output")
 
     assert snap_compare(fixed_app(), run_before=run_tool, terminal_size=(130, 34))

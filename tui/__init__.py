@@ -1,8 +1,10 @@
 """The terminal dashboard (Textual): a client of a running orchestrator's control API and
 nothing else. `orch dash` attaches to one; `orch up --dash` runs one with it in a process.
 
-Only this package imports Textual; from `orchestrator` it imports only the client (and the
-errors), so the orchestrator runs without it and `orch` without `dash` never loads Textual.
+Only this package imports Textual; from `orchestrator` it imports only the client, the
+errors, the topics and the tool input validator (orchestrator.desired.schema: the dashboard
+checks arguments exactly as the orchestrator will), so the orchestrator runs without it and
+`orch` without `dash` never loads Textual.
 """
 
 from __future__ import annotations

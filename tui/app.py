@@ -7,8 +7,12 @@ their cells in place); an event-stream worker feeds every bus event into the bou
 away, `connected` turns false (every view's top bar says so) and the workers keep trying;
 when it returns they reconnect and reopen the stream by themselves.
 
-Screens: capsules (home), capsule detail, events, KV, plan, help. Used by `orch dash` and
-`orch up --dash` through `tui.run_dashboard`.
+`troubled` says whether the desired state has problems (a rejected config.yaml, a broken
+manifest, a failed build: tui.health); then every screen's footer offers `!`, the problems
+dialog.
+
+Screens: capsules (home), capsule detail, events, one event, KV, plan, problems, help. Used
+by `orch dash` and `orch up --dash` through `tui.run_dashboard`.
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ from textual.screen import Screen
 from orchestrator.api.client import RemoteError
 
 from .capsules import CapsulesScreen
-from .dialogs import HelpScreen, PlanScreen
+from .dialogs import HelpScreen, PlanScreen, ProblemsScreen
 from .events import EventsScreen
 from .feed import EventFeed
 from .format import Clock
+from .health import read_health
 from .link import Connect, Link
 
 logger = logging.getLogger(__name__)
@@ -55,6 +60,7 @@ class Dashboard(App[None]):
     status: var[dict[str, Any] | None] = var(None)
     connected: var[bool] = var(False)
     problem: var[str] = var("connecting…")
+    troubled: var[bool] = var(False)
 
     def __init__(
         self,
@@ -90,6 +96,13 @@ class Dashboard(App[None]):
 
     async def on_unmount(self) -> None:
         await self.link.close()
+
+    def watch_status(self, status: dict[str, Any] | None) -> None:
+        health = read_health(status)
+        self.troubled = health is not None and health.troubled
+
+    def watch_troubled(self) -> None:
+        self.screen.refresh_bindings()  # `!` appears in the footer, or goes
 
     # -- workers ---------------------------------------------------------------------------
     @work(group="poll", exclusive=True)
@@ -172,6 +185,10 @@ class Dashboard(App[None]):
 
     def action_plan(self) -> None:
         self.push_screen(PlanScreen())
+
+    def action_problems(self) -> None:
+        if not isinstance(self.screen, ProblemsScreen):
+            self.push_screen(ProblemsScreen())
 
     def action_reconcile(self) -> None:
         def done(plan: Any) -> None:

@@ -13,11 +13,10 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
 
-from .format import Clock, compact, is_healthy, phase_counts, phase_rank, phase_text
-from .widgets import COMMON_KEYS, TopBar, dash
+from .format import Clock, compact, counters, error_origin, is_healthy, phase_counts, phase_rank, phase_text
+from .widgets import COMMON_KEYS, DashScreen, TopBar, dash
 
 # column key -> label; the sort key of each, over one capsule's status
 COLUMNS: list[tuple[str, str]] = [
@@ -78,7 +77,7 @@ class CapsuleTable(DataTable[Text]):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("enter", "select_cursor", "Open")]
 
 
-class CapsulesScreen(Screen[None]):
+class CapsulesScreen(DashScreen):
     """Home: the capsules table."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -228,10 +227,14 @@ class CapsulesScreen(Screen[None]):
                 f"{capsule.get('calls', 0)} call(s), {capsule.get('errors', 0)} error(s), "
                 f"fuel/call {compact(capsule.get('fuel_mean', 0))} (last {compact(capsule.get('fuel_last', 0))})\n"
             )
+            more = counters(capsule)
+            if more:
+                text.append(more + "\n", style="yellow")
             if capsule.get("next_retry_ms"):
                 text.append(f"next retry {app.clock.until(capsule['next_retry_ms'])}\n", style="yellow")
             if capsule.get("last_error"):
-                text.append("last error: ", style="bold red")
+                origin = error_origin(capsule, app.clock)
+                text.append(f"last error ({origin}): " if origin else "last error: ", style="bold red")
                 text.append(str(capsule["last_error"]), style="red")
             else:
                 text.append("no error", style="dim")

@@ -4,16 +4,24 @@ one, read its description and input schema, type JSON arguments (checked against
 schema as you type, problems shown inline), run it, see the output or the error and the
 fuel the call used.
 
+The arguments field has the focus when the screen opens (the first tool chosen), so what
+is typed goes into it and no shortcut fires; escape leaves it (then `e`, `k`, `R` work),
+enter in the tool list comes back to it. Checking runs on a worker thread, one check at a
+time and always for the newest text; `enter` waits for the check of what is in the field
+and sends only arguments that pass it.
+
 The overview refreshes itself whenever the capsule's status changes (a reload shows up in
 its history as it happens).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import jsonschema
 from rich.console import Group, RenderableType
 from rich.json import JSON
 from rich.table import Table
@@ -21,34 +29,26 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import Footer, Input, OptionList, Static
 from textual.widgets.option_list import Option
 
 from orchestrator.api.client import RemoteError
 
-from .format import Clock, compact, hexdump, is_text, phase_text
-from .widgets import COMMON_KEYS, TopBar, dash
+from .arguments import ArgumentsField, check_arguments
+from .format import Clock, compact, counters, error_origin, hexdump, is_text, phase_text
+from .widgets import COMMON_KEYS, DashScreen, TopBar, dash
+
+logger = logging.getLogger(__name__)
 
 
-def check_arguments(text: str, schema: dict[str, Any]) -> tuple[Any, list[str]]:
-    """The parsed arguments and the problems with them (none: ready to send). Empty means {}."""
-    if not text.strip():
-        value: Any = {}
-    else:
-        try:
-            value = json.loads(text)
-        except ValueError as error:
-            return None, [f"not JSON: {error}"]
-    try:
-        validator = jsonschema.Draft202012Validator(schema or {})
-        problems = []
-        for problem in sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.absolute_path))):
-            where = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in problem.absolute_path)
-            problems.append(f"${where}: {problem.message}")
-    except jsonschema.SchemaError as bad:
-        return value, [f"the tool's schema is invalid: {bad.message}"]
-    return value, problems
+@dataclass(frozen=True)
+class Checked:
+    """The outcome of checking `text` against `tool`'s schema."""
+
+    text: str
+    tool: dict[str, Any] | None
+    value: Any
+    problems: tuple[str, ...]
 
 
 def overview(detail: dict[str, Any], clock: Clock) -> RenderableType:
@@ -68,10 +68,12 @@ def overview(detail: dict[str, Any], clock: Clock) -> RenderableType:
     grid.add_row("wasm", f"sha256:{str(detail.get('wasm_sha256', ''))[:16]}…")
     grid.add_row("instances", f"{detail.get('instances', 1)}  ·  enabled: {'yes' if detail.get('enabled') else 'no'}")
     grid.add_row("depends on", ", ".join(detail.get("depends_on", [])) or "-")
+    more = counters(status)
     grid.add_row(
         "calls",
         f"{status.get('calls', 0)} ({status.get('errors', 0)} errors)  ·  fuel/call "
-        f"{compact(status.get('fuel_mean', 0))}, last {compact(status.get('fuel_last', 0))}",
+        f"{compact(status.get('fuel_mean', 0))}, last {compact(status.get('fuel_last', 0))}"
+        + (f"  ·  {more}" if more else ""),
     )
     limits = detail.get("limits", {})
     grid.add_row(
@@ -100,7 +102,13 @@ def overview(detail: dict[str, Any], clock: Clock) -> RenderableType:
             "\n".join(f"{i.get('event')} → {i.get('action')} (priority {i.get('priority')})" for i in interceptors),
         )
     error = status.get("last_error")
-    grid.add_row("last error", Text(str(error), style="red") if error else Text("none", style="dim"))
+    origin = error_origin(status, clock)
+    if error:
+        shown = Text(f"({origin}) ", style="bold red") if origin else Text()
+        shown.append(str(error), style="red")
+    else:
+        shown = Text("none", style="dim")
+    grid.add_row("last error", shown)
     if status.get("next_retry_ms"):
         grid.add_row("next retry", Text(clock.until(status["next_retry_ms"]), style="yellow"))
     history = Text()
@@ -133,7 +141,7 @@ def capabilities(caps: dict[str, Any]) -> Text:
     return text
 
 
-class CapsuleScreen(Screen[None]):
+class CapsuleScreen(DashScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         *COMMON_KEYS,
         Binding("escape", "back", "Back"),
@@ -148,7 +156,11 @@ class CapsuleScreen(Screen[None]):
         self.capsule = name
         self.detail: dict[str, Any] | None = None
         self.tool: dict[str, Any] | None = None
+        self.checked: Checked | None = None  # the newest finished check
         self._last_status: Any = None
+        self._wanted: tuple[str, dict[str, Any] | None] = ("", None)  # what should be checked
+        self.checking = False
+        self._run_when_checked = False
 
     def compose(self) -> ComposeResult:
         yield TopBar()
@@ -160,13 +172,14 @@ class CapsuleScreen(Screen[None]):
                 yield OptionList(id="tool-list")
                 with VerticalScroll(id="tool-pane"):
                     yield Static(id="tool-doc")
-                    yield Input(placeholder="{}  JSON arguments; enter runs", id="args")
+                    yield ArgumentsField(id="args")
                     yield Static(id="args-problem")
                     yield Static(id="tool-output")
                     yield Static(id="tool-schema")
         yield Footer(compact=True)
 
     def on_mount(self) -> None:
+        self.query_one("#args", ArgumentsField).focus()  # typing goes here, not to the shortcuts
         self.watch(dash(self), "status", self._on_status)
 
     def _on_status(self, status: dict[str, Any] | None) -> None:
@@ -176,7 +189,6 @@ class CapsuleScreen(Screen[None]):
             dash(self).request(f"capsule {self.capsule}", lambda api: api.capsule(self.capsule), self._show, owner=self)
 
     def _show(self, detail: dict[str, Any]) -> None:
-        first = self.detail is None
         self.detail = detail
         app = dash(self)
         package = detail.get("package", {})
@@ -200,10 +212,9 @@ class CapsuleScreen(Screen[None]):
             )
             if tools:
                 options.highlighted = 0
-        if first:
-            options.focus()
         if self.tool is not None:  # keep the chosen tool's schema current after a reload
             self.tool = next((t for t in tools if t.get("name") == self.tool.get("name")), None)
+            self._check()
 
     # -- tools -----------------------------------------------------------------------------
     def on_option_list_option_highlighted(self, event: OptionList.OptionHighlighted) -> None:
@@ -211,7 +222,13 @@ class CapsuleScreen(Screen[None]):
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
         self._choose(event.option.id)
-        self.query_one("#args", Input).focus()
+        self.query_one("#args", ArgumentsField).focus()
+
+    def on_arguments_field_step(self, event: ArgumentsField.Step) -> None:
+        options = self.query_one(OptionList)
+        if options.option_count:
+            current = options.highlighted if options.highlighted is not None else 0
+            options.highlighted = min(options.option_count - 1, max(0, current + event.delta))
 
     def _choose(self, name: str | None) -> None:
         tools = (self.detail or {}).get("tools", [])
@@ -222,42 +239,93 @@ class CapsuleScreen(Screen[None]):
         self.query_one("#tool-doc", Static).update(
             Text.assemble((str(tool.get("name")), "bold"), "  ", str(tool.get("description") or ""))
         )
+        self.query_one("#args", ArgumentsField).border_subtitle = str(tool.get("name"))
         schema = JSON(json.dumps(tool.get("input_schema") or {}), indent=2)
         self.query_one("#tool-schema", Static).update(Group(Text("input schema", style="dim"), schema))
         self.query_one("#tool-output", Static).update("")
-        self._check(self.query_one("#args", Input).value)
-
-    def _check(self, text: str) -> tuple[Any, list[str]]:
-        schema = (self.tool or {}).get("input_schema") or {}
-        value, problems = check_arguments(text, schema)
-        field = self.query_one("#args", Input)
-        shown = self.query_one("#args-problem", Static)
-        field.set_class(bool(problems), "-invalid")
-        if problems:
-            shown.update(Text("✖ " + "\n✖ ".join(problems), style="red"))
-        elif self.tool is not None:
-            shown.update(Text("✔ valid: enter runs it", style="green"))
-        return value, problems
+        self._check()
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "args":
-            self._check(event.value)
+            self._check()
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         if event.input.id == "args":
             self.action_run()
 
+    # -- checking, on a worker thread --------------------------------------------------------
+    def _check(self) -> None:
+        """Check what the field holds now against the chosen tool (soon: on a thread)."""
+        self._wanted = (self.query_one("#args", ArgumentsField).value, self.tool)
+        if not self.checking:
+            self.checking = True
+            self.run_worker(self._check_newest(), group="check")
+
+    def _is_current(self, checked: Checked | None) -> bool:
+        text, tool = self._wanted
+        return checked is not None and checked.text == text and checked.tool is tool
+
+    async def _check_newest(self) -> None:
+        """Check until the newest text is checked, then send it if `enter` asked for that."""
+        try:
+            while not self._is_current(self.checked):
+                text, tool = self._wanted
+                if tool is None:
+                    checked = Checked(text, None, None, ())
+                else:
+                    try:
+                        value, problems = await asyncio.to_thread(
+                            check_arguments,
+                            text,
+                            tool.get("input_schema"),
+                            capsule=self.capsule,
+                            tool=str(tool.get("name")),
+                        )
+                    except Exception as error:  # never lets a bad schema take the dashboard down
+                        logger.warning("checking arguments for %s.%s: %r", self.capsule, tool.get("name"), error)
+                        value, problems = None, [f"cannot check these arguments: {type(error).__name__}: {error}"]
+                    checked = Checked(text, tool, value, tuple(problems))
+                self.checked = checked
+                self._show_check(checked)
+        finally:
+            self.checking = False
+        if self._run_when_checked:
+            self._run_when_checked = False
+            self._send(self.checked)
+
+    def _show_check(self, checked: Checked) -> None:
+        field = self.query_one("#args", ArgumentsField)
+        shown = self.query_one("#args-problem", Static)
+        field.set_class(bool(checked.problems), "-invalid")
+        if checked.problems:
+            shown.update(Text("✖ " + "\n✖ ".join(checked.problems), style="red"))
+        elif checked.tool is not None:
+            shown.update(Text("✔ valid: enter runs it", style="green"))
+        else:
+            shown.update("")
+
+    # -- running -------------------------------------------------------------------------------
     def action_run(self) -> None:
         if self.tool is None:
             self.notify("choose a tool first", severity="warning")
             return
-        value, problems = self._check(self.query_one("#args", Input).value)
+        self._run_when_checked = True
+        if self._is_current(self.checked) and not self.checking:
+            self._run_when_checked = False
+            self._send(self.checked)
+        else:
+            self.query_one("#tool-output", Static).update(Text("checking the arguments…", style="dim"))
+            self._check()
+
+    def _send(self, checked: Checked | None) -> None:
+        if checked is None or checked.tool is None:
+            return
         output = self.query_one("#tool-output", Static)
-        if problems:
+        if checked.problems:
             output.update(Text("not sent: fix the arguments first", style="yellow"))
             return
-        name = str(self.tool.get("name"))
-        body = json.dumps(value).encode()
+        name = str(checked.tool.get("name"))
+        body = json.dumps(checked.value).encode()
         output.update(Text(f"running {name}…", style="dim"))
 
         def done(result: tuple[bytes, dict[str, str]] | None) -> None:

@@ -1,6 +1,7 @@
 """Dialogs over any screen: the current plan (what a reconcile would do now, with reasons;
-escalations, capabilities a reload would add, stand out) and the help (every key of the
-screen below, and what the phase symbols mean).
+escalations, capabilities a reload would add, stand out), the desired state's problems (a
+rejected config.yaml, broken manifests, failed builds, in full: tui.health) and the help
+(every key of the screen below, and what the phase symbols mean).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Static
 
 from .format import PHASE_ORDER, PHASES
+from .health import read_health, report
 from .widgets import dash
 
 SYMBOLS = {"start": "+", "reload": "~", "stop": "-", "keep": "="}
@@ -81,6 +83,29 @@ class PlanScreen(ModalScreen[None]):
         app.action_reconcile()
 
 
+class ProblemsScreen(ModalScreen[None]):
+    """`!`: what is wrong with the desired state, kept current as the status changes."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "dismiss", "Close"),
+        Binding("exclamation_mark", "dismiss", "Close", show=False),
+    ]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Static(Text("Desired state: config.yaml, manifests, builds", style="bold"), id="dialog-title")
+            with VerticalScroll():
+                yield Static(id="problems")
+            yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        self.watch(dash(self), "status", self._show)
+
+    def _show(self, status: Any) -> None:
+        app = dash(self)
+        self.query_one("#problems", Static).update(report(read_health(status), app.clock))
+
+
 class HelpScreen(ModalScreen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "dismiss", "Close"),
@@ -96,7 +121,9 @@ class HelpScreen(ModalScreen[None]):
         keys.add_column(style="bold", no_wrap=True)
         keys.add_column()
         seen = set()
-        for binding in [*self.below.BINDINGS, *self.app.BINDINGS]:
+        focused = self.below.focused  # its own keys first: expand an event, run a tool, ...
+        widget_keys = [b for b in (focused.BINDINGS if focused else []) if isinstance(b, Binding) and b.show]
+        for binding in [*widget_keys, *self.below.BINDINGS, *self.app.BINDINGS]:
             assert isinstance(binding, Binding)
             if binding.key in seen:
                 continue

@@ -2,7 +2,8 @@
 
 A topic-pattern filter (NATS syntax: `orch.capsule.>`), a text search, a warnings-and-errors
 toggle, pause/resume (events keep arriving while paused: they are buffered and counted, and
-shown on resume) and the loss counter. Rendering is coalesced: a timer pulls what is new
+shown on resume) and the loss counter; a cursor on one event, and `enter` shows it in full
+(tui.eventview). Rendering is coalesced: a timer pulls what is new
 from the app's bounded feed a few times a second and appends it to a virtual log, so a
 flood of 10,000 events a second keeps the keyboard responsive.
 """
@@ -15,16 +16,17 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
-from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, Static
 
+from .eventlog import EventLog
+from .eventview import EventScreen
 from .feed import EventFilter, EventRow, TopicPatternError, parse_pattern
-from .widgets import COMMON_KEYS, EventLog, TopBar, dash
+from .widgets import COMMON_KEYS, DashScreen, TopBar, dash
 
 SHOWN = 2000  # events kept on screen (the feed keeps more)
 
 
-class EventsScreen(Screen[None]):
+class EventsScreen(DashScreen):
     """Installed once by the app, so its filters survive leaving and coming back."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -106,6 +108,9 @@ class EventsScreen(Screen[None]):
             line.append("  ·  warnings+errors only", style="yellow")
         if self.pattern_problem:
             line.append(f"  ·  topic: {self.pattern_problem}", style="red")
+        if not log.follow and log.rows:
+            below = len(log.rows) - 1 - max(0, log.cursor)
+            line.append(f"  ·  {below:,} newer below (end: follow)" if below else "  ·  end: follow", style="cyan")
         self.query_one("#event-stats", Static).update(line)
 
     # -- filters ---------------------------------------------------------------------------
@@ -156,9 +161,11 @@ class EventsScreen(Screen[None]):
         self._show_stats()
 
     def action_follow(self) -> None:
-        log = self.query_one(EventLog)
-        log.follow = True
-        log.scroll_to(y=log.max_scroll_y, animate=False)
+        self.query_one(EventLog).action_follow()
+        self._show_stats()
+
+    def on_event_log_expand(self, message: EventLog.Expand) -> None:
+        self.app.push_screen(EventScreen(message.row))
 
     def action_back(self) -> None:
         focused = self.focused

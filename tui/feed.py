@@ -42,11 +42,14 @@ def severity(topic: str, payload: Any) -> int:
 class EventRow:
     """One event as the view shows it; the payload's JSON text is made on first use."""
 
-    __slots__ = ("_text", "level", "payload", "seq", "source", "timestamp_ms", "topic")
+    __slots__ = ("_text", "level", "payload", "raw", "seq", "source", "timestamp_ms", "topic")
 
-    def __init__(self, topic: str, payload: Any, source: str, seq: int, timestamp_ms: int) -> None:
+    def __init__(
+        self, topic: str, payload: Any, source: str, seq: int, timestamp_ms: int, *, raw: dict[str, Any] | None = None
+    ) -> None:
         self.topic, self.payload, self.source = topic, payload, source
         self.seq, self.timestamp_ms = seq, timestamp_ms
+        self.raw = raw  # the event as received (its other fields show when it is expanded)
         self.level = severity(topic, payload)
         self._text: str | None = None
 
@@ -142,7 +145,7 @@ class EventFeed:
             self._append(EventRow(RESTART_TOPIC, "the orchestrator restarted", "dashboard", 0, 0))
         self.last_seq, self.last_ms = seq, max(self.last_ms, timestamp_ms)
         topic = str(item.get("topic", ""))
-        row = EventRow(topic, item.get("payload"), str(item.get("source", "")), seq, timestamp_ms)
+        row = EventRow(topic, item.get("payload"), str(item.get("source", "")), seq, timestamp_ms, raw=item)
         if topic.startswith("orch.capsule.") and topic.endswith(".reloaded"):
             self.last_reload_ms[topic[13:-9]] = row.timestamp_ms
         self._append(row)

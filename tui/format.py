@@ -6,8 +6,9 @@ every view of the dashboard; no Textual here, only Rich text.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from rich.text import Text
 
@@ -66,6 +67,13 @@ class Clock:
         parts = time.gmtime(seconds) if self.utc else time.localtime(seconds)
         return time.strftime("%H:%M:%S", parts) + f".{int(ms) % 1000:03d}"
 
+    def stamp(self, ms: int) -> str:
+        """`2027-01-15 08:00:00.123 UTC`: the full time of a timestamp in milliseconds."""
+        seconds = ms / 1000
+        parts = time.gmtime(seconds) if self.utc else time.localtime(seconds)
+        zone = "UTC" if self.utc else time.strftime("%Z", parts)
+        return time.strftime("%Y-%m-%d %H:%M:%S", parts) + f".{int(ms) % 1000:03d} {zone}".rstrip()
+
     def ago(self, ms: int | None) -> str:
         """`12s ago` for a past timestamp in milliseconds, "" for none."""
         if not ms:
@@ -78,6 +86,30 @@ class Clock:
             return ""
         left = ms / 1000 - self.now()
         return f"in {duration(left)}" if left >= 0.5 else "now"
+
+
+def error_origin(capsule: Mapping[str, Any], clock: Clock) -> str:
+    """`increment, 14:03:27, 5s ago`: which tool failed last and when ("" when the server
+    does not say: older servers send neither field)."""
+    parts = []
+    tool = capsule.get("last_error_tool")
+    if isinstance(tool, str) and tool:
+        parts.append(tool)
+    at_ms = capsule.get("last_error_at_ms")
+    if isinstance(at_ms, int) and not isinstance(at_ms, bool) and at_ms > 0:
+        parts.append(clock.hms(at_ms)[:8])
+        parts.append(clock.ago(at_ms))
+    return ", ".join(parts)
+
+
+def counters(capsule: Mapping[str, Any]) -> str:
+    """`2 conflicts · 15 events lost`: the counts that are not zero ("" when all are)."""
+    parts = []
+    for key, one, many in (("conflicts", "conflict", "conflicts"), ("events_lost", "event lost", "events lost")):
+        value = capsule.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            parts.append(f"{value:,} {one if value == 1 else many}")
+    return " · ".join(parts)
 
 
 def duration(seconds: float) -> str:

@@ -11,16 +11,15 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Label, Static
 
 from .format import hexdump, is_text, preview
-from .widgets import COMMON_KEYS, TopBar, dash
+from .widgets import COMMON_KEYS, DashScreen, TopBar, dash
 
 MAX_KEYS = 500  # keys whose values are fetched for the table
 
 
-class KVScreen(Screen[None]):
+class KVScreen(DashScreen):
     BINDINGS: ClassVar[list[BindingType]] = [
         *COMMON_KEYS,
         Binding("escape", "back", "Back"),

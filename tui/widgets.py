@@ -1,33 +1,40 @@
-"""Widgets shared by the dashboard's screens: the top bar (which orchestrator, which
-revision, connected or not) and the event log (a virtual list: only the visible lines are
-ever rendered, so thousands of events cost nothing until they are looked at).
+"""What every screen of the dashboard shares: the screen base class (`DashScreen`: while a
+text field has the focus, the footer offers no key that would only type into it), the keys
+on every screen, and the top bar (which orchestrator, which revision, whether its config
+was accepted, connected or not).
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterable
+import dataclasses
 from typing import TYPE_CHECKING, Any, cast
 
 from rich.text import Text
+from textual import events
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import ActiveBinding, Binding
 from textual.containers import Horizontal
 from textual.dom import DOMNode
-from textual.geometry import Size
-from textual.scroll_view import ScrollView
-from textual.strip import Strip
-from textual.widgets import Static
+from textual.keys import key_to_character
+from textual.screen import Screen
+from textual.widgets import Input, Static
 
-from .feed import ERROR, WARNING, EventRow
-from .format import Clock, duration, short_path
+from .format import duration, short_path
+from .health import header, read_health
 
 if TYPE_CHECKING:
     from .app import Dashboard
 
 
-# first on every screen, so they stay in the footer of an 80-column terminal
-COMMON_KEYS = [Binding("question_mark", "app.help", "Help"), Binding("q", "app.quit", "Quit")]
+# first on every screen, so they stay in the footer of an 80-column terminal; `!` shows only
+# while the desired state has problems (see DashScreen.active_bindings)
+COMMON_KEYS = [
+    Binding("exclamation_mark", "app.problems", "Problems"),
+    Binding("question_mark", "app.help", "Help"),
+    Binding("q", "app.quit", "Quit"),
+]
+# key names whose character textual.keys.key_to_character does not give back
+_NAMED = {"plus": "+", "minus": "-", "slash": "/", "at": "@", "backslash": "\\", "underscore": "_"}
 
 
 def dash(node: DOMNode) -> Dashboard:
@@ -35,16 +42,44 @@ def dash(node: DOMNode) -> Dashboard:
     return cast("Dashboard", node.app)
 
 
+def typed_character(key: str) -> str | None:
+    """The character `key` types into a text field; None for enter, escape, tab, arrows and
+    anything with ctrl or alt."""
+    character = _NAMED.get(key) or key_to_character(key)
+    return character if character is not None and character.isprintable() else None
+
+
+class DashScreen(Screen[None]):
+    """A dashboard screen. While a text field has the focus, every printable key types into
+    it (Textual's Input consumes them before any binding is looked up), so the footer drops
+    the bindings of printable keys then, and calls escape what it does: leave the field."""
+
+    @property
+    def active_bindings(self) -> dict[str, ActiveBinding]:
+        bindings = super().active_bindings
+        if not dash(self).troubled:
+            bindings = {k: b for k, b in bindings.items() if b.binding.action != "app.problems"}
+        if not isinstance(self.focused, Input):
+            return bindings
+        shown = {key: b for key, b in bindings.items() if typed_character(key) is None}
+        if "escape" in shown:
+            escape = shown["escape"]
+            shown["escape"] = escape._replace(binding=dataclasses.replace(escape.binding, description="Leave field"))
+        return shown
+
+
 class TopBar(Horizontal):
-    """`◆ orch  …/config.yaml @ 3fa1c2 · config 9b07de… · up 5m          ● connected`."""
+    """`◆ orch  …/config.yaml @ 3fa1c2 · config 9b07de… · up 5m   config accepted 12:04:31   ● connected`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.where = Static(id="where")
+        self.desired = Static(id="desired")
         self.link = Static(id="link")
 
     def compose(self) -> ComposeResult:
         yield self.where
+        yield self.desired
         yield self.link
 
     def on_mount(self) -> None:
@@ -53,8 +88,17 @@ class TopBar(Horizontal):
         self.watch(app, "connected", self._refresh_bar)
         self.watch(app, "problem", self._refresh_bar)
 
+    def on_click(self, event: events.Click) -> None:
+        if event.widget is self.desired and dash(self).troubled:
+            dash(self).action_problems()
+
     def _refresh_bar(self, _: Any = None) -> None:
         app = dash(self)
+        health = read_health(app.status)
+        shown = header(health, app.clock)
+        self.desired.update(shown)
+        self.desired.display = bool(shown)
+        self.desired.set_class(health is not None and health.troubled, "-problem")
         where = Text("◆ orch ", style="bold")
         if not app.connected:  # what is shown below is the last status seen, if any
             where.append(f"{app.problem}; retrying every {app.poll_interval:g} s", style="red")
@@ -75,71 +119,3 @@ class TopBar(Horizontal):
         self.where.update(where)
         self.link.update(Text("● connected", style="green"))
         self.remove_class("-down")
-
-
-LEVEL_MARK = {ERROR: ("✖", "red"), WARNING: ("▲", "yellow")}
-
-
-def event_line(row: EventRow, clock: Clock, topic_width: int = 30) -> Text:
-    """`14:03:27.120 ✖ orch.capsule.notes.failed    orch        {"phase": …}`: columns line up
-    (a longer topic pushes its payload right), the mark and the topic carry the level."""
-    mark, style = LEVEL_MARK.get(row.level, (" ", ""))
-    line = Text(no_wrap=True, overflow="ellipsis")
-    line.append(clock.hms(row.timestamp_ms) if row.timestamp_ms else " " * 12, style="dim")
-    line.append(f" {mark} ", style=style)
-    line.append(row.topic, style=f"bold {style}" if style else "bold")
-    line.append(" " * max(1, topic_width - len(row.topic) + 1))
-    line.append(f"{row.source:<10} ", style="dim")
-    line.append(row.text[:2000])
-    return line
-
-
-class EventLog(ScrollView, can_focus=True):
-    """The newest `capacity` matching events, newest at the bottom; follows the end unless
-    scrolled up."""
-
-    def __init__(self, clock: Clock, *, capacity: int = 2000, id: str | None = None) -> None:
-        super().__init__(id=id)
-        self.clock = clock
-        self.rows: deque[EventRow] = deque(maxlen=capacity)
-        self.follow = True  # keep the newest line in view
-
-    def append(self, rows: Iterable[EventRow]) -> None:
-        new = list(rows)
-        if not new:
-            return
-        overflow = max(0, len(self.rows) + len(new) - (self.rows.maxlen or 0))
-        self.rows.extend(new)
-        self.virtual_size = Size(self.size.width, len(self.rows))
-        if self.follow:
-            self.scroll_to(y=self.max_scroll_y, animate=False, immediate=True)
-        elif overflow:  # keep the lines being read in place while old ones fall out
-            self.scroll_to(y=max(0, self.scroll_offset.y - overflow), animate=False, immediate=True)
-        self.refresh()
-
-    def replace(self, rows: Iterable[EventRow]) -> None:
-        self.rows.clear()
-        self.follow = True
-        self.virtual_size = Size(self.size.width, 0)
-        self.append(rows)
-        self.refresh()
-
-    def on_resize(self) -> None:
-        self.virtual_size = Size(self.size.width, len(self.rows))
-        if self.follow:
-            self.call_after_refresh(self.scroll_to, y=self.max_scroll_y, animate=False)
-
-    def watch_scroll_y(self, old: float, new: float) -> None:
-        super().watch_scroll_y(old, new)
-        self.follow = new >= self.max_scroll_y  # scrolled up: stop following; back at the end: follow
-
-    def render_line(self, y: int) -> Strip:
-        width = self.size.width
-        index = self.scroll_offset.y + y
-        style = self.rich_style
-        if index >= len(self.rows):
-            return Strip.blank(width, style)
-        line = event_line(self.rows[index], self.clock, 34 if width >= 110 else 26)
-        line.truncate(width, overflow="ellipsis")
-        strip = Strip(line.render(self.app.console))
-        return strip.crop_extend(0, width, style).apply_style(style)
