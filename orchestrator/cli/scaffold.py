@@ -82,9 +82,9 @@ def name_problem(name: str) -> str | None:
     """Why `name` cannot name a capsule, or None."""
     if re.fullmatch(NAME, name):  # not re.match: its `$` would accept a trailing newline
         return None
-    shown = name if len(name) <= 80 and name.isprintable() else repr(name[:80]) + "..."
+    shown = repr(name) if len(name) <= 80 else repr(name[:80]) + "..."  # repr: one line, whatever it holds
     return (
-        f"invalid capsule name {shown!r}: use lowercase letters, digits and '-' "
+        f"invalid capsule name {shown}: use lowercase letters, digits and '-' "
         "(not first or last), at most 64 characters, e.g. 'hello' or 'order-tracker'"
     )
 
@@ -121,10 +121,13 @@ def create_capsule(name: str, target: Path) -> list[Path]:
 
 
 def _check_target(target: Path) -> None:
-    if target.is_symlink() or (target.exists() and not target.is_dir()):
-        raise ScaffoldError(f"{target} exists and is not a folder: choose another --dir")
-    if target.is_dir() and any(target.iterdir()):
-        raise ScaffoldError(f"{target} exists and is not empty: choose another --dir (nothing was written)")
+    try:
+        if target.is_symlink() or (target.exists() and not target.is_dir()):
+            raise ScaffoldError(f"{target} exists and is not a folder: choose another --dir")
+        if target.is_dir() and any(target.iterdir()):
+            raise ScaffoldError(f"{target} exists and is not empty: choose another --dir (nothing was written)")
+    except OSError as error:
+        raise ScaffoldError(f"cannot create {target}: {error.strerror or error}") from None
 
 
 def _copy(source: Traversable, destination: Path, name: str | None) -> None:
