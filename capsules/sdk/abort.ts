@@ -1,7 +1,10 @@
-// Abort handler for capsules built with AssemblyScript: `--use abort=sdk/abort/capsuleAbort`.
-// AssemblyScript calls `abort` on a failed assertion or an uncaught throw. Instead of the
-// `env.abort` import (which no Extism host provides) we record the message as the plugin's
-// error through the Extism kernel, then trap, so the host reports what went wrong.
+// The abort handler for capsules built with AssemblyScript. AssemblyScript calls `abort` on a
+// failed assertion or an uncaught throw. Instead of the `env.abort` import (which no Extism
+// host provides) this records the message as the call's error through the Extism kernel, then
+// traps, so the caller sees what went wrong. The build (build.mjs) routes `abort` here with
+// `--use abort=~lib/orch-capsule-sdk/abort/capsuleAbort`; that needs this file in the program:
+// importing anything from "orch-capsule-sdk" brings it in (index.ts re-exports it), and a
+// capsule that uses only the Extism PDK writes `import "orch-capsule-sdk/abort";`.
 import { alloc, error_set, store_u8 } from "@extism/as-pdk/lib/env";
 
 export function capsuleAbort(

@@ -3,10 +3,10 @@
 // ./index.ts; use this layer to handle a host error yourself instead of failing the call
 // (every Airlock.* function here returns a HostResult and never throws on a host error).
 //
-// ABI (DESIGN §3.3): every argument is the i64 offset of a block in the Extism kernel memory
-// (0 for empty text or bytes). Functions that return data return the offset of a HostResult
-// block: 0x00 then the payload, or 0x01 then a UTF-8 error message. A capability denial does
-// not return at all: the host traps the call.
+// The ABI (README.md, "Host functions"): every argument is the i64 offset of a block in the
+// Extism kernel memory (0 for empty text or bytes). Functions that return data return the
+// offset of a HostResult block: 0x00 then the payload, or 0x01 then a UTF-8 error message. A
+// capability denial does not return at all: the host traps the call.
 import { alloc, free, length, load_u64, load_u8, store_u64, store_u8 } from "@extism/as-pdk/lib/env";
 
 // ---- imports -------------------------------------------------------------------------------

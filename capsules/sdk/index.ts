@@ -1,8 +1,10 @@
 // The capsule SDK: typed AssemblyScript wrappers over the orchestrator's host functions
-// (the "airlocks" of DESIGN §3.3) and the tool/interceptor calling convention (§3.4).
+// (the "airlocks") and the tool/interceptor calling convention. See README.md.
 //
-//   import { capsuleAbort } from "../../sdk/abort";   // first: routes `abort` (see abort.ts)
-//   import { Tool, KV, Bus, Json } from "../../sdk";
+//   import { Tool, KV, Bus, Json } from "orch-capsule-sdk";
+//
+// Importing this file also brings in the abort handler (abort.ts) that the build routes
+// AssemblyScript's `abort` to, so an uncaught throw becomes the call's error message.
 //
 // Errors. A wrapper that gets a HostResult error (not found, too large, invalid key, I/O
 // error, …) throws Error("<Wrapper.method> <argument>: <host message>"). AssemblyScript
@@ -45,6 +47,7 @@ import { Json, JsonKind, JsonValue } from "./json";
 
 export { Json, JsonKind, JsonValue, JsonObjectBuilder } from "./json";
 export { Airlock, HostResult, utf8, fromUtf8 } from "./airlock";
+export { capsuleAbort } from "./abort";
 
 function describe(what: string, arg: string): string {
   return what + " " + Json.quote(arg);

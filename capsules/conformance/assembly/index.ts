@@ -1,6 +1,6 @@
 // conformance: one export per behaviour the engine must share with the official Extism SDK.
 // Used by tests/test_conformance.py; each export is small and does exactly one thing.
-import { capsuleAbort } from "../../sdk/abort";
+import "orch-capsule-sdk/abort"; // routes `abort` (a throw, a failed assertion) to the SDK's handler
 import { Config, Host, Var, LogLevel } from "@extism/as-pdk";
 import { alloc, error_set, store_u8 } from "@extism/as-pdk/lib/env";
 

@@ -1,8 +1,7 @@
 // counter: a count kept in KV, announced on the bus. `increment` adds `by` (default: the
 // `step` config, itself default 1) and publishes counter.changed {"count": n}; `get` reads it;
 // `reset` sets it back to 0 (and publishes that too). Every tool answers {"count": n}.
-import { capsuleAbort } from "../../sdk/abort";
-import { Bus, Config, Json, KV, Tool } from "../../sdk";
+import { Bus, Config, Json, KV, Tool } from "orch-capsule-sdk"; // also routes `abort` to the SDK's handler
 
 const KEY = "count";
 const TOPIC = "counter.changed";

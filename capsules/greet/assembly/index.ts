@@ -1,6 +1,6 @@
 // greet: reads its configuration. `greet` takes a name and answers "<greeting>, <name>!",
 // where the greeting comes from the `greeting` config key (default "Hello").
-import { capsuleAbort } from "../../sdk/abort";
+import "orch-capsule-sdk/abort"; // routes `abort` (a throw, a failed assertion) to the SDK's handler
 import { Config, Host } from "@extism/as-pdk";
 
 function output(text: string): void {

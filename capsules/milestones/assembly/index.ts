@@ -3,8 +3,7 @@
 // of 10; `status` -> {"last": n, "seen": k}. Two interceptors share the event so that their
 // order can be checked: priority 10 (`on_counter_changed_first`) sets KV "order" to "first",
 // priority 100 (`on_counter_changed`) appends ",second".
-import { capsuleAbort } from "../../sdk/abort";
-import { Bus, BusEvent, Json, KV, Tool } from "../../sdk";
+import { Bus, BusEvent, Json, KV, Tool } from "orch-capsule-sdk"; // also routes `abort` to the SDK's handler
 
 function readInt(key: string): i64 {
   const stored = KV.getString(key);

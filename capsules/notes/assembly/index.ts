@@ -2,8 +2,7 @@
 // `write` {"name","text"} -> {"written","bytes"}; `read` {"name"} -> {"name","text"};
 // `list` -> {"notes": [names]}; `peek` {"path"} reads any path, to show that a read outside
 // cwd://notes is denied (the host traps the call; the capsule never sees the file).
-import { capsuleAbort } from "../../sdk/abort";
-import { Fs, Json, Tool, utf8 } from "../../sdk";
+import { Fs, Json, Tool, utf8 } from "orch-capsule-sdk"; // also routes `abort` to the SDK's handler
 
 const DIR = "cwd://notes";
 

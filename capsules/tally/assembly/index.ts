@@ -1,7 +1,7 @@
 // tally: keeps state in Extism vars, which persist across calls of one plugin.
 // `add` adds its input (a decimal integer, default 1) to the running total and returns it;
 // `total` returns it; `clear` forgets it.
-import { capsuleAbort } from "../../sdk/abort";
+import "orch-capsule-sdk/abort"; // routes `abort` (a throw, a failed assertion) to the SDK's handler
 import { Host, Var } from "@extism/as-pdk";
 
 function output(text: string): void {

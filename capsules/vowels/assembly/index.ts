@@ -2,7 +2,7 @@
 // `count_vowels` streams the input eight bytes at a time through the kernel (no copy);
 // `count_vowels_naive` copies it with the PDK's Host.input() and walks the array, as the
 // Extism PDK example does. Both answer {"count": N}.
-import { capsuleAbort } from "../../sdk/abort";
+import "orch-capsule-sdk/abort"; // routes `abort` (a throw, a failed assertion) to the SDK's handler
 import { Host } from "@extism/as-pdk";
 import { input_length, input_load_u64, input_load_u8 } from "@extism/as-pdk/lib/env";
 
