@@ -45,7 +45,7 @@ def _none_is_empty(value: Any, empty: Callable[[], Any]) -> Any:
 
 
 def _check_name(name: str) -> str:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ValueError(
             f"invalid deployment name {_show(name)}: use lowercase letters, digits and '-' "
             "(not first or last), at most 64 characters"
