@@ -36,9 +36,11 @@ from ..capsule.bus import Event, Subscription
 from ..control.runtime import Orchestrator
 from ..control.statedir import LOG
 from ..errors import ConfigError, OrchestratorError
+from .output import clip
 from .printer import LinePrinter
 
 SHUTDOWN_SECONDS = 10.0
+PAYLOAD_CHARS = 200  # an event's payload in a text line; longer ones are cut, with a marker
 logger = logging.getLogger(__name__)
 
 
@@ -166,4 +168,4 @@ def describe(event: Event) -> str:
     if event.topic == "orch.reconcile.rejected" and isinstance(payload, dict):
         return f"{clock} rejected         " + "\n    ".join(payload.get("problems", []))
     text = json.dumps(payload, ensure_ascii=False, default=str)
-    return f"{clock} {event.topic} {text[:200]} (from {event.source})"
+    return f"{clock} {event.topic} {clip(text, PAYLOAD_CHARS)} (from {event.source})"
