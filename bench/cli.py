@@ -1,9 +1,12 @@
 """CLI start-up benchmark: prints one JSON object with each command's wall time.
 
-    .venv/bin/python bench/cli.py [--runs N]
+    .venv/bin/python bench/cli.py [--runs N] [--source DIR]
 
 Each command runs as a user runs it: the `orch` script of this virtualenv (or
 `python -m orchestrator` when there is none), a new process every time, output to a pipe.
+`--source DIR` measures another checkout instead (`python -m orchestrator` with DIR first on
+PYTHONPATH, e.g. a `git worktree` of an older revision, for before/after figures); a verb
+that revision lacks (or that fails there) is left out.
 `python -c pass` is measured in the same rounds as the floor every Python command pays; each
 command's `ratio` is its median over that floor's median. The rounds are interleaved (one
 run of each command per round), so a busy moment of the shared machine costs every command
@@ -65,11 +68,11 @@ def status_ready(sock: Path) -> bool:
         return False
 
 
-def timed(command: list[str], cwd: Path) -> float:
+def timed(command: list[str], cwd: Path, env: dict[str, str]) -> float:
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=cwd, capture_output=True, check=False)
+    result = subprocess.run(command, cwd=cwd, capture_output=True, env=env, check=False)
     elapsed = time.perf_counter() - started
-    if result.returncode not in (0, 2):  # `plan` may answer 2 (changes) only with --exit-code
+    if result.returncode != 0:
         raise SystemExit(f"{command} exited {result.returncode}: {result.stderr.decode()[-500:]}")
     return elapsed
 
@@ -77,8 +80,16 @@ def timed(command: list[str], cwd: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=15, help="runs of each command (default 15)")
+    parser.add_argument("--source", type=Path, help="measure the checkout in DIR (python -m orchestrator)")
     options = parser.parse_args()
-    orch = orch_command()
+    env = dict(os.environ)
+    if options.source is not None:
+        orch = [sys.executable, "-m", "orchestrator"]
+        env["PYTHONPATH"] = os.pathsep.join([str(options.source.resolve()), env.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep
+        )
+    else:
+        orch = orch_command()
     commands: dict[str, list[str]] = {
         "python -c pass": [sys.executable, "-c", "pass"],
         "orch --help": [*orch, "--help"],
@@ -96,7 +107,7 @@ def main() -> None:
         config = deployment(root)
         log = open(root / "up.log", "wb")  # noqa: SIM115  (closed in the finally below)
         up = subprocess.Popen(
-            [*orch, "up", str(config), "--no-watch", "--log-format", "json"], cwd=root, stdout=log, stderr=log
+            [*orch, "up", str(config), "--no-watch", "--log-format", "json"], cwd=root, stdout=log, stderr=log, env=env
         )
         try:
             end = time.monotonic() + READY_TIMEOUT_S
@@ -106,13 +117,13 @@ def main() -> None:
                 time.sleep(0.05)
             available = {}
             for name, command in commands.items():  # a verb this version lacks is left out
-                probe = subprocess.run(command, cwd=root, capture_output=True, check=False)
-                if probe.returncode in (0, 2) and b"invalid choice" not in probe.stderr:
+                probe = subprocess.run(command, cwd=root, capture_output=True, env=env, check=False)
+                if probe.returncode == 0:
                     available[name] = command
             times: dict[str, list[float]] = {name: [] for name in available}
             for _ in range(options.runs):
                 for name, command in available.items():
-                    times[name].append(timed(command, root))
+                    times[name].append(timed(command, root, env))
         finally:
             up.send_signal(signal.SIGINT)
             try:
@@ -135,6 +146,7 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "command": " ".join(orch),
+        "source": str(options.source) if options.source is not None else str(ROOT),
         "commands": results,
         "target_s": TARGET_S,
         "meets_target": {

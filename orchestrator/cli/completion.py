@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +44,17 @@ def add_commands(verbs: Any) -> None:
     names.set_defaults(run=print_capsule_names)
 
 
-@dataclass
 class Node:
-    """One command path: what may follow it."""
+    """One command path: what may follow it. (A plain class: this module is imported for
+    every command, and `dataclasses` costs start-up.)"""
 
-    path: str
-    commands: list[tuple[str, str]] = field(default_factory=list)  # (name, help)
-    options: list[tuple[str, str]] = field(default_factory=list)  # (option string, help)
-    values: dict[str, str] = field(default_factory=dict)  # option taking a value -> kind
-    positionals: list[str] = field(default_factory=list)  # kinds, in order
-    repeat_last: bool = False  # the last positional takes any number of words
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.commands: list[tuple[str, str]] = []  # (name, help)
+        self.options: list[tuple[str, str]] = []  # (option string, help)
+        self.values: dict[str, str] = {}  # option taking a value -> kind
+        self.positionals: list[str] = []  # kinds, in order
+        self.repeat_last = False  # the last positional takes any number of words
 
 
 def command_tree(parser: argparse.ArgumentParser, path: str = "orch") -> list[Node]:

@@ -14,9 +14,8 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 EXIT_BROKEN_PIPE = 141
@@ -46,8 +45,7 @@ PHASE_COLORS = {
 }
 
 
-@dataclass(frozen=True)
-class Style:
+class Style(NamedTuple):  # not a dataclass: `dataclasses` imports `inspect`, 5 ms of start-up
     """Colours for one stream: `style("text", "red")`, or the text as it is when off."""
 
     enabled: bool = False
@@ -64,8 +62,7 @@ class Style:
         return self(shown, color) if color else shown
 
 
-@dataclass(frozen=True)
-class Colors:
+class Colors(NamedTuple):
     """The styles of standard output and standard error."""
 
     out: Style = Style()

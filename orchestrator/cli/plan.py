@@ -87,7 +87,11 @@ def plan_verb(args: argparse.Namespace) -> int:
             else f"nothing applied yet (no {applied})",
         }
     except OrchestratorError as error:
-        return fail(f"cannot compare {args.config} with the orchestrator on {socket}: {one_line(error)}", EXIT_FAILED)
+        return fail(
+            f"cannot compare {args.config} with the orchestrator on {socket}: {one_line(error)}",
+            EXIT_FAILED,
+            colors=args.colors,
+        )
     actions = plan(desired.specs, actual).to_dict()["actions"]
     if args.json:
         shown = {"config": str(desired.config.path), "against": {k: against[k] for k in ("source", "path")}}
