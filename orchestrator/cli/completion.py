@@ -379,7 +379,8 @@ def print_script(args: argparse.Namespace) -> int:
 
 def print_capsule_names(args: argparse.Namespace) -> int:
     """The running capsules' names, one a line; nothing when none can be had (status 0)."""
-    from ..api.client import SyncClient, socket_for
+    from ..api.blocking import SyncClient
+    from ..api.client import socket_for
     from ..errors import OrchestratorError
 
     try:

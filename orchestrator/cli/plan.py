@@ -20,7 +20,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..api.client import NotRunning, RemoteError, SyncClient
+from ..api.blocking import SyncClient
+from ..api.client import NotRunning, RemoteError
 from ..control.statedir import APPLIED, SOCKET, read_applied
 from ..errors import ConfigError, OrchestratorError
 from .output import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, fail, one_line, print_problems

@@ -44,7 +44,7 @@ from .output import (
 )
 
 if TYPE_CHECKING:
-    from ..api.client import SyncClient
+    from ..api.blocking import SyncClient
 
 PAYLOAD_CHARS = 300  # an event's payload in a text line (`--full`: all of it)
 ERROR_CELL = 60  # the LAST ERROR column of `status` (`describe` shows it whole)
@@ -98,7 +98,8 @@ def add_commands(verbs: Any) -> None:
 
 
 def _connect(args: argparse.Namespace, run: Verb) -> int:
-    from ..api.client import NotRunning, RemoteError, SyncClient, socket_for
+    from ..api.blocking import SyncClient
+    from ..api.client import NotRunning, RemoteError, socket_for
     from ..errors import OrchestratorError
 
     colors: Colors = getattr(args, "colors", PLAIN)
