@@ -328,6 +328,8 @@ HOSTILE = {
     "endless headers": b"HTTP/1.1 200 OK\r\n" + b"X-Padding: " + b"a" * (200 << 10) + b"\r\n\r\n",
     "an absurd length": b"HTTP/1.1 200 OK\r\nContent-Length: 999999999999\r\n\r\n{}",
     "a bad chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+    "a negative chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n{}\r\n0\r\n\r\n",
+    "an endless chunk size": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"0" * 5000,
     "an error without JSON": answer(b"teapot", status="418 I'm a teapot"),
 }
 

@@ -217,6 +217,8 @@ class _Response:
         if self._chunked:
             while True:
                 size_line = self._until(b"\r\n", 1024, "a chunk size").split(b";", 1)[0].strip()
+                if not size_line or size_line.strip(b"0123456789abcdefABCDEF"):
+                    raise ValueError(f"not a chunk size: {size_line[:20]!r}")
                 size = int(size_line, 16)
                 if size > limit:
                     raise ValueError(f"a chunk of {size} bytes is over the limit of {limit}")
