@@ -7,5 +7,6 @@ events.py       GET /v1/events: SSE history then live, in chunks with backpressu
 inputs.py       strict JSON bodies and query parameters, bodies read within a deadline
 responses.py    the JSON error shape and the status code of each error kind
 settings.py     ServerLimits: every bound the API enforces, with the reasons
-client.py       Client (aiohttp client): used by the CLI's operator verbs and the dashboard
+client.py       Client (aiohttp client, for the dashboard), the errors, socket_for
+blocking.py     SyncClient (the standard library): the CLI's one-shot verbs
 """

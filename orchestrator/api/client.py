@@ -1,11 +1,19 @@
-"""A client of the control API (the only aiohttp client): the CLI's operator verbs and the
-dashboard use it to talk to a running orchestrator over its unix socket.
+"""Clients of the control API: the CLI's operator verbs and the dashboard use them to talk to
+a running orchestrator over its unix socket.
+
+`Client` (aiohttp, async) serves the dashboard and tests: keep-alive connections, streams.
+`SyncClient` (.blocking: the standard library alone) serves the one-shot CLI verbs. Both
+speak the same endpoints and raise the errors defined here. aiohttp is imported only when
+a `Client` is used, so importing this module (for `socket_for`, the errors) costs little.
 
 Errors from the server arrive as `RemoteError` with the server's kind, message and HTTP
 status; an absent orchestrator is `NotRunning`, whose message says how to start one; a
 connection lost before the answer is `ConnectionLost` (a RemoteError with status 0). Event
-streams are split into lines here, not by aiohttp's line reader, so an event of any size up
-to MAX_EVENT_BYTES arrives (aiohttp's readline refuses lines over 512 KiB).
+streams are split into lines here, not by a library's line reader, so an event of any size
+up to MAX_EVENT_BYTES arrives (aiohttp's readline refuses lines over 512 KiB).
+
+`socket_for` finds the socket from a config without validating it (control.statedir's
+`state_dir_of`): a config with a typo still leads to the orchestrator that runs.
 """
 
 from __future__ import annotations
@@ -13,15 +21,14 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import aiohttp
-import yarl
-
-from ..control.statedir import SOCKET
-from ..desired.config import load_config
+from ..control.statedir import SOCKET, state_dir_of
 from ..errors import OrchestratorError
+
+if TYPE_CHECKING:
+    import aiohttp
 
 BASE = "http://orch"
 MAX_EVENT_BYTES = 16 << 20
@@ -54,21 +61,86 @@ class ConnectionLost(RemoteError):
 
 
 def socket_for(config: Path | None = None, socket: Path | None = None) -> Path:
-    """The control socket: `socket` if given, else `<state_dir>/orch.sock` of `config`."""
+    """The control socket: `socket` if given, else `<state_dir>/orch.sock` of `config`, whose
+    state_dir is read leniently (an invalid config still names its socket)."""
     if socket is not None:
         return Path(socket)
-    return load_config(config or Path("config.yaml")).state_dir / SOCKET
+    return state_dir_of(config or Path("config.yaml")) / SOCKET
 
 
-class Client:
-    """`async with Client(path) as api: await api.status()`."""
+def not_running(socket_path: Path) -> NotRunning:
+    return NotRunning(f"no orchestrator is running for {socket_path.parent}: start one with `orch up`")
+
+
+def remote_error(status: int, body: bytes) -> RemoteError:
+    """The error an answer `status` >= 400 with `body` stands for."""
+    try:
+        detail = json.loads(body)["error"]
+        return RemoteError(status, str(detail["kind"]), str(detail["message"]))
+    except (ValueError, KeyError, TypeError):
+        return RemoteError(status, "HTTPError", body.decode(errors="replace")[:500])
+
+
+def parse_json(status: int, body: bytes, what: str) -> Any:
+    """The JSON of an answer; an answer that is not JSON is a RemoteError saying so."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise RemoteError(status, "BadAnswer", f"the answer to {what} is not JSON ({len(body)} bytes)") from None
+
+
+class SseParser:
+    """Server-sent event lines -> items: an event's dict, `{"lost": {...}}`, `{"live": True}`."""
+
+    def __init__(self) -> None:
+        self._kind, self._data = "", ""
+
+    def feed(self, raw: bytes) -> dict[str, Any] | None:
+        """One line (without its newline); the item it completes, if any."""
+        line = raw.decode().rstrip("\r")
+        if line.startswith("event: "):
+            self._kind = line[7:]
+        elif line.startswith("data: "):
+            self._data = line[6:]
+        elif line == "" and self._data:
+            payload: dict[str, Any] = json.loads(self._data)
+            kind = self._kind
+            self._kind, self._data = "", ""
+            if kind == "lost":
+                return {"lost": payload}
+            if kind == "live":
+                return {"live": True}
+            return payload
+        return None
+
+
+class Endpoints:
+    """The endpoints, over `request` and `json` (provided by each client)."""
+
+    def _kv(self, name: str, key: str) -> str:
+        # "." and ".." are keys like any other: encode their dots so no URL library treats
+        # them as path steps.
+        return f"/v1/kv/{quote(name, safe='')}/{quote(key, safe='').replace('.', '%2E')}"
+
+    @staticmethod
+    def _capsule(name: str, *rest: str) -> str:
+        parts = (quote(part, safe="").replace(".", "%2E") for part in (name, *rest))
+        return "/".join(("/v1/capsules", *parts))
+
+
+class Client(Endpoints):
+    """`async with Client(path) as api: await api.status()` (aiohttp: keep-alive, streams)."""
 
     def __init__(self, socket_path: Path, *, timeout: float = 60.0) -> None:
+        import aiohttp
+
         self.socket_path = Path(socket_path)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Client:
+        import aiohttp
+
         connector = aiohttp.UnixConnector(path=str(self.socket_path))
         self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
         return self
@@ -78,11 +150,14 @@ class Client:
             await self._session.close()
 
     def _not_running(self) -> NotRunning:
-        return NotRunning(f"no orchestrator is running for {self.socket_path.parent}: start one with `orch up`")
+        return not_running(self.socket_path)
 
     async def request(
         self, method: str, path: str, *, data: bytes | None = None, params: dict[str, str] | None = None
     ) -> tuple[int, dict[str, str], bytes]:
+        import aiohttp
+        import yarl
+
         assert self._session is not None, "use `async with Client(...)`"
         try:
             url = yarl.URL(BASE + path, encoded=True)
@@ -97,34 +172,31 @@ class Client:
         except (aiohttp.ClientError, ConnectionError) as error:
             raise ConnectionLost(f"{method} {path}", error) from error
         if status >= 400:
-            try:
-                detail = json.loads(body)["error"]
-                raise RemoteError(status, str(detail["kind"]), str(detail["message"]))
-            except (ValueError, KeyError, TypeError):
-                raise RemoteError(status, "HTTPError", body.decode(errors="replace")[:500]) from None
+            raise remote_error(status, body)
         return status, headers, body
 
     async def json(
         self, method: str, path: str, *, data: bytes | None = None, params: dict[str, str] | None = None
     ) -> Any:
-        _, _, body = await self.request(method, path, data=data, params=params)
-        return json.loads(body)
+        status, _, body = await self.request(method, path, data=data, params=params)
+        return parse_json(status, body, f"{method} {path}")
 
     # -- the endpoints ---------------------------------------------------------------------
     async def status(self) -> Any:
         return await self.json("GET", "/v1/status")
 
     async def capsule(self, name: str) -> Any:
-        return await self.json("GET", f"/v1/capsules/{quote(name, safe='')}")
+        return await self.json("GET", self._capsule(name))
+
+    async def specs(self) -> Any:
+        return await self.json("GET", "/v1/specs")
 
     async def call(self, name: str, tool: str, arguments: bytes) -> tuple[bytes, dict[str, str]]:
-        _, headers, body = await self.request(
-            "POST", f"/v1/capsules/{quote(name, safe='')}/tools/{quote(tool, safe='')}", data=arguments
-        )
+        _, headers, body = await self.request("POST", self._capsule(name, "tools", tool), data=arguments)
         return body, headers
 
     async def restart(self, name: str) -> Any:
-        return await self.json("POST", f"/v1/capsules/{quote(name, safe='')}/restart")
+        return await self.json("POST", self._capsule(name, "restart"))
 
     async def reconcile(self) -> Any:
         return await self.json("POST", "/v1/reconcile")
@@ -136,17 +208,19 @@ class Client:
         return await self.json("GET", f"/v1/kv/{quote(name, safe='')}", params={"prefix": prefix})
 
     async def kv_get(self, name: str, key: str) -> bytes:
-        return (await self.request("GET", _kv(name, key)))[2]
+        return (await self.request("GET", self._kv(name, key)))[2]
 
     async def kv_set(self, name: str, key: str, value: bytes) -> Any:
-        return json.loads((await self.request("PUT", _kv(name, key), data=value))[2])
+        return await self.json("PUT", self._kv(name, key), data=value)
 
     async def kv_delete(self, name: str, key: str) -> Any:
-        return json.loads((await self.request("DELETE", _kv(name, key)))[2])
+        return await self.json("DELETE", self._kv(name, key))
 
     async def events(self, topic: str = ">", history: int = 0) -> AsyncIterator[dict[str, Any]]:
         """Server-sent events as dicts. A loss notice is `{"lost": {"dropped", "total"}}`;
         `{"live": True}` marks the end of the history (everything after it is live)."""
+        import aiohttp
+
         assert self._session is not None
         params = {"topic": topic, "history": str(history)}
         try:
@@ -157,29 +231,12 @@ class Client:
             raise self._not_running() from error
         async with response:
             if response.status >= 400:
-                body = await response.read()
-                try:
-                    detail = json.loads(body)["error"]
-                except (ValueError, KeyError, TypeError):
-                    raise RemoteError(response.status, "HTTPError", body.decode(errors="replace")[:500]) from None
-                raise RemoteError(response.status, detail["kind"], detail["message"])
-            kind, data = "", ""
+                raise remote_error(response.status, await response.read())
+            parser = SseParser()
             try:
                 async for raw in _lines(response.content):
-                    line = raw.decode().rstrip("\r")
-                    if line.startswith("event: "):
-                        kind = line[7:]
-                    elif line.startswith("data: "):
-                        data = line[6:]
-                    elif line == "" and data:
-                        payload = json.loads(data)
-                        if kind == "lost":
-                            yield {"lost": payload}
-                        elif kind == "live":
-                            yield {"live": True}
-                        else:
-                            yield payload
-                        kind, data = "", ""
+                    if (item := parser.feed(raw)) is not None:
+                        yield item
             except (aiohttp.ClientError, ConnectionError) as error:
                 raise ConnectionLost("the event stream", error) from error
 
@@ -198,9 +255,3 @@ async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
             raise RemoteError(0, "TooLarge", f"an event from the orchestrator is longer than {MAX_EVENT_BYTES} bytes")
     if buffer:
         yield bytes(buffer)
-
-
-def _kv(name: str, key: str) -> str:
-    # "." and ".." are keys like any other: encode their dots so no URL library treats them
-    # as path steps.
-    return f"/v1/kv/{quote(name, safe='')}/{quote(key, safe='').replace('.', '%2E')}"

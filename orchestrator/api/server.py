@@ -13,6 +13,8 @@ write (refused otherwise), so only the user who runs the orchestrator gets in. W
     GET|PUT|DELETE /v1/kv/{name}/{key}        the raw value
     POST   /v1/reconcile                      re-read files and apply; returns the plan
     GET    /v1/plan                           what a reconcile would do now
+    GET    /v1/specs                          the specs of the versions serving now (records:
+                                              secret values never, only their digests)
 
 Errors are JSON `{"error": {"kind", "message"}}` with 400 (bad input: malformed HTTP,
 JSON or query; see .inputs), 403 (denied), 404 (no such capsule, tool, key or route), 408
@@ -88,6 +90,7 @@ class ControlApi:
             web.delete("/v1/kv/{name}/{key:.+}", self.kv_delete),
             web.post("/v1/reconcile", self.reconcile),
             web.get("/v1/plan", self.plan),
+            web.get("/v1/specs", self.specs),
         ]
         self.app.add_routes(routes)
 
@@ -230,6 +233,12 @@ class ControlApi:
     async def plan(self, request: web.Request) -> web.Response:
         desired = await self.orchestrator.load(previous=self.orchestrator.desired)
         return web.json_response(plan(desired.specs, self.reconciler.actual()).to_dict())
+
+    async def specs(self, request: web.Request) -> web.Response:
+        """What runs, as records (`orch plan FILE` diffs a candidate config against them)."""
+        parse_query(request.rel_url.raw_query_string, ())
+        actual = self.reconciler.actual()
+        return web.json_response({"capsules": {name: actual[name].record() for name in sorted(actual)}})
 
 
 class ControlServer:

@@ -40,7 +40,7 @@ def wasm_call(args: argparse.Namespace) -> int:
     try:
         config = _config_pairs(args.config)
     except ValueError as error:
-        return fail(str(error), EXIT_USAGE)
+        return fail(str(error), EXIT_USAGE, colors=args.colors)
     defaults = Limits()
     try:
         limits = Limits(
@@ -49,20 +49,20 @@ def wasm_call(args: argparse.Namespace) -> int:
             timeout_ms=args.timeout_ms or defaults.timeout_ms,
         )
     except ValueError as error:
-        return fail(str(error), EXIT_USAGE)
+        return fail(str(error), EXIT_USAGE, colors=args.colors)
     data = sys.stdin.buffer.read() if args.input == "-" else args.input.encode()
     engine = WasmEngine(cache_dir=args.cache_dir)
     try:
         plugin = engine.load(Path(args.file), name=Path(args.file).stem, config=config, limits=limits, wasi=args.wasi)
     except InvalidModule as error:
-        return fail(one_line(error), EXIT_USAGE)
+        return fail(one_line(error), EXIT_USAGE, colors=args.colors)
     started = time.perf_counter()
     fuel_used = 0
     try:
         output, fuel_used = plugin.call_metered(args.function, data)
     except CapsuleError as error:
         fuel_used = error.fuel_used
-        return fail(one_line(error), EXIT_FAILED)
+        return fail(one_line(error), EXIT_FAILED, colors=args.colors)
     finally:
         if args.stats:
             stats = {"fuel_used": fuel_used, "seconds": round(time.perf_counter() - started, 6)}
@@ -86,7 +86,7 @@ def capsule_check(args: argparse.Namespace) -> int:
     try:
         manifest = load_manifest(folder)
     except ManifestError as error:
-        return print_problems(folder, [str(p) for p in error.problems])
+        return print_problems(folder, [str(p) for p in error.problems], colors=args.colors)
     manifest_file = str(folder / "Capsule.toml")
     problems: list[str] = []
     config: dict[str, str] = {}
@@ -110,7 +110,7 @@ def capsule_check(args: argparse.Namespace) -> int:
     except InvalidModule as error:
         problems.append(f"{folder / manifest.component.file}: {one_line(error)}")
     if problems:
-        return print_problems(folder, problems)
+        return print_problems(folder, problems, colors=args.colors)
     package, caps = manifest.package, manifest.capabilities
     print(f"{package.name} {package.version}: {package.description or '(no description)'}")
     print(f"  wasm          {manifest.component.file}  sha256:{digest}")
@@ -139,16 +139,16 @@ def capsule_call(args: argparse.Namespace) -> int:
     try:
         config = _config_pairs(args.config)
     except ValueError as error:
-        return fail(str(error), EXIT_USAGE)
+        return fail(str(error), EXIT_USAGE, colors=args.colors)
     text = sys.stdin.read() if args.arguments == "-" else args.arguments
     try:
         arguments = json.loads(text) if text.strip() else None
     except ValueError as error:
-        return fail(f"the arguments are not valid JSON: {error}", EXIT_FAILED)
+        return fail(f"the arguments are not valid JSON: {error}", EXIT_FAILED, colors=args.colors)
     try:
         output = asyncio.run(_call_capsule_tool(args, config, arguments))
     except OrchestratorError as error:
-        return fail(one_line(error), EXIT_FAILED)
+        return fail(one_line(error), EXIT_FAILED, colors=args.colors)
     sys.stdout.buffer.write(output)
     sys.stdout.buffer.flush()
     return EXIT_OK

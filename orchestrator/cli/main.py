@@ -1,62 +1,126 @@
-"""The `orch` command.
+"""The `orch` command: the parser and dispatch.
 
+    orch [--version] [--color auto|always|never] [-v] COMMAND ...
     orch wasm call FILE FUNCTION [--input TEXT | --input -] [--config KEY=VALUE]...
                    [--fuel N] [--timeout-ms N] [--memory-mib N] [--wasi]
                    [--cache-dir DIR] [--stats]
     orch capsule check DIR
     orch capsule call DIR TOOL [JSON | -] [--state-dir DIR] [--workspace DIR] [--config KEY=VALUE]...
-    orch up [CONFIG] [--log-format text|json] [--no-watch] [--dash]
+    orch up [CONFIG] [--log-format text|json] [--no-watch] [--no-builds] [--dash]
     orch dash [CONFIG] [--socket PATH]
     orch validate [CONFIG]
-    orch plan [CONFIG] [--json] [--exit-code]
+    orch plan [CONFIG] [--json] [--exit-code] [--socket PATH]
+    orch status | describe | call | events | kv | reconcile | restart   (cli.remote)
+    orch completion bash|zsh|fish                                        (cli.completion)
 
-`wasm call` is like `extism call`: the output bytes go to stdout; a failed call prints one
-line to stderr and exits 1; bad usage or an unreadable or invalid module exits 2;
-`--stats` prints `{"fuel_used": N, "seconds": S}` to stderr.
+Start-up is most of a short command's time, so building the parser imports nothing beyond
+the standard library: each verb's module is imported when that verb runs (`_lazy`), and
+the verb modules registering their own sub-commands (`VERB_MODULES`) import nothing heavy
+at module level. `--color` and `-v` are accepted before or after the verb.
 
-The only module that prints, and the only one that configures logging.
+Every verb is safe under SIGPIPE: when the reader of standard output goes away (`orch
+events | head -1`) the command exits 141 without a traceback. Third-party loggers stay at
+WARNING unless `-v` (ours at INFO; `-v`: ours DEBUG, theirs INFO; `-vv`: everything DEBUG).
+
+The only modules that print are this package's; this one alone configures logging.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
+import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..errors import OrchestratorError
-from . import author
-from .output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail, one_line, print_problems
+from .. import __version__
+from .helptext import verb_help
+from .output import COLOR_MODES, EXIT_BROKEN_PIPE, EXIT_USAGE, Colors
+
+VERB_MODULES = ("remote", "scaffold", "completion")
+"""Modules under orchestrator.cli whose `add_commands(verbs)` registers their verbs, in the
+order `orch --help` lists them. They must stay light to import (the parser is built for
+every command)."""
+
+OUR_LOGGERS = ("orchestrator", "tui")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not hasattr(args, "run"):
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
     try:
-        return int(args.run(args))
+        try:
+            code = _run(argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit: a closed pipe is caught below
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return 130
 
 
+def _run(argv: Sequence[str] | None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    args.colors = Colors.choose(args.color)
+    args.parser = parser  # the whole parser: `orch completion` generates its scripts from it
+    if not hasattr(args, "run"):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    return int(args.run(args))
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def configure_logging(verbose: int) -> None:
+    import logging
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A verb's handler, imported from orchestrator.cli.<module> only when it runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        handler = getattr(importlib.import_module(f"{__package__}.{module}"), function)
+        return int(handler(args))
+
+    return run
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orch", description="A declarative WebAssembly capsule orchestrator.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(
+        prog="orch", description="A declarative WebAssembly capsule orchestrator.", **verb_help("")
+    )
+    parser.add_argument("--version", action="version", version=f"orch {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging: -v ours at DEBUG, -vv everything"
+    )
+    parser.add_argument("--color", choices=COLOR_MODES, default="auto", help="colour output (default: auto)")
     verbs = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    wasm = verbs.add_parser("wasm", help="run a plain Extism plugin (no manifest)")
+    wasm = verbs.add_parser("wasm", help="run a plain Extism plugin (no manifest)", **verb_help("wasm"))
     wasm_verbs = wasm.add_subparsers(title="wasm commands", metavar="COMMAND")
-    call = wasm_verbs.add_parser("call", help="call one function of a plugin, like `extism call`")
-    call.add_argument("file", help="the .wasm (or .wat) file")
+    call = wasm_verbs.add_parser(
+        "call", help="call one function of a plugin, like `extism call`", **verb_help("wasm call")
+    )
+    call.add_argument("file", type=Path, help="the .wasm (or .wat) file")
     call.add_argument("function", help="the exported function to call")
     call.add_argument("--input", default="", metavar="TEXT", help="input text; '-' reads stdin as bytes")
     call.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="a config value (repeatable)")
@@ -66,23 +130,29 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--wasi", action="store_true", help="provide WASI preview 1 (nothing granted)")
     call.add_argument("--cache-dir", type=Path, help="on-disk compiled-module cache")
     call.add_argument("--stats", action="store_true", help='print {"fuel_used", "seconds"} to stderr')
-    call.set_defaults(run=author.wasm_call)
+    call.set_defaults(run=_lazy("author", "wasm_call"))
 
-    capsule = verbs.add_parser("capsule", help="check or call one capsule folder (for capsule authors)")
+    capsule = verbs.add_parser(
+        "capsule", help="check or call one capsule folder (for capsule authors)", **verb_help("capsule")
+    )
     capsule_verbs = capsule.add_subparsers(title="capsule commands", metavar="COMMAND")
-    check = capsule_verbs.add_parser("check", help="validate a capsule and show what it may touch")
+    check = capsule_verbs.add_parser(
+        "check", help="validate a capsule and show what it may touch", **verb_help("capsule check")
+    )
     check.add_argument("dir", type=Path, help="the capsule folder (with Capsule.toml)")
-    check.set_defaults(run=author.capsule_check)
-    ccall = capsule_verbs.add_parser("call", help="load a capsule once and call one of its tools")
+    check.set_defaults(run=_lazy("author", "capsule_check"))
+    ccall = capsule_verbs.add_parser(
+        "call", help="load a capsule once and call one of its tools", **verb_help("capsule call")
+    )
     ccall.add_argument("dir", type=Path, help="the capsule folder (with Capsule.toml)")
     ccall.add_argument("tool", help="the tool's name")
     ccall.add_argument("arguments", nargs="?", default="", metavar="JSON", help="the arguments; '-' reads stdin")
     ccall.add_argument("--state-dir", type=Path, default=Path(".orch"), help="KV database and module cache")
     ccall.add_argument("--workspace", type=Path, default=Path("."), help="root of cwd:// paths")
     ccall.add_argument("--config", action="append", default=[], metavar="KEY=VALUE", help="a config value (repeatable)")
-    ccall.set_defaults(run=author.capsule_call)
+    ccall.set_defaults(run=_lazy("author", "capsule_call"))
 
-    up = verbs.add_parser("up", help="run the orchestrator on a config.yaml, in the foreground")
+    up = verbs.add_parser("up", help="run the orchestrator on a config.yaml, in the foreground", **verb_help("up"))
     up.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"), help="default: ./config.yaml")
     up.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="json: every bus event as a JSON line"
@@ -94,96 +164,48 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--dash", action="store_true", help="show the dashboard in this terminal; quitting it stops")
     up.set_defaults(run=_up)
 
-    dash = verbs.add_parser("dash", help="the terminal dashboard of a running orchestrator")
+    dash = verbs.add_parser("dash", help="the terminal dashboard of a running orchestrator", **verb_help("dash"))
     dash.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"), help="find the socket from it")
     dash.add_argument("--socket", type=Path, help="the control socket (instead of CONFIG)")
     dash.set_defaults(run=_dash)
 
-    validate = verbs.add_parser("validate", help="check a config.yaml and every capsule it names")
-    validate.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"))
-    validate.set_defaults(run=_validate)
+    validate = verbs.add_parser(
+        "validate", help="check a config.yaml and every capsule it names", **verb_help("validate")
+    )
+    validate.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"), help="default: ./config.yaml")
+    validate.set_defaults(run=_lazy("plan", "validate_verb"))
 
-    from .remote import add_commands
-
-    add_commands(verbs)
-
-    plan = verbs.add_parser("plan", help="what applying a config.yaml would change")
-    plan.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"))
-    plan.add_argument("--json", action="store_true", help='print {"actions": [...]}')
+    plan = verbs.add_parser("plan", help="what applying a config.yaml would change", **verb_help("plan"))
+    plan.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"), help="default: ./config.yaml")
+    plan.add_argument("--json", action="store_true", help='print {"config", "against", "actions": [...]}')
     plan.add_argument("--exit-code", action="store_true", help="exit 0: no changes, 2: changes, 1: errors")
-    plan.set_defaults(run=_plan)
+    plan.add_argument("--socket", type=Path, help="compare with the orchestrator on this control socket")
+    plan.set_defaults(run=_lazy("plan", "plan_verb"))
+
+    for name in VERB_MODULES:
+        importlib.import_module(f"{__package__}.{name}").add_commands(verbs)
+    _accept_everywhere(parser)
     return parser
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _validate(args: argparse.Namespace) -> int:
-    from ..capsule.kvfile import check_database
-    from ..control.statedir import KV_DATABASE, check_state_dir
-    from ..desired.config import LoadedConfig
-    from ..desired.load import load_desired
-    from ..errors import ConfigError, Problem
-
-    problems: list[Problem] = []
-    config: LoadedConfig | None = None
-    try:
-        desired = load_desired(args.config)
-        config = desired.config
-    except ConfigError as error:
-        problems = list(error.problems)
-        config = error.partial if isinstance(error.partial, LoadedConfig) else None
-    if config is not None:
-        trouble = check_state_dir(config.state_dir)
-        if trouble is None and (config.state_dir / KV_DATABASE).is_file():
-            trouble = check_database(config.state_dir / KV_DATABASE)
-        if trouble is not None:
-            line = config.line_of("state_dir")
-            problems.append(Problem(trouble, file=str(config.path), line=line, field="state_dir"))
-    if problems:
-        return print_problems(args.config, [str(p) for p in problems])
-    enabled = sum(1 for s in desired.specs.values() if s.enabled)
-    print(f"{args.config}: valid ({len(desired.specs)} capsules, {enabled} enabled)")
-    return EXIT_OK
-
-
-def _plan(args: argparse.Namespace) -> int:
-    """The plan of the running orchestrator when there is one, else against applied.json."""
-    import asyncio
-
-    from ..control.statedir import SOCKET, read_applied
-    from ..desired.load import load_desired
-    from ..desired.plan import plan
-    from ..errors import ConfigError
-    from .remote import remote_plan
-
-    try:
-        desired = load_desired(args.config)
-    except ConfigError as error:
-        print_problems(args.config, [str(p) for p in error.problems])
-        return EXIT_FAILED
-    remote = asyncio.run(remote_plan(desired.config.state_dir / SOCKET))
-    if remote is not None:
-        actions = remote["actions"]
-    else:
-        actions = plan(desired.specs, read_applied(desired.config.state_dir)).to_dict()["actions"]
-    has_changes = any(a["action"] != "keep" for a in actions)
-    if args.json:
-        print(json.dumps({"actions": actions}, indent=2))
-    else:
-        from .remote import print_actions
-
-        print_actions(actions)
-    if args.exit_code:
-        return 2 if has_changes else EXIT_OK
-    return EXIT_OK
+def _accept_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Let every verb take `--color` and `-v` after its name too (`orch status --color
+    never`). SUPPRESS as the default: a verb that is not given them keeps the top level's.
+    A verb without a description gets its one-line help as one (shown atop its --help)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, sub in action.choices.items():
+                if sub.description is None and helps.get(name):
+                    sub.description = str(helps[name])[:1].upper() + str(helps[name])[1:] + "."
+                options = {o for a in sub._actions for o in a.option_strings}
+                if "--color" not in options:
+                    sub.add_argument("--color", choices=COLOR_MODES, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+                if "--verbose" not in options and "-v" not in options:
+                    sub.add_argument(
+                        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+                    )
+                _accept_everywhere(sub)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -213,15 +235,27 @@ def _dash(args: argparse.Namespace) -> int:
     import asyncio
 
     from ..api.client import socket_for
+    from ..errors import OrchestratorError
+    from .output import fail, one_line
 
     try:
         socket = socket_for(args.config, args.socket)
     except OrchestratorError as error:
-        return fail(one_line(error), EXIT_USAGE)
+        return fail(one_line(error), EXIT_USAGE, colors=args.colors)
     from tui import run_dashboard
 
     asyncio.run(run_dashboard(socket))
-    return EXIT_OK
+    return 0
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,96 +1,135 @@
 """The operator's CLI verbs: clients of a running orchestrator's control API (contract).
 
     orch status [--json]
-    orch call NAME TOOL [JSON | -]
-    orch events [--follow] [--topic PATTERN] [--history N] [--json]
-    orch kv ls|get|set|del NAME [KEY] [VALUE]
+    orch describe NAME [--json]
+    orch call NAME TOOL [JSON | -] [--newline]
+    orch events [--follow] [--topic PATTERN] [--history N] [--json] [--full]
+    orch kv ls|get|set|del NAME [KEY] [VALUE] [--newline]
     orch reconcile
     orch restart NAME
 
-Each finds the socket from `CONFIG` (default ./config.yaml: `<state_dir>/orch.sock`) or takes
+Each finds the socket from `CONFIG` (default ./config.yaml: `<state_dir>/orch.sock`, read
+leniently, so a config with a typo still leads to the orchestrator that runs) or takes
 `--socket PATH`. Without a running orchestrator: one line, exit 3. A failed request: one
-line with the server's message, exit 1. Part of the CLI layer: it prints.
+line with the server's message, exit 1. An unreadable config: exit 2.
+
+They talk through `SyncClient` (the standard library, blocking), imported when a verb runs:
+registering them imports nothing heavy, so `orch --help` and `orch status` start fast. Part
+of the CLI layer: it prints.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..api.client import Client, NotRunning, RemoteError, socket_for
-from ..errors import OrchestratorError
-from .output import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE
+from .helptext import verb_help
+from .output import (
+    EXIT_FAILED,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_USAGE,
+    PLAIN,
+    Colors,
+    cell,
+    clip,
+    fail,
+    one_line,
+    write_output,
+)
+
+if TYPE_CHECKING:
+    from ..api.blocking import SyncClient
+
+PAYLOAD_CHARS = 300  # an event's payload in a text line (`--full`: all of it)
+ERROR_CELL = 60  # the LAST ERROR column of `status` (`describe` shows it whole)
+Verb = Callable[[argparse.Namespace, "SyncClient"], int]
 
 
 def add_commands(verbs: Any) -> None:
     """Register the verbs on the `orch` sub-parser set."""
 
-    def verb(name: str, help_text: str, run: Callable[[argparse.Namespace, Client], Awaitable[int]]) -> Any:
-        parser = verbs.add_parser(name, help=help_text)
+    def verb(name: str, help_text: str, run: Verb) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = verbs.add_parser(name, help=help_text, **verb_help(name))
         parser.add_argument("--config", type=Path, default=Path("config.yaml"), help="find the socket from this config")
         parser.add_argument("--socket", type=Path, help="the control socket (instead of --config)")
         parser.set_defaults(run=lambda args: _connect(args, run))
         return parser
 
+    def capsule_name(parser: argparse.ArgumentParser) -> None:
+        action = parser.add_argument("name", help="the capsule (deployment) name")
+        action.complete = "capsule"  # type: ignore[attr-defined]  # completion scripts offer running capsules
+
     status = verb("status", "what runs, and how it is doing", _status)
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="the whole status as JSON")
+
+    describe = verb("describe", "everything about one capsule", _describe)
+    capsule_name(describe)
+    describe.add_argument("--json", action="store_true", help="GET /v1/capsules/NAME as it is")
 
     call = verb("call", "call a capsule's tool on the running orchestrator", _call)
-    call.add_argument("name")
-    call.add_argument("tool")
+    capsule_name(call)
+    call.add_argument("tool", help="the tool's name")
     call.add_argument("arguments", nargs="?", default="", metavar="JSON", help="'-' reads stdin")
+    call.add_argument("--newline", action="store_true", help="end the output with a newline even in a pipe")
 
     events = verb("events", "recent and live bus events", _events)
     events.add_argument("--follow", "-f", action="store_true", help="keep streaming live events")
     events.add_argument("--topic", default=">", help="NATS pattern, e.g. 'orch.capsule.>'")
     events.add_argument("--history", type=int, default=100, help="events from history first (default 100)")
     events.add_argument("--json", action="store_true", help="one JSON object per line")
+    events.add_argument("--full", action="store_true", help=f"payloads whole (else cut at {PAYLOAD_CHARS} characters)")
 
     kv = verb("kv", "a capsule's key-value store", _kv)
     kv.add_argument("op", choices=("ls", "get", "set", "del"))
-    kv.add_argument("name")
+    capsule_name(kv)
     kv.add_argument("key", nargs="?", default="")
     kv.add_argument("value", nargs="?", help="for set ('-' reads stdin)")
+    kv.add_argument("--newline", action="store_true", help="get: end the value with a newline even in a pipe")
 
     verb("reconcile", "re-read the files now and apply; prints the plan", _reconcile)
     restart = verb("restart", "build a fresh version of a capsule and swap to it", _restart)
-    restart.add_argument("name")
+    capsule_name(restart)
 
 
-def _connect(args: argparse.Namespace, run: Callable[[argparse.Namespace, Client], Awaitable[int]]) -> int:
+def _connect(args: argparse.Namespace, run: Verb) -> int:
+    from ..api.blocking import SyncClient
+    from ..api.client import NotRunning, RemoteError, socket_for
+    from ..errors import OrchestratorError
+
+    colors: Colors = getattr(args, "colors", PLAIN)
     try:
         path = socket_for(args.config, args.socket)
     except OrchestratorError as error:
-        print(f"orch: {' '.join(str(error).split())}", file=sys.stderr)
-        return EXIT_USAGE
-
-    async def main() -> int:
-        async with Client(path) as client:
-            return await run(args, client)
-
+        return fail(one_line(error), EXIT_USAGE, colors=colors)
     try:
-        return asyncio.run(main())
+        with SyncClient(path) as client:
+            return run(args, client)
     except NotRunning as error:
-        print(f"orch: {error}", file=sys.stderr)
-        return EXIT_NOT_RUNNING
+        return fail(str(error), EXIT_NOT_RUNNING, colors=colors)
     except RemoteError as error:
-        print(f"orch: {error}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        return 130
+        return fail(one_line(error), EXIT_FAILED, colors=colors)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        if getattr(args, "verbose", 0):
+            raise  # -v: the traceback, for a bug report
+        detail = one_line(error) or type(error).__name__
+        message = (
+            f"unexpected answer from {path}: {type(error).__name__}: {detail} (is it an orchestrator of this version?)"
+        )
+        return fail(message, EXIT_FAILED, colors=colors)
 
 
-async def _status(args: argparse.Namespace, client: Client) -> int:
-    status = await client.status()
+def _status(args: argparse.Namespace, client: SyncClient) -> int:
+    status = client.status()
     if args.json:
-        print(json.dumps(status, indent=2))
+        print(json.dumps(status, indent=2, ensure_ascii=False))
         return EXIT_OK
+    style = args.colors.out
     info = status["orchestrator"]
     revision = f" @ {info['git_revision']}" if info.get("git_revision") else ""
     print(f"{info['config_path']}{revision}  config {str(info.get('config_sha256'))[:12]}  up {info['uptime_s']:.0f} s")
@@ -98,102 +137,133 @@ async def _status(args: argparse.Namespace, client: Client) -> int:
     for c in status["capsules"]:
         rows.append(
             (
-                c["name"],
-                c["phase"],
-                (c["version"] or "-")[:12],
+                str(c["name"]),
+                str(c["phase"]),
+                str(c["version"] or "-")[:12],
                 str(c["instances"]),
                 str(c["calls"]),
                 str(c["errors"]),
                 f"{c['fuel_mean']:,}",
-                " ".join(str(c["last_error"] or "").split())[:60],
+                cell(str(c["last_error"] or ""), ERROR_CELL),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    for index, row in enumerate(rows):
+        cells = [text.ljust(width) for text, width in zip(row, widths, strict=True)]
+        if index == 0:
+            cells = [style(text, "bold") for text in cells]
+        else:
+            cells[1] = style.phase(row[1], cells[1])
+            if row[7]:
+                cells[7] = style(cells[7], "red")
+        print("  ".join(cells).rstrip())
     return EXIT_OK
 
 
-async def _call(args: argparse.Namespace, client: Client) -> int:
+def _describe(args: argparse.Namespace, client: SyncClient) -> int:
+    from .describe import describe
+
+    summary = client.capsule(args.name)
+    if args.json:
+        print(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+        print(describe(args.name, summary, style=args.colors.out))
+    return EXIT_OK
+
+
+def _call(args: argparse.Namespace, client: SyncClient) -> int:
     text = sys.stdin.read() if args.arguments == "-" else args.arguments
-    output, _ = await client.call(args.name, args.tool, text.encode())
-    sys.stdout.buffer.write(output)
-    if sys.stdout.isatty() and not output.endswith(b"\n"):
-        sys.stdout.buffer.write(b"\n")
-    sys.stdout.flush()
+    output, _ = client.call(args.name, args.tool, text.encode())
+    write_output(output, newline=args.newline)
     return EXIT_OK
 
 
-async def _events(args: argparse.Namespace, client: Client) -> int:
-    async for item in client.events(args.topic, args.history):
+def _events(args: argparse.Namespace, client: SyncClient) -> int:
+    style, err = args.colors.out, args.colors.err
+    for item in client.events(args.topic, args.history, idle=stop_if_nobody_reads):
         if "live" in item:
             if not args.follow:
                 break  # the history is shown; without --follow that is all
             continue
         if "lost" in item:
-            print(f"orch: {item['lost']['dropped']} event(s) lost (this client was too slow)", file=sys.stderr)
+            print(
+                err(f"orch: {item['lost']['dropped']} event(s) lost (this client was too slow)", "yellow"),
+                file=sys.stderr,
+            )
             continue
         if args.json:
             print(json.dumps(item, ensure_ascii=False), flush=True)
-        else:
-            clock = time.strftime("%H:%M:%S", time.localtime(item["timestamp_ms"] / 1000))
-            payload = json.dumps(item["payload"], ensure_ascii=False)
-            print(f"{clock} #{item['seq']} {item['topic']} {payload[:300]} (from {item['source']})", flush=True)
+            continue
+        clock = time.strftime("%H:%M:%S", time.localtime(item["timestamp_ms"] / 1000))
+        payload = json.dumps(item["payload"], ensure_ascii=False)
+        if not args.full:
+            payload = clip(payload, PAYLOAD_CHARS)
+        topic = item["topic"]
+        phase = topic.rsplit(".", 1)[-1].capitalize() if topic.startswith("orch.capsule.") else ""
+        shown = style.phase(phase, topic) if phase else style(topic, "bold")
+        print(f"{style(clock, 'dim')} #{item['seq']} {shown} {payload} (from {item['source']})", flush=True)
     return EXIT_OK
 
 
-async def _kv(args: argparse.Namespace, client: Client) -> int:
+def stop_if_nobody_reads() -> None:
+    """Raise BrokenPipeError when the reader of standard output has gone (`orch events -f |
+    head -2` on a quiet bus ends when `head` does, not at the next event)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)  # POLLERR and POLLHUP are always reported
+        ready = poller.poll(0)
+    except (OSError, ValueError, AttributeError):
+        return
+    if any(flags & select.POLLERR for _, flags in ready):
+        raise BrokenPipeError(32, "the reader of standard output has gone")
+
+
+def _kv(args: argparse.Namespace, client: SyncClient) -> int:
     if args.op == "ls":
-        for key in (await client.kv_list(args.name, args.key))["keys"]:
+        for key in client.kv_list(args.name, args.key)["keys"]:
             print(key)
         return EXIT_OK
     if not args.key:
-        print(f"orch: kv {args.op} needs a KEY", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(f"kv {args.op} needs a KEY", EXIT_USAGE, colors=args.colors)
     if args.op == "get":
-        sys.stdout.buffer.write(await client.kv_get(args.name, args.key))
-        sys.stdout.flush()
+        write_output(client.kv_get(args.name, args.key), newline=args.newline)
     elif args.op == "set":
         if args.value is None:
-            print("orch: kv set needs a VALUE ('-' reads stdin)", file=sys.stderr)
-            return EXIT_USAGE
+            return fail("kv set needs a VALUE ('-' reads stdin)", EXIT_USAGE, colors=args.colors)
         value = sys.stdin.buffer.read() if args.value == "-" else args.value.encode()
-        await client.kv_set(args.name, args.key, value)
+        client.kv_set(args.name, args.key, value)
     else:
-        await client.kv_delete(args.name, args.key)
+        client.kv_delete(args.name, args.key)
     return EXIT_OK
 
 
-async def _reconcile(args: argparse.Namespace, client: Client) -> int:
-    plan = await client.reconcile()
-    print_actions(plan["actions"])
+def _reconcile(args: argparse.Namespace, client: SyncClient) -> int:
+    plan = client.reconcile()
+    print_actions(plan["actions"], colors=args.colors)
     return EXIT_OK
 
 
-async def _restart(args: argparse.Namespace, client: Client) -> int:
-    status = await client.restart(args.name)
-    print(f"{status['name']}: {status['phase']} version {status['version']} (reloads: {status['reload_count']})")
+def _restart(args: argparse.Namespace, client: SyncClient) -> int:
+    status = client.restart(args.name)
+    phase = args.colors.out.phase(str(status["phase"]))
+    print(f"{status['name']}: {phase} version {status['version']} (reloads: {status['reload_count']})")
     return EXIT_OK
 
 
-def print_actions(actions: list[dict[str, Any]]) -> None:
+ACTION_COLORS = {"start": "green", "reload": "yellow", "stop": "red", "keep": "dim"}
+
+
+def print_actions(actions: list[dict[str, Any]], *, colors: Colors = PLAIN) -> None:
+    style = colors.out
     symbols = {"start": "+", "reload": "~", "stop": "-", "keep": "="}
     changes = [a for a in actions if a["action"] != "keep" or a["reasons"]]
     if not any(a["action"] != "keep" for a in actions):
         print("no changes")
     for action in changes:
-        print(
-            f"{symbols[action['action']]} {action['capsule']:<20} {action['action']:<7} {'; '.join(action['reasons'])}"
-        )
+        kind = action["action"]
+        head = style(f"{symbols[kind]} {action['capsule']:<20} {kind:<7}", ACTION_COLORS[kind])
+        print(f"{head} {'; '.join(action['reasons'])}".rstrip())
         for escalation in action.get("escalations", []):
-            print(f"    ! escalation: {escalation}")
-
-
-async def remote_plan(socket: Path) -> dict[str, Any] | None:
-    """The running orchestrator's plan, or None when none runs (for `orch plan`)."""
-    try:
-        async with Client(socket, timeout=10) as client:
-            plan: dict[str, Any] = await client.plan()
-            return plan
-    except NotRunning:
-        return None
+            print(style(f"    ! escalation: {escalation}", "red", "bold"))

@@ -35,8 +35,8 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from ..desired.common import NAME
 from ..errors import OrchestratorError
+from .helptext import verb_help
 from .output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail
 
 PLACEHOLDER = "{{name}}"
@@ -49,9 +49,15 @@ class ScaffoldError(OrchestratorError):
 
 def add_commands(verbs: Any) -> None:
     """Register `orch new capsule` on the `orch` sub-parser set."""
-    new = verbs.add_parser("new", help="create a capsule folder from a template (for capsule authors)")
+    new = verbs.add_parser(
+        "new", help="create a capsule folder from a template (for capsule authors)", **verb_help("new")
+    )
     kinds = new.add_subparsers(title="templates", metavar="KIND")
-    capsule = kinds.add_parser("capsule", help="a capsule: manifest, a tool in AssemblyScript, the SDK, the build")
+    capsule = kinds.add_parser(
+        "capsule",
+        help="a capsule: manifest, a tool in AssemblyScript, the SDK, the build",
+        **verb_help("new capsule"),
+    )
     capsule.add_argument("name", help="the capsule's name: lowercase letters, digits and '-', at most 64")
     capsule.add_argument(
         "--dir", type=Path, help="the folder to create (default: ./NAME); it must not exist or be empty"
@@ -80,6 +86,8 @@ def new_capsule(args: argparse.Namespace) -> int:
 
 def name_problem(name: str) -> str | None:
     """Why `name` cannot name a capsule, or None."""
+    from ..desired.common import NAME  # not at import: building the parser must stay light
+
     if re.fullmatch(NAME, name):  # not re.match: its `$` would accept a trailing newline
         return None
     shown = repr(name) if len(name) <= 80 else repr(name[:80]) + "..."  # repr: one line, whatever it holds

@@ -15,8 +15,13 @@ checks without creating, changing or locking anything, for `orch validate`.
 After every apply the runtime records what runs in `applied.json` (specs without secret
 values, the config's hash and revision), written atomically off the event loop, private.
 
+`state_dir_of` finds a config's state dir without validating the config (no pydantic):
+the CLI's operator verbs and the dashboard use it to find the control socket, so a typo
+saved in config.yaml never locks the operator out of the orchestrator still running.
+
 Used by the runtime, the CLI (`orch up`, `validate`, `plan`, `capsule call`) and the API
-client (the socket's name); kept light to import.
+client (the socket's name and `state_dir_of`); kept light to import (yaml is imported by
+`state_dir_of` alone, when called).
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ import fcntl
 import json
 import logging
 import os
+import re
 import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import OrchestratorError
-from ..files import write_atomic
+from ..errors import ConfigError, OrchestratorError, Problem
+from ..files import FileReadError, read_regular, write_atomic
 
 if TYPE_CHECKING:
     from ..desired.spec import CapsuleSpec
@@ -47,6 +53,11 @@ LOG = "orch.log"
 LOCK = "lock"
 CACHE_KEY = "cache.key"
 VIRTUAL = (Path("/proc"), Path("/sys"), Path("/dev"))
+DEFAULT_STATE_DIR = ".orch"
+CONFIG_FILE = "config.yaml"
+MAX_CONFIG_BYTES = 4 << 20  # as orchestrator.desired.config: no config is larger
+_STATE_DIR_LINE = re.compile(r"^state_dir[ \t]*:[ \t]*(.*?)[ \t]*$", re.MULTILINE)
+_NULLS = ("", "~", "null", "Null", "NULL")
 
 
 class StateDirError(OrchestratorError):
@@ -228,3 +239,80 @@ def read_applied(state_dir: Path) -> dict[str, CapsuleSpec]:
     except (OSError, ValueError, KeyError, TypeError) as error:
         logger.warning("ignoring unreadable %s: %s", state_dir / APPLIED, error)
         return {}
+
+
+def state_dir_of(config: Path | str) -> Path:
+    """The state dir named by `config` (a file, or a folder holding config.yaml), read
+    leniently: no validation, so a config with a typo still names its state dir.
+
+    The top-level `state_dir:` is taken from the YAML's parser events, stopping as soon as
+    it is found (a mistake further down does not matter, and nothing is built or expanded);
+    when the YAML cannot be parsed up to it, from the first line that starts `state_dir:`;
+    else the default `.orch`. A relative state dir is relative to the config's folder, as
+    in the orchestrator. Raises ConfigError (one Problem) when the file cannot be read.
+    """
+    path = Path(os.path.abspath(config))
+    if path.is_dir():
+        path = path / CONFIG_FILE
+    try:
+        data, _ = read_regular(path, limit=MAX_CONFIG_BYTES, what="config file")
+    except FileReadError as error:
+        hint = "pass --config FILE, or --socket PATH"
+        reason = f"no such config file: {hint}" if error.errno == errno.ENOENT else f"{error.reason}; {hint}"
+        raise ConfigError([Problem(reason, file=str(path))]) from None
+    text = data.decode("utf-8", "replace").lstrip("\ufeff")
+    value = _state_dir_from_yaml(text)
+    if value is None:
+        found = _STATE_DIR_LINE.search(text)
+        value = _unquote(_uncomment(found.group(1))) if found else None
+    if not value or "\0" in value:
+        value = DEFAULT_STATE_DIR
+    return Path(os.path.normpath(path.parent / value))
+
+
+def _state_dir_from_yaml(text: str) -> str | None:
+    """The top-level `state_dir` scalar, from the parser's events (no document is built, so
+    no alias is expanded and no nesting recursed into); None if the YAML breaks before it."""
+    import yaml
+
+    loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    depth = 0  # 1: inside the top-level mapping
+    at_key = True  # at depth 1: the next node is a key (else a value)
+    wanted = False  # the key just read is `state_dir`
+    try:
+        for event in yaml.parse(text, Loader=loader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                if depth == 0 and not isinstance(event, yaml.MappingStartEvent):
+                    return ""  # a document that is not a mapping names no state dir
+                if depth == 1 and wanted:
+                    return ""  # state_dir is a mapping or a list: not a path
+                depth += 1
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+                if depth == 0:
+                    return ""  # the top-level mapping ended without a state_dir
+                if depth == 1:
+                    at_key = not at_key
+            elif depth == 1 and isinstance(event, yaml.ScalarEvent | yaml.AliasEvent):
+                if not at_key and wanted:
+                    if isinstance(event, yaml.AliasEvent) or (event.implicit[0] and event.value in _NULLS):
+                        return ""
+                    return str(event.value)
+                wanted = at_key and isinstance(event, yaml.ScalarEvent) and event.value == "state_dir"
+                at_key = not at_key
+    except (yaml.YAMLError, RecursionError, ValueError):
+        return None
+    return ""
+
+
+def _uncomment(value: str) -> str:
+    if value[:1] in ("'", '"'):
+        return value
+    return value.split(" #", 1)[0].split("\t#", 1)[0].rstrip() if not value.startswith("#") else ""
+
+
+def _unquote(value: str) -> str:
+    for quote in ("'", '"'):
+        if len(value) >= 2 and value[0] == quote and quote in value[1:]:
+            return value[1 : value.index(quote, 1)]
+    return value

@@ -1,0 +1,199 @@
+"""The examples and exit codes at the end of each verb's `--help` (argparse epilogs).
+
+`epilog(path)` is the text for a verb (`"kv"`, `"wasm call"`, ...); `HELP` holds the keyword
+arguments every verb's parser takes (the raw formatter keeps the examples' layout). Used by
+orchestrator.cli.main and .remote when they build the parser; plain strings, no imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+REMOTE_EXITS = """\
+  0  done
+  1  the orchestrator refused or the request failed (its message is printed)
+  2  bad usage, or the config file cannot be read
+  3  no orchestrator is running for that state dir"""
+
+EPILOGS: dict[str, str] = {
+    "": """\
+examples:
+  orch up                          run ./config.yaml in the foreground
+  orch status                      from a second terminal: what runs
+  orch call counter increment '{"by": 2}'
+  orch completion bash > ~/.local/share/bash-completion/completions/orch
+
+exit status: 0 success, 1 failure, 2 bad usage, 3 no orchestrator running
+(each command's --help says more). Set NO_COLOR or pass --color never for plain output.""",
+    "wasm": """\
+examples:
+  orch wasm call capsules/greet/greet.wasm greet --input Ada""",
+    "wasm call": """\
+examples:
+  orch wasm call capsules/greet/greet.wasm greet --input Ada --config greeting=Hi
+  echo -n "some text" | orch wasm call capsules/vowels/vowels.wasm count_vowels --input - --stats
+
+exit status:
+  0  the call succeeded; its output bytes are on stdout, unchanged
+  1  the call failed (guest error, trap, fuel, timeout): one line on stderr
+  2  bad usage, or a module that cannot be read, parsed or linked""",
+    "capsule": """\
+examples:
+  orch capsule check capsules/counter
+  orch capsule call capsules/counter increment '{"by": 2}'""",
+    "capsule check": """\
+examples:
+  orch capsule check capsules/counter
+
+exit status:
+  0  valid: what the capsule may touch is printed
+  1  invalid: every problem is listed with its file, line and field""",
+    "capsule call": """\
+examples:
+  orch capsule call capsules/counter increment '{"by": 2}'
+  echo '{"by": 3}' | orch capsule call capsules/counter increment - --state-dir /tmp/state
+
+exit status:
+  0  the tool's output is on stdout
+  1  the call failed (bad input, denial, guest error): one line on stderr
+  2  bad usage""",
+    "up": """\
+examples:
+  orch up                              ./config.yaml, events as readable lines
+  orch up deploy/config.yaml --dash    with the dashboard in this terminal
+  orch up --log-format json | jq .topic
+
+exit status:
+  0  stopped cleanly (SIGINT or SIGTERM)
+  1  the config is invalid or the state dir cannot be used: nothing started
+  130  a second signal: exited at once""",
+    "dash": """\
+examples:
+  orch dash                     attach to the orchestrator of ./config.yaml
+  orch dash --socket .orch/orch.sock
+
+exit status:
+  0  the dashboard was closed
+  2  the config file cannot be read""",
+    "validate": """\
+examples:
+  orch validate
+  orch validate deploy/config.yaml && orch plan deploy/config.yaml --exit-code
+
+exit status:
+  0  the config and every capsule it names are valid
+  1  invalid: every problem is listed with its file, line and field""",
+    "plan": """\
+CONFIG is compared with what runs: the running orchestrator's specs when one serves the
+state dir CONFIG names (or --socket), else the last applied state (applied.json). The
+first line says which.
+
+examples:
+  orch plan                                  ./config.yaml
+  orch plan candidate.yaml --exit-code       would this change anything?
+  orch plan --json | jq '.actions[] | select(.action != "keep")'
+
+exit status (with --exit-code; without it, 0 or 1):
+  0  no changes
+  1  errors: the config is invalid, or the running orchestrator could not be asked
+  2  changes
+  3  --socket names no running orchestrator""",
+    "status": f"""\
+examples:
+  orch status
+  orch status --json | jq '.capsules[] | select(.phase != "Running") | .name'
+  orch status --config deploy/config.yaml
+
+exit status:
+{REMOTE_EXITS}""",
+    "describe": f"""\
+examples:
+  orch describe counter
+  orch describe counter --json | jq .tools
+
+exit status:
+{REMOTE_EXITS}""",
+    "call": f"""\
+The output is written as it is; on a terminal a final newline is added when it lacks
+one (--newline adds it for a pipe too).
+
+examples:
+  orch call counter increment '{{"by": 2}}'
+  echo '{{"by": 2}}' | orch call counter increment -
+  orch call counter get | jq .count
+
+exit status:
+{REMOTE_EXITS}""",
+    "events": f"""\
+Payloads longer than 300 characters are cut, with a marker saying how much was left out;
+--full shows them whole (--json always does).
+
+examples:
+  orch events                              the last 100 events
+  orch events -f --topic 'orch.capsule.>'  then follow live ones
+  orch events --json --history 0 -f | jq .payload
+
+exit status:
+{REMOTE_EXITS}
+  141  the reader of the output went away (e.g. `| head -1`)""",
+    "kv": f"""\
+examples:
+  orch kv ls counter
+  orch kv get counter count
+  orch kv set counter count 41
+  orch kv set counter blob - < file.bin
+  orch kv del counter count
+
+`get` writes the value as it is (a final newline is added on a terminal, or with --newline).
+
+exit status:
+{REMOTE_EXITS}""",
+    "reconcile": f"""\
+examples:
+  orch reconcile           re-read the files now; prints the plan applied
+
+exit status:
+{REMOTE_EXITS}""",
+    "restart": f"""\
+examples:
+  orch restart notes
+
+exit status:
+{REMOTE_EXITS}""",
+    "new": """\
+examples:
+  orch new capsule hello
+  orch new capsule hello --dir ~/src/hello""",
+    "new capsule": """\
+examples:
+  orch new capsule hello                 # ./hello: Capsule.toml, assembly/index.ts, sdk/, package.json
+  cd hello && npm install && npm run build && orch capsule check .
+
+exit status:
+  0  the folder was created (what to run next is printed)
+  1  the folder exists and is not empty, or cannot be written
+  2  bad usage, or an invalid capsule name""",
+    "completion": """\
+examples:
+  orch completion bash > ~/.local/share/bash-completion/completions/orch
+  orch completion zsh > "${fpath[1]}/_orch"        (then: compinit)
+  orch completion fish > ~/.config/fish/completions/orch.fish
+  source <(orch completion bash)                   for this shell only
+
+Verbs, sub-verbs, options and their choices complete; capsule names too, from the
+orchestrator of the config (or --socket) on the command line, when one runs.
+
+exit status:
+  0  the script is on stdout
+  2  bad usage""",
+}
+
+
+def epilog(path: str) -> str | None:
+    return EPILOGS.get(path)
+
+
+def verb_help(path: str) -> dict[str, Any]:
+    """The keyword arguments of `add_parser` for verb `path`: its epilog and the formatter."""
+    return {"epilog": epilog(path), "formatter_class": argparse.RawDescriptionHelpFormatter}
