@@ -10,9 +10,7 @@ capsule loads; the capsules then load (concurrently, dependencies first) while i
 showing as Starting.
 
 SIGINT or SIGTERM starts a phased shutdown with a deadline and the process exits 0; a
-second signal exits at once (status 130). A stop that comes right after the first plan was
-applied first lets it be recorded in applied.json (at most SETTLE_SECONDS). Part of the CLI
-layer: it prints.
+second signal exits at once (status 130). Part of the CLI layer: it prints.
 
 With a `dashboard` (`orch up --dash`: the CLI passes `tui.run_dashboard`, so this module
 never imports Textual), nothing is printed while it runs: the dashboard owns the terminal
@@ -42,7 +40,6 @@ from .output import clip
 from .printer import LinePrinter
 
 SHUTDOWN_SECONDS = 10.0
-SETTLE_SECONDS = 2.0  # a stop right after the first apply waits this long for it to be recorded
 PAYLOAD_CHARS = 200  # an event's payload in a text line; longer ones are cut, with a marker
 logger = logging.getLogger(__name__)
 
@@ -83,12 +80,7 @@ async def run_up(
         await stop.wait()
     if log_format == "text":
         out.write("orch: stopping...")
-    if not first.done() and orchestrator.last_plan is not None:
-        # The first plan is applied; recording it (applied.json, on a worker thread) and
-        # starting the watch remain. Cancelled now, the record could be lost, and `orch
-        # plan` would then call everything new: let it finish, briefly.
-        await asyncio.wait({first}, timeout=SETTLE_SECONDS)
-    first.cancel()
+    first.cancel()  # (the record of what was applied is written whole: the runtime shields it)
     with contextlib.suppress(asyncio.CancelledError):
         await first
     await server.stop()

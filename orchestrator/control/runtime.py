@@ -73,6 +73,7 @@ class Orchestrator:
         self.health = DesiredHealth(wall_ms=lambda: int(time.time() * 1000))
         self.protected = ProtectedHolder()  # swapped on every desired state: gates read it per access
         self._first: DesiredState | None = None
+        self._recording: asyncio.Future[None] | None = None
         self.ready = False  # the first plan has been applied
         self.state: StateDir | None = None
 
@@ -156,6 +157,8 @@ class Orchestrator:
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Phased shutdown: watching and builds, capsules (bounded), store, engine, bus."""
+        if self._recording is not None:
+            await asyncio.wait({self._recording}, timeout=timeout)  # the last applied.json, written whole
         if self._watcher is not None:
             await self._watcher.close()
         if self._watch_task is not None:
@@ -183,7 +186,10 @@ class Orchestrator:
         self.last_plan = plan
         self._accepted(desired)
         running = {name: spec.record() for name, spec in self.reconciler.actual().items()}
-        await asyncio.to_thread(self._record_applied, desired, running)
+        # Shielded: a shutdown arriving now must not lose the record of what was applied
+        # (`stop` waits for it); `orch plan` reads it once this orchestrator is gone.
+        self._recording = asyncio.ensure_future(asyncio.to_thread(self._record_applied, desired, running))
+        await asyncio.shield(self._recording)
         return plan
 
     async def reconcile(self) -> Plan:
