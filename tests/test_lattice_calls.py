@@ -29,8 +29,8 @@ import pytest
 
 from orchestrator.api.client import RemoteError
 from orchestrator.errors import GuestError, OrchestratorError
-from orchestrator.lattice.callwire import MAX_ARGUMENT_BYTES
 from orchestrator.lattice.calls import CallServer, LatticeCallError, call_tool
+from orchestrator.lattice.callwire import MAX_ARGUMENT_BYTES
 from orchestrator.lattice.connection import Lattice, LatticeAddress
 from tests.natsserver import NatsServers, wait_for
 from tests.test_api import Served, add_oddball, serve
@@ -229,6 +229,42 @@ async def test_a_deployment_no_host_runs_is_409_or_404_from_the_desired_state(la
     with pytest.raises(LatticeCallError) as too_long:
         await call_tool(client, "é" * 600, "get", b"")
     assert too_long.value.status == 404 and "over the lattice's limit" in str(too_long.value)
+
+
+async def test_unserve_leaves_one_deployment_and_serve_rejoins(lattices: Connections) -> None:
+    recorder = Recorder("a")
+    host = await lattices.host("a", recorder)
+    await host.serve("one")
+    await host.serve("two")
+    await host.serve("two")  # idempotent
+    assert host.serving == ["one", "two"]
+    await host.unserve("one")
+    client = await lattices.connect()
+    with pytest.raises(LatticeCallError) as gone:
+        await call_tool(client, "one", "t", b"")
+    assert gone.value.status == 409
+    assert (await call_tool(client, "two", "t", b""))[1]["X-Host"] == "a"
+    await host.serve("one")
+    assert (await call_tool(client, "one", "t", b""))[1]["X-Host"] == "a"
+    assert [c[0] for c in recorder.calls] == ["two", "one"]
+
+
+async def test_hosts_on_different_nodes_of_a_cluster_share_the_calls(nats_cluster: NatsServers) -> None:
+    urls = nats_cluster.urls.split(",")
+    made = [Connections(url) for url in urls]  # each host and the client on its own node
+    try:
+        recorders = [Recorder("a"), Recorder("b")]
+        for connections, recorder in zip(made, recorders, strict=False):
+            await (await connections.host(recorder.name, recorder)).serve("hello")
+        client = await made[2].connect()
+        hosts = {(await call_tool(client, "hello", "t", b"{}"))[1]["X-Host"] for _ in range(40)}
+        assert hosts == {"a", "b"} and len(recorders[0].calls) + len(recorders[1].calls) == 40
+    finally:
+        for connections in made:
+            for server in connections.servers:
+                await server.close()
+            for lattice in connections.opened:
+                await lattice.close()
 
 
 # == hosts leaving =============================================================================

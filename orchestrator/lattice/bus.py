@@ -60,7 +60,7 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
 
-from ..capsule.bus import EVENT_OVERHEAD, BusError, Event, EventBus, Subscription
+from ..capsule.bus import EVENT_OVERHEAD, BusError, Event, EventBus, Replay, Subscription
 from ..capsule.interceptors import INTERCEPTOR_QUEUE, subscription_patterns
 from ..throttle import Throttle
 from .connection import Lattice
@@ -153,8 +153,17 @@ class DeploymentBus(EventBus):
         self, pattern: str = ">", *, queue_size: int | None = None, queue_bytes: int | None = None, history: int = 0
     ) -> Subscription:
         sub = super().subscribe(pattern, queue_size=queue_size, queue_bytes=queue_bytes, history=history)
+        self._receiving = True  # a version started after a drain receives again
         self._changed()
         return sub
+
+    def follow(
+        self, pattern: str = ">", *, history: int, queue_size: int | None = None, queue_bytes: int | None = None
+    ) -> tuple[Replay, Subscription]:
+        replay, sub = super().follow(pattern, history=history, queue_size=queue_size, queue_bytes=queue_bytes)
+        self._receiving = True
+        self._changed()
+        return replay, sub
 
     def _unsubscribe(self, sub: Subscription) -> None:
         super()._unsubscribe(sub)
@@ -163,6 +172,11 @@ class DeploymentBus(EventBus):
     def close(self) -> None:
         super().close()
         self._changed()
+
+    @property
+    def pending(self) -> int:
+        """Messages NATS delivered to this host that are not yet in this bus."""
+        return sum(sub.pending_msgs for sub in self._nats.values())
 
     @property
     def patterns(self) -> list[str]:
@@ -259,15 +273,16 @@ class DeploymentBus(EventBus):
         if key in self._recent:
             self.duplicates += 1
             return
-        self._recent[key] = None
-        if len(self._recent) > RECENT:
-            self._recent.popitem(last=False)
         try:
             self.deliver(topic, envelope.payload, source=envelope.source, origin_seq=envelope.seq,
                          host=envelope.host, timestamp_ms=envelope.timestamp_ms, size=len(msg.data))  # fmt: skip
         except BusError as error:  # a topic our rules refuse (published by something else)
             self.rejected += 1
             owner.throttle.warning("rejected", "lattice bus: event on %s refused: %s", msg.subject, error)
+            return
+        self._recent[key] = None
+        if len(self._recent) > RECENT:
+            self._recent.popitem(last=False)
 
     def deliver(
         self, topic: str, payload: Any, *, source: str, origin_seq: int, host: str, timestamp_ms: int, size: int
@@ -293,7 +308,9 @@ class DeploymentBus(EventBus):
 class LatticeBus:
     """The lattice's bus for one host: `for_deployment(name)` per deployment; `start`, `close`."""
 
-    def __init__(self, lattice: Lattice, local: EventBus, host_id: str, *, history_replicas: int = 1) -> None:
+    def __init__(
+        self, lattice: Lattice, local: EventBus, host_id: str, *, history: bool = True, history_replicas: int = 1
+    ) -> None:
         self.lattice = lattice
         self.local = local
         self.host_id = host_id
@@ -301,6 +318,7 @@ class LatticeBus:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.loop_thread = 0
         self.throttle = Throttle(logger, interval=10.0)
+        self._history = history
         self._history_replicas = history_replicas
         self._deployments: dict[str, DeploymentBus] = {}
         self._lock = threading.Lock()
@@ -315,10 +333,12 @@ class LatticeBus:
         self.unsent = 0  # events that reached the local bus but not NATS
 
     async def start(self) -> None:
-        """Keep history (a bounded stream; a warning if JetStream refuses) and start sending."""
+        """Keep history (unless `history=False`: a bounded stream; a warning if JetStream
+        refuses) and start sending."""
         self.loop = asyncio.get_running_loop()
         self.loop_thread = threading.get_ident()
-        await ensure_history(self.lattice, replicas=self._history_replicas)
+        if self._history:
+            await ensure_history(self.lattice, replicas=self._history_replicas)
         self._sender = self.loop.create_task(self._send_loop(), name="lattice-bus-sender")
         for bus in self._deployments.values():
             bus._changed()
@@ -336,7 +356,7 @@ class LatticeBus:
     def for_deployment(self, name: str) -> DeploymentBus:
         """The bus for a capsule of deployment `name` on this host (one per name)."""
         found = self._deployments.get(name)
-        if found is None:
+        if found is None or found._closed:
             encode_token(name)  # GateError now for a name NATS cannot carry
             found = self._deployments[name] = DeploymentBus(self, name)
         return found
@@ -358,7 +378,10 @@ class LatticeBus:
                 self._idle.clear()
                 self._wake.set()
             else:
-                loop.call_soon_threadsafe(self._kick)
+                try:
+                    loop.call_soon_threadsafe(self._kick)
+                except RuntimeError:  # the loop is closed: the event stays local
+                    self.unsent += 1
         return event
 
     def _kick(self) -> None:

@@ -141,7 +141,7 @@ def _bad_json(message: str) -> BadJson:
 
 def parse_arguments(text: str) -> Any:
     """The arguments' JSON value (None for blank text), or BadJson naming the problem."""
-    if not text.strip():
+    if not text.strip(" \t\n\r\x0b\x0c"):  # as the control API: ASCII blanks are no arguments
         return None
     if text.startswith("\ufeff"):
         raise _bad_json("it starts with a byte-order mark; send plain UTF-8")

@@ -117,9 +117,12 @@ async def ensure_history(lattice: Lattice, *, replicas: int = 1) -> bool:
         return False
 
 
-async def events(lattice: Lattice, pattern: str = ">", history: int = 0) -> AsyncIterator[dict[str, Any]]:
+async def events(
+    lattice: Lattice, pattern: str = ">", history: int = 0, *, queue_size: int = LIVE_QUEUE
+) -> AsyncIterator[dict[str, Any]]:
     """The last `history` events matching `pattern`, `{"live": True}`, then live events
-    (see the module docstring). GateError for a malformed pattern or history."""
+    (see the module docstring); `queue_size` live events at most wait for the reader.
+    GateError for a malformed pattern or history."""
     split_pattern(pattern)
     if isinstance(history, bool) or not isinstance(history, int) or not 0 <= history <= HISTORY_EVENTS:
         raise GateError(f"history must be an integer from 0 to {HISTORY_EVENTS}, not {history!r}")
@@ -134,7 +137,7 @@ async def events(lattice: Lattice, pattern: str = ">", history: int = 0) -> Asyn
         if item is None:
             return
         queue.append(item)
-        if len(queue) > LIVE_QUEUE:
+        if len(queue) > queue_size:
             queue.popleft()
             dropped += 1
         arrived.set()
