@@ -29,6 +29,7 @@ from orchestrator.engine import WasmEngine
 from orchestrator.errors import GateError
 from orchestrator.lattice.bus import DeploymentBus, LatticeBus, LatticeEvent, events, nats_patterns, patterns_overlap
 from orchestrator.lattice.connection import Lattice, LatticeAddress
+from orchestrator.lattice.history import stream_name
 from tests.natsserver import NatsServers, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,6 +114,15 @@ async def client(nats_server: NatsServers) -> AsyncIterator[Lattice]:
         await lattice.close()
 
 
+async def stored(client: Lattice, count: int) -> None:
+    """Until the history stream holds `count` events (the server stores them asynchronously)."""
+
+    async def enough() -> bool:
+        return (await client.js.stream_info(stream_name(client))).state.messages >= count
+
+    await wait_for(enough, f"{count} events in the history stream")
+
+
 def received(host: Host, name: str, topic: str) -> list[tuple[str, int]]:
     """(publishing host, its seq) of each event the deployment's bus on `host` received."""
     return [(e.host, e.origin_seq) for e in host.deployment(name).history(topic) if isinstance(e, LatticeEvent)]
@@ -177,26 +187,28 @@ async def test_once_per_deployment_across_the_nodes_of_a_cluster(nats_cluster: N
         subscriptions = [bus.for_deployment("d").subscribe("work.*") for bus in buses[:2]]
         for bus in buses[:2]:
             await bus.for_deployment("d").ready()
+
+        async def both_hosts_reached() -> bool:  # interest crosses the routes asynchronously
+            buses[2].publish("work.probe", None, source="test")
+            await buses[2].flush()
+            return all(bus.for_deployment("d").received for bus in buses[:2])
+
+        await wait_for(both_hosts_reached, "both hosts' subscriptions known on the third node")
         for i in range(60):
             buses[2].publish("work.item", {"i": i}, source="test")
         await buses[2].flush()
-        got: list[int] = []
-        while len(got) < 60:
-            waiting = [asyncio.ensure_future(s.get()) for s in subscriptions]
-            done, pending = await asyncio.wait(waiting, timeout=20, return_when=asyncio.FIRST_COMPLETED)
-            assert done, f"only {len(got)} of 60 events arrived"
-            for future in pending:
-                future.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            got += [future.result().payload["i"] for future in done]
-            got += [e.payload["i"] for s in subscriptions for e in s.drain()]
-        for lattice in lattices[:2]:
-            await lattice.nc.flush()
+
+        def items() -> list[int]:
+            return [e.payload["i"] for bus in buses[:2] for e in bus.for_deployment("d").history("work.item")]
+
+        await wait_for(lambda: len(items()) >= 60, "every item received")
         for bus in buses[:2]:
+            await bus.lattice.nc.flush()
             await wait_for(lambda bus=bus: bus.for_deployment("d").pending == 0, "delivered")  # type: ignore[misc]
-        got += [e.payload["i"] for s in subscriptions for e in s.drain()]
-        assert sorted(got) == list(range(60))  # each once, across the two hosts on two nodes
-        assert all(bus.for_deployment("d").received for bus in buses[:2])
+        assert sorted(items()) == list(range(60))  # each once, across the two hosts on two nodes
+        assert sorted(e.payload["i"] for s in subscriptions for e in s.drain() if e.topic == "work.item") == list(
+            range(60)
+        )
     finally:
         for bus in buses:
             await bus.close()
@@ -214,6 +226,7 @@ async def test_events_from_capsules_on_different_hosts_reach_a_subscriber(hosts:
     await hosts[1].call("counter", "increment", {"by": 5})
     live = [await asyncio.wait_for(anext(stream), 20) for _ in range(2)]
     await stream.aclose()
+    await stored(client, 2)
     assert sorted((e["host"], e["payload"]["count"], e["source"], e["topic"]) for e in live) == [
         ("a", 2, "counter", "counter.changed"),
         ("b", 5, "counter", "counter.changed"),
@@ -231,6 +244,7 @@ async def test_history_then_live_without_a_gap_or_a_repeat(hosts: list[Host], cl
     for i in range(30):
         a.bus.publish(f"feed.{'even' if i % 2 == 0 else 'odd'}", {"i": i}, source="test")
     await a.bus.flush()
+    await stored(client, 30)
     stream = events(client, "feed.even", history=5)
     first = [await anext(stream) for _ in range(6)]
     assert [e["payload"]["i"] for e in first[:5]] == [20, 22, 24, 26, 28] and first[5] == {"live": True}
@@ -240,6 +254,7 @@ async def test_history_then_live_without_a_gap_or_a_repeat(hosts: list[Host], cl
     live = [await asyncio.wait_for(anext(stream), 20) for _ in range(3)]
     await stream.aclose()
     assert [e["payload"]["i"] for e in live] == [30, 32, 34]
+    await stored(client, 36)
     everything = events(client, ">", history=3)
     assert [(await anext(everything)).get("payload") for _ in range(3)] == [{"i": 33}, {"i": 34}, {"i": 35}]
     await everything.aclose()
@@ -286,7 +301,7 @@ async def test_a_version_swap_on_a_host_loses_and_repeats_nothing(hosts: list[Ho
         await b.bus.flush()
 
     await burst(1, 150)
-    await wait_for(lambda: deployment.received >= 1, "the first events arriving")
+    await old.caught_up(1)  # the swap comes after the old version has handled some events
     new = await Capsule.load(
         a.root / "milestones", engine=a.engine, bus=deployment, store=a.store, workspace=a.root, interceptors=False
     )
@@ -298,7 +313,7 @@ async def test_a_version_swap_on_a_host_loses_and_repeats_nothing(hosts: list[Ho
     await wait_for(lambda: deployment.received >= 300, "every event received")
     await a.settled("milestones")
     assert await a.seen() == 300  # the KV is shared by both versions: every event counted once
-    assert 1 <= handed_over <= 300 and deployment.duplicates == 0
+    assert 1 <= handed_over < 300 and deployment.duplicates == 0
 
 
 async def test_a_draining_host_hands_the_deployments_events_to_the_other(hosts: list[Host], client: Lattice) -> None:

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nats.errors
 import pytest
 
 from orchestrator.api.client import RemoteError
 from orchestrator.errors import GuestError, OrchestratorError
 from orchestrator.lattice.calls import CallServer, LatticeCallError, call_tool
-from orchestrator.lattice.callwire import MAX_ARGUMENT_BYTES
+from orchestrator.lattice.callwire import MAX_ARGUMENT_BYTES, decode_request, encode_request
 from orchestrator.lattice.connection import Lattice, LatticeAddress
 from tests.natsserver import NatsServers, wait_for
 from tests.test_api import Served, add_oddball, serve
@@ -257,8 +258,18 @@ async def test_hosts_on_different_nodes_of_a_cluster_share_the_calls(nats_cluste
         for connections, recorder in zip(made, recorders, strict=False):
             await (await connections.host(recorder.name, recorder)).serve("hello")
         client = await made[2].connect()
-        hosts = {(await call_tool(client, "hello", "t", b"{}"))[1]["X-Host"] for _ in range(40)}
-        assert hosts == {"a", "b"} and len(recorders[0].calls) + len(recorders[1].calls) == 40
+        answered: list[str] = []
+
+        async def both_answered() -> bool:  # interest crosses the routes asynchronously
+            try:
+                answered.append((await call_tool(client, "hello", "t", b"{}"))[1]["X-Host"])
+            except LatticeCallError as error:
+                assert error.kind == "CapsuleNotRunning"  # no interest on this node yet
+            return set(answered) == {"a", "b"}
+
+        await wait_for(both_answered, "both hosts answering calls from a third node")
+        answered += [(await call_tool(client, "hello", "t", b"{}"))[1]["X-Host"] for _ in range(20)]
+        assert len(recorders[0].calls) == answered.count("a") and len(recorders[1].calls) == answered.count("b")
     finally:
         for connections in made:
             for server in connections.servers:
@@ -404,9 +415,13 @@ async def test_a_call_whose_caller_gave_up_before_a_slot_freed_is_not_started(la
     client = await lattices.connect()
     holder = asyncio.create_task(call_tool(client, "svc", "t", b'"holder"', timeout=30))
     await wait_for(lambda: runs == ["holder"], "the first call holding the only slot")
-    with pytest.raises(LatticeCallError) as gave_up:
-        await call_tool(client, "svc", "t", b'"impatient"', timeout=0.3)
-    assert gave_up.value.kind == "CallTimeout"
+    # what call_tool(timeout=0.3) sends; here with 1 ms, so that however late the host got it,
+    # the caller's wait is over when the slot frees
+    assert decode_request(encode_request("t", b"{}", 300)).timeout_ms == 300
+    impatient = b'{"tool": "t", "arguments": "\\"impatient\\"", "timeout_ms": 1}'
+    with pytest.raises(nats.errors.TimeoutError):
+        await client.nc.request(client.names.call("svc"), impatient, timeout=0.3)
+    await wait_for(lambda: host.in_flight == 2, "the impatient call waiting for the slot")
     release.set()
     assert (await holder)[0] == b"ok"
     await wait_for(lambda: host.in_flight == 0, "the impatient call leaving")

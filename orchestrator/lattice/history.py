@@ -8,9 +8,10 @@ for it: they publish on core NATS, and the server stores what it captures.
 `events(lattice, pattern, history)` is what `orch events --lattice` reads: the last
 `history` events matching `pattern` from the stream (nothing when there is no stream yet),
 then `{"live": True}`, then live events from a plain NATS subscription made before the
-history was read (an event seen in both is given once). Each event is the control API's
-SSE event `{topic, payload, source, seq, timestamp_ms}` plus `host`, the publishing host
-(`seq` counts per publishing host). A reader slower than the events loses the oldest of
+history was read (an event seen in both is given once; an event published in the
+milliseconds before the call may be in neither: the server stores events asynchronously).
+Each event is the control API's SSE event `{topic, payload, source, seq, timestamp_ms}` plus
+`host`, the publishing host (`seq` counts per publishing host). A reader slower than the events loses the oldest of
 them, counted and announced as `{"lost": {"dropped", "total"}}` before the events after
 the gap, as over the control API. Messages on bus subjects that are not bus events
 (published by something else) are skipped.
