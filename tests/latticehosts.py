@@ -68,9 +68,8 @@ def write_config(root: Path, deployments: dict[str, dict[str, Any]], *, extra: s
     for name, fields in deployments.items():
         lines.append(f"  {name}:")
         for key, value in fields.items():
-            if isinstance(value, dict):
-                value = "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
-            lines.append(f"    {key}: {value}")
+            shown = "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}" if isinstance(value, dict) else value
+            lines.append(f"    {key}: {shown}")
     path = root / "config.yaml"
     path.write_text("\n".join(line for line in lines if line) + "\n")
     return path

@@ -53,10 +53,12 @@ async def test_placement_spreads_respects_labels_and_reports_shortfalls(tmp_path
     assert done.returncode == 0, done.stderr
     status = await wait_status(
         hosts.urls,
-        lambda s: all(capsule(s, n)["hosts"] for n in ("one", "two", "eu", "many"))
-        and len(capsule(s, "many")["hosts"]) == 3
-        and len(capsule(s, "two")["hosts"]) == 2
-        and len(capsule(s, "eu")["hosts"]) == 2,
+        lambda s: (
+            all(capsule(s, n)["hosts"] for n in ("one", "two", "eu", "many"))
+            and len(capsule(s, "many")["hosts"]) == 3
+            and len(capsule(s, "two")["hosts"]) == 2
+            and len(capsule(s, "eu")["hosts"]) == 2
+        ),
         "everything placed and serving",
         hosts=hosts,
     )
@@ -129,7 +131,7 @@ async def test_a_bad_wasm_revision_keeps_the_last_good_version_serving_on_every_
     assert apply(config, hosts.urls).returncode == 0
     status = await wait_status(hosts.urls, running_on("ver", 3), "ver on three hosts", hosts=hosts)
     good = capsule(status, "ver")["version"]
-    write_capsule(tmp_path / "ver", None, wat="(module (func (export \"version\") this is not wat")
+    write_capsule(tmp_path / "ver", None, wat='(module (func (export "version") this is not wat')
     broken = apply(config, hosts.urls)  # `orch apply` checks files as `orch validate` does: modules load on hosts
     assert broken.returncode == 0, broken.stderr
 

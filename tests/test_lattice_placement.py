@@ -21,7 +21,9 @@ H = HostView
     [
         pytest.param({}, {"a": H()}, {}, {}, set(), id="nothing to place"),
         pytest.param({"x": Want()}, {}, {}, {"x": ()}, {"x"}, id="no hosts: reported"),
-        pytest.param({"x": Want(), "y": Want()}, {"a": H(), "b": H()}, {}, {"x": ("a",), "y": ("b",)}, set(), id="spread"),
+        pytest.param(
+            {"x": Want(), "y": Want()}, {"a": H(), "b": H()}, {}, {"x": ("a",), "y": ("b",)}, set(), id="spread"
+        ),
         pytest.param(
             {"x": Want(2), "y": Want(1)}, {"a": H(), "b": H()}, {}, {"x": ("a", "b"), "y": ("a",)}, set(), id="count 2"
         ),
@@ -42,9 +44,7 @@ H = HostView
             {"x"},
             id="every label must match",
         ),
-        pytest.param(
-            {"x": Want()}, {"a": H(), "b": H()}, {"x": ["b"]}, {"x": ("b",)}, set(), id="stays where it runs"
-        ),
+        pytest.param({"x": Want()}, {"a": H(), "b": H()}, {"x": ["b"]}, {"x": ("b",)}, set(), id="stays where it runs"),
         pytest.param({"x": Want()}, {"a": H()}, {"x": ["gone"]}, {"x": ("a",)}, set(), id="host gone: moved"),
         pytest.param(
             {"x": Want()}, {"a": H(), "b": H(draining=True)}, {"x": ["b"]}, {"x": ("a",)}, set(), id="draining: moved"
