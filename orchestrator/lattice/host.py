@@ -9,9 +9,9 @@ paths), connects, waits until no other live host uses its id, and starts:
 - the scheduler (orchestrator.lattice.scheduler): contends for the lease, places;
 - watches of the desired state and the assignments (each checked against a plain read
   every RESYNC_SECONDS: a watch can stall while a cluster elects a leader);
-- the convergence loop: its share is (assigned to this host) ∩ (desired and enabled). The
-  specs are rebuilt from the artifacts (fetched once per sha256) and handed to the
-  existing `Reconciler.apply`: dependency order, backoff, and last-good reloads work as on
+- the convergence loop: its share (orchestrator.lattice.share) is (assigned to this host)
+  ∩ (desired and enabled), rebuilt from the artifacts and handed to the existing
+  `Reconciler.apply`: dependency order, backoff, and last-good reloads work as on
   one machine, so a revision whose wasm does not load keeps the last good version serving
   here (Degraded). A deployment whose artifacts cannot be used is passed as `broken` (its
   last good version serves). A deployment moved away keeps serving here until one of its
@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
-import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -48,90 +46,31 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from ..capsule.bus import EventBus
-from ..capsule.capsule import Capsule
-from ..capsule.kvbackend import KVBackend
-from ..capsule.launcher import publish_limiter
 from ..capsule.protected import ProtectedPaths
 from ..control.reconciler import Reconciler
-from ..control.statedir import CACHE, CACHE_KEY, StateDir, StateDirError
-from ..desired.load import MAX_WASM_BYTES
-from ..desired.manifest import MAX_MANIFEST_BYTES
-from ..desired.spec import CapsuleSpec
+from ..control.statedir import CACHE, CACHE_KEY, StateDir
 from ..engine import WasmEngine, load_or_create_key
-from ..errors import GateError, ManifestError, OrchestratorError
-from ..files import FileReadError, read_regular, write_atomic
+from ..errors import OrchestratorError
 from ..throttle import Throttle
-from .artifacts import LatticeDataError, fetch
+from .artifacts import LatticeDataError
 from .connection import Lattice, LatticeAddress
 from .desiredstate import KEY as DESIRED_KEY
-from .desiredstate import Deployment, DesiredDoc, current, desired_bucket, rebuild_spec
-from .membership import (
-    HEARTBEAT_SECONDS,
-    LATTICE_AWAY,
-    HostInfo,
-    beat,
-    check_host_id,
-    default_host_id,
-    leave,
-    wait_unused,
-)
+from .desiredstate import DesiredDoc, current, desired_bucket
+from .membership import HEARTBEAT_SECONDS, LATTICE_AWAY, HostInfo, beat, leave, resolve_host_id, wait_unused
 from .scheduler import KEY as ASSIGNMENTS_KEY
 from .scheduler import Assignments, Scheduler, assignments_bucket
-from .status import SERVING, STATUS_REFRESH_SECONDS, publish_status, read_reports, withdraw_status
-from .wiring import Buses, CallServing, open_buses, open_calls, open_store
+from .share import HostLauncher, Share
+from .status import STATUS_REFRESH_SECONDS, publish_status, withdraw_status
+from .wiring import CallServing, open_buses, open_calls, open_store
 
 logger = logging.getLogger(__name__)
 
-HOST_ID_FILE = "host-id"
 WORKSPACE = "workspace"
 HANDOVER_SECONDS = 10.0
 DRAIN_SECONDS = 30.0
 RESYNC_SECONDS = 5.0
 CONVERGE_SECONDS = 5.0
 STOP_SECONDS = 10.0
-
-
-class HostLauncher:
-    """The reconciler's launcher on a host: each capsule gets its deployment's bus."""
-
-    def __init__(
-        self, *, engine: WasmEngine, store: KVBackend, buses: Buses, workspace: Path, protected: ProtectedPaths
-    ) -> None:
-        self._engine, self._store, self._buses = engine, store, buses
-        self._workspace, self._protected = workspace, protected
-
-    async def launch(self, spec: CapsuleSpec) -> Capsule:
-        return await Capsule.launch(
-            spec,
-            engine=self._engine,
-            bus=self._buses.for_deployment(spec.name),
-            store=self._store,
-            workspace=self._workspace,
-            rate=publish_limiter(spec),
-            interceptors=False,
-            protected=self._protected,
-        )
-
-
-def resolve_host_id(state_dir: Path, given: str | None) -> str:
-    """`given`, or the id kept in the state dir (made on first use: this machine's name and
-    a short random suffix), so a host keeps its id across restarts. Raises GateError or
-    StateDirError."""
-    if given:
-        return check_host_id(given)
-    path = state_dir / HOST_ID_FILE
-    try:
-        data, _ = read_regular(path, limit=256, what="host id file")
-    except FileReadError as error:
-        if error.errno != errno.ENOENT:
-            raise StateDirError(f"{path}: {error.reason}; remove it (a new host id is made) or fix it") from None
-        made = default_host_id(secrets.token_hex(3))
-        write_atomic(path, made.encode() + b"\n")
-        return made
-    try:
-        return check_host_id(data.decode("utf-8", "replace").strip())
-    except GateError as error:
-        raise StateDirError(f"{path}: {error}; remove the file (a new id is made) or fix it") from None
 
 
 class LatticeHost:
@@ -171,10 +110,8 @@ class LatticeHost:
         self._assignments_seen = 0
         self._problem: str | None = None  # the desired state as stored cannot be used
         self._broken: dict[str, str] = {}
-        self._specs: dict[str, tuple[CapsuleSpec, CapsuleSpec]] = {}  # name -> (applied spec, runnable spec)
-        self._blobs: dict[str, bytes] = {}
+        self._share: Share | None = None
         self._served: set[str] = set()
-        self._leaving: dict[str, float] = {}  # moved away, still serving here since (monotonic)
         self._kick = asyncio.Event()
         self._report = asyncio.Event()
         self._idle = asyncio.Event()  # draining and nothing left here
@@ -215,6 +152,12 @@ class LatticeHost:
         self.reconciler = Reconciler(launcher=launcher, bus=self.bus)
         self._calls = open_calls(lattice, call=self.reconciler.call_tool, host_id=self.id)
         self.scheduler = Scheduler(lattice=lattice, host_id=self.id)
+        self._share = Share(
+            lattice=lattice,
+            host_id=self.id,
+            handover_seconds=self.handover_seconds,
+            drain_seconds=self.drain_seconds,
+        )
         await beat(lattice, self._info())
         logger.info("host %s joined the lattice %s at %s", self.id, lattice.names.name, self.address.shown)
         events = self.bus.subscribe("orch.capsule.>", queue_size=10_000)
@@ -310,7 +253,7 @@ class LatticeHost:
 
     async def _converging(self) -> None:
         while True:
-            timeout = 0.2 if self._leaving else CONVERGE_SECONDS
+            timeout = 0.2 if self._share is not None and self._share.leaving else CONVERGE_SECONDS
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), timeout)
             self._kick.clear()
@@ -324,93 +267,27 @@ class LatticeHost:
                 logger.exception("host %s: converging failed", self.id)
 
     async def converge(self) -> None:
-        """Run this host's share (see the module docstring)."""
-        reconciler, calls, desired = self.reconciler, self._calls, self._desired
-        assert reconciler is not None and calls is not None
+        """Run this host's share (orchestrator.lattice.share) with the reconciler; serve it."""
+        reconciler, calls, share, desired = self.reconciler, self._calls, self._share, self._desired
+        assert reconciler is not None and calls is not None and share is not None
         if desired is None:
             return
-        enabled = {n for n, d in desired.deployments.items() if d.spec.enabled}
-        assigned = self._assignments.mine(self.id) if self._assignments else set()
-        wanted = set() if self.draining else assigned & enabled
-        running = reconciler.actual()
-        now = time.monotonic()
-        for name in set(running) - wanted:
-            self._leaving.setdefault(name, now)
-        for name in list(self._leaving):
-            if name in wanted or name not in running:
-                del self._leaving[name]
-        handed = await self._handed_over(enabled, now)
-        specs: dict[str, CapsuleSpec] = {}
-        broken: dict[str, str] = {}
-        for name in wanted:
-            try:
-                specs[name] = await self._spec(desired.deployments[name])
-            except (LatticeDataError, ManifestError) as error:
-                broken[name] = str(error)
-        for name in set(self._leaving) - handed:
-            specs[name] = running[name]  # what serves here keeps serving until it serves elsewhere
-        for name in set(running) - set(specs) - set(broken):
+        step = await share.step(desired, self._assignments, reconciler.actual(), draining=self.draining)
+        for name in step.stop:
             await calls.unserve(name)  # no new calls here; those in flight finish before it stops
             self._served.discard(name)
-        if broken != self._broken:
-            for name, why in broken.items():
+        for name, why in step.broken.items():
+            if self._broken.get(name) != why:
                 logger.warning("capsule %s cannot be rebuilt from the lattice: %s", name, why)
-        self._broken = broken
-        await reconciler.apply(specs, broken=broken)
+        self._broken = step.broken
+        await reconciler.apply(step.specs, broken=step.broken)
         for name in reconciler.actual():
             if name not in self._served:
                 await calls.serve(name)
                 self._served.add(name)
-        self._prune(desired, specs)
         self._report.set()
         if self.draining and not reconciler.actual():
             self._idle.set()
-
-    async def _handed_over(self, enabled: set[str], now: float) -> set[str]:
-        """The leaving deployments that may stop here now: removed or disabled, serving on
-        one of their new hosts, or leaving for longer than the handover (drain) allows."""
-        if not self._leaving:
-            return set()
-        assert self.lattice is not None
-        limit = self.drain_seconds if self.draining else self.handover_seconds
-        done = {n for n, since in self._leaving.items() if n not in enabled or now - since >= limit}
-        waiting = set(self._leaving) - done
-        if waiting:
-            placed = self._assignments.deployments if self._assignments else {}
-            reports = await read_reports(self.lattice)
-            for name in waiting:
-                for host in placed.get(name, ()):
-                    rows = reports.get(host, {}).get("capsules", []) if host != self.id else []
-                    if any(r.get("name") == name and r.get("phase") in SERVING for r in rows):
-                        done.add(name)
-        return done
-
-    async def _spec(self, deployment: Deployment) -> CapsuleSpec:
-        cached = self._specs.get(deployment.spec.name)
-        if cached is not None and cached[0] == deployment.spec and cached[0].spec_hash == deployment.spec.spec_hash:
-            return cached[1]
-        name = deployment.spec.name
-        wasm = await self._blob(deployment.wasm, limit=MAX_WASM_BYTES, what=f"capsule {name}: module")
-        manifest = await self._blob(deployment.manifest, limit=MAX_MANIFEST_BYTES, what=f"capsule {name}: manifest")
-        spec = rebuild_spec(deployment, wasm=wasm, manifest=manifest)
-        self._specs[name] = (deployment.spec, spec)
-        return spec
-
-    async def _blob(self, name: str, *, limit: int, what: str) -> bytes:
-        found = self._blobs.get(name)
-        if found is None:
-            assert self.lattice is not None
-            found = self._blobs[name] = await fetch(self.lattice, name, limit=limit, what=what)
-        return found
-
-    def _prune(self, desired: DesiredDoc, specs: Mapping[str, CapsuleSpec]) -> None:
-        """Forget artifacts and specs nothing wants any more."""
-        keep = {d.wasm for d in desired.deployments.values()} | {d.manifest for d in desired.deployments.values()}
-        keep |= {s.wasm_sha256 for s in specs.values()}
-        for sha in set(self._blobs) - keep:
-            del self._blobs[sha]
-        for name in set(self._specs) - set(desired.deployments) - set(specs):
-            del self._specs[name]
 
     async def _noticing(self, events: Any) -> None:
         """Every phase change makes a new report."""

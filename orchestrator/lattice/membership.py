@@ -18,19 +18,24 @@ lattice status.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import re
+import secrets
 import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 
+from ..control.statedir import StateDirError
 from ..errors import GateError
+from ..files import FileReadError, read_regular, write_atomic
 from .connection import Lattice, LatticeError
 
 logger = logging.getLogger(__name__)
@@ -42,6 +47,7 @@ LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")
 MAX_LABEL_VALUE = 256
 MAX_LABELS = 64
 MAX_HEARTBEAT_BYTES = 64 << 10
+HOST_ID_FILE = "host-id"  # in a host's state dir
 
 
 def check_host_id(text: str) -> str:
@@ -123,6 +129,27 @@ class HostInfo:
             raise ValueError("draining, started_ms or pid of the wrong type")
         hostname = value.get("hostname", "")
         return cls(key, dict(labels), draining, started, str(hostname)[:255], pid)
+
+
+def resolve_host_id(state_dir: Path, given: str | None) -> str:
+    """`given`, or the id kept in the state dir (made on first use: this machine's name and
+    a short random suffix), so a host keeps its id across restarts. Raises GateError or
+    StateDirError."""
+    if given:
+        return check_host_id(given)
+    path = state_dir / HOST_ID_FILE
+    try:
+        data, _ = read_regular(path, limit=256, what="host id file")
+    except FileReadError as error:
+        if error.errno != errno.ENOENT:
+            raise StateDirError(f"{path}: {error.reason}; remove it (a new host id is made) or fix it") from None
+        made = default_host_id(secrets.token_hex(3))
+        write_atomic(path, made.encode() + b"\n")
+        return made
+    try:
+        return check_host_id(data.decode("utf-8", "replace").strip())
+    except GateError as error:
+        raise StateDirError(f"{path}: {error}; remove the file (a new id is made) or fix it") from None
 
 
 async def beat(lattice: Lattice, info: HostInfo) -> None:

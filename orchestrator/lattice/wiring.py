@@ -137,7 +137,7 @@ class InterimCalls:
         sub = self._subs.pop(deployment, None)
         if sub is not None:
             with contextlib.suppress(Exception):
-                await sub.drain()  # requests already routed here are still answered
+                await sub.drain()  # type: ignore[no-untyped-call]  # requests already routed here are answered
         running = list(self._running.pop(deployment, ()))
         if running:
             await asyncio.gather(*running, return_exceptions=True)
