@@ -122,11 +122,13 @@ async def _publish(address: Any, desired: Any, manifests: dict[str, bytes]) -> A
 
 # -- orch host ---------------------------------------------------------------------------
 def run_host(args: argparse.Namespace) -> int:
-    from ..lattice.membership import parse_label
+    from ..lattice.membership import check_host_id, parse_label
 
     try:
         address = address_of(args)
         labels = dict(parse_label(text) for text in args.label)
+        if args.host_id is not None:
+            check_host_id(args.host_id)
     except OrchestratorError as error:
         return fail(one_line(error), EXIT_USAGE)
     if args.drain_seconds < 0:

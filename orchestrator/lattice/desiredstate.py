@@ -320,6 +320,28 @@ async def current(lattice: Lattice) -> DesiredDoc | None:
     return DesiredDoc.parse(entry.value, revision=int(entry.revision or 0), where=f"{lattice.names.desired}.{KEY}")
 
 
+async def latest_good(lattice: Lattice) -> tuple[DesiredDoc | None, str | None]:
+    """The newest desired revision that can be read (None when there is none), and why the
+    latest revision cannot be (None when it can): what runs while a bad entry is stored."""
+    try:
+        return await current(lattice), None
+    except LatticeDataError as error:
+        problem = str(error)
+    bucket = await desired_bucket(lattice)
+    try:
+        history = await bucket.history(KEY)
+    except nats.js.errors.NoKeysError:
+        return None, problem
+    where = f"{lattice.names.desired}.{KEY}"
+    for entry in reversed(history):
+        if entry.value and entry.operation is None:
+            try:
+                return DesiredDoc.parse(entry.value, revision=int(entry.revision or 0), where=where), problem
+            except LatticeDataError:
+                continue
+    return None, problem
+
+
 def rebuild_spec(deployment: Deployment, *, wasm: bytes, manifest: bytes) -> CapsuleSpec:
     """The runnable spec of `deployment`, from its fetched artifacts: the manifest parsed,
     the secrets put back, checked against the spec hash that was applied. Raises

@@ -55,7 +55,7 @@ from ..throttle import Throttle
 from .artifacts import LatticeDataError
 from .connection import Lattice, LatticeAddress
 from .desiredstate import KEY as DESIRED_KEY
-from .desiredstate import DesiredDoc, current, desired_bucket
+from .desiredstate import DesiredDoc, desired_bucket, latest_good
 from .membership import HEARTBEAT_SECONDS, LATTICE_AWAY, HostInfo, beat, leave, resolve_host_id, wait_unused
 from .scheduler import KEY as ASSIGNMENTS_KEY
 from .scheduler import Assignments, Scheduler, assignments_bucket
@@ -174,11 +174,14 @@ class LatticeHost:
 
     async def _first_desired(self) -> DesiredDoc | None:
         assert self.lattice is not None
-        try:
-            return await current(self.lattice)
-        except LatticeDataError as error:
-            logger.warning("%s", error)
-            return None
+        desired, problem = await latest_good(self.lattice)
+        if problem is not None:
+            logger.warning("%s; running revision %s", problem, desired.revision if desired else "(none)")
+            self._problem = problem
+        if desired is not None:
+            self._desired = desired
+            self._desired_seen = desired.revision
+        return desired
 
     def _info(self) -> HostInfo:
         return HostInfo(self.id, self.labels, self.draining, self.started_ms, socket.gethostname(), os.getpid())

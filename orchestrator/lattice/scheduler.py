@@ -37,7 +37,7 @@ from ..throttle import Throttle
 from .artifacts import LatticeDataError
 from .connection import Lattice
 from .desiredstate import KEY as DESIRED_KEY
-from .desiredstate import DesiredDoc, desired_bucket
+from .desiredstate import DesiredDoc, desired_bucket, latest_good
 from .lease import LEASE_RENEW_SECONDS, Held, acquire, release, renew
 from .membership import LATTICE_AWAY, live_hosts
 from .placement import HostView, place
@@ -128,7 +128,7 @@ async def read_assignments(lattice: Lattice) -> tuple[int, Assignments | None]:
     try:
         return revision, Assignments.parse(entry.value, revision=revision)
     except LatticeDataError as error:
-        logger.warning("%s", error)
+        logger.debug("%s", error)  # the scheduler writes new ones over them
         return revision, None
 
 
@@ -152,6 +152,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._renewed = 0.0
         self._desired: DesiredDoc | None = None
+        self._seen = 0  # the desired revision last read
         self._stopped = False
         self._warn = Throttle(logger, interval=10.0)
 
@@ -208,11 +209,7 @@ class Scheduler:
         hosts, bad = await live_hosts(self.lattice)
         for key, why in bad.items():
             self._warn.warning(f"bad:{key}", "scheduler: ignoring hosts bucket key %s: %s", key, why)
-        try:
-            desired = await self._current()
-        except LatticeDataError as error:
-            self._warn.warning("desired", "scheduler: %s; placement unchanged", error)
-            return
+        desired = await self._current()
         revision, stored = await read_assignments(self.lattice)
         views = {h: HostView(dict(info.labels), info.draining) for h, info in hosts.items()}
         result = place(desired.wants() if desired else {}, views, stored.deployments if stored else {})
@@ -245,18 +242,23 @@ class Scheduler:
             self._warn.warning(f"short:{name}:{why}", "scheduler: %s %s", name, why)
 
     async def _current(self) -> DesiredDoc | None:
-        """The desired revision, parsed once per revision."""
+        """The desired revision to place, parsed once per revision. A revision that cannot
+        be read leaves the last good one in force (from the bucket's history after a
+        hand-over): hosts that die are still replaced meanwhile."""
         bucket = await desired_bucket(self.lattice)
         try:
             entry = await bucket.get(DESIRED_KEY)
         except nats.js.errors.KeyNotFoundError:
-            self._desired = None
-            return None
-        if entry.value is None:
-            return None
-        if self._desired is None or self._desired.revision != entry.revision:
-            where = f"{self.lattice.names.desired}.{DESIRED_KEY}"
-            self._desired = DesiredDoc.parse(entry.value, revision=int(entry.revision or 0), where=where)
+            return self._desired
+        if entry.value is None or entry.revision == self._seen:
+            return self._desired
+        self._seen = int(entry.revision or 0)
+        try:
+            self._desired = DesiredDoc.parse(entry.value, revision=self._seen, where=self.lattice.names.desired)
+        except LatticeDataError as error:
+            self._warn.warning("desired", "scheduler: %s; placing the last good revision", error)
+            if self._desired is None:
+                self._desired, _ = await latest_good(self.lattice)
         return self._desired
 
     async def stop(self) -> None:

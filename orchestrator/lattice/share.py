@@ -14,7 +14,8 @@ next on this host (`Step`):
 A deployment moved away (assignments changed, or this host drains) keeps serving here
 until one of its new hosts reports it serving (the status bucket), or until
 `handover_seconds` (`drain_seconds` while draining) have passed; one removed from the
-desired state or disabled stops at once. So a move or a drain drops no call.
+desired state or disabled, or that the scheduler could place on no host at all, stops at
+once. So a move or a drain drops no call while another host can take it.
 
 `HostLauncher` is the reconciler's launcher on a host: each capsule is given its
 deployment's bus (orchestrator.lattice.wiring). Used by the host runtime.
@@ -143,6 +144,8 @@ class Share:
             placed = assignments.deployments if assignments else {}
             reports = await read_reports(self.lattice)
             for name in waiting:
+                if name in placed and not placed[name]:  # the scheduler found no host for it: nothing to wait for
+                    done.add(name)
                 for host in placed.get(name, ()):
                     rows = reports.get(host, {}).get("capsules", []) if host != self.host_id else []
                     if any(r.get("name") == name and r.get("phase") in SERVING for r in rows):

@@ -34,9 +34,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from .artifacts import LatticeDataError
 from .connection import Lattice, LatticeAddress
-from .desiredstate import DesiredDoc, current
+from .desiredstate import DesiredDoc, latest_good
 from .lease import holder
 from .membership import HostInfo, latest_values, live_hosts
 from .scheduler import Assignments, read_assignments
@@ -190,11 +189,9 @@ async def status_of(lattice: Lattice) -> dict[str, Any]:
     problems: list[str] = []
     live, bad = await live_hosts(lattice)
     problems += [f"hosts bucket key {key}: {why}" for key, why in sorted(bad.items())]
-    try:
-        desired = await current(lattice)
-    except LatticeDataError as error:
-        desired = None
-        problems.append(str(error))
+    desired, problem = await latest_good(lattice)
+    if problem is not None:
+        problems.append(f"{problem} (revision {desired.revision if desired else '(none)'} is the last good one)")
     _, assignments = await read_assignments(lattice)
     reports = await read_reports(lattice)
     for host, report in sorted(reports.items()):
