@@ -70,6 +70,7 @@ def write_config(root: Path, deployments: dict[str, dict[str, Any]], *, extra: s
         for key, value in fields.items():
             shown = "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}" if isinstance(value, dict) else value
             lines.append(f"    {key}: {shown}")
+    root.mkdir(parents=True, exist_ok=True)
     path = root / "config.yaml"
     path.write_text("\n".join(line for line in lines if line) + "\n")
     return path

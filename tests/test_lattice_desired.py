@@ -5,6 +5,7 @@ did not write (malformed, hostile or corrupt entries and artifacts).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.desired.load import load_desired
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, ManifestError
 from orchestrator.lattice.artifacts import LatticeDataError, fetch, sha256_hex, upload
 from orchestrator.lattice.connection import Lattice, LatticeAddress, LatticeError
 from orchestrator.lattice.desiredstate import (
@@ -30,7 +31,7 @@ from orchestrator.lattice.desiredstate import (
     rebuild_spec,
 )
 from tests.latticehosts import MANIFEST, module, write_capsule, write_config
-from tests.natsserver import NatsServers
+from tests.natsserver import NatsNode, NatsServers
 
 SECRET_MANIFEST = MANIFEST + '\n[env.token]\ntype = "secret"\n\n[env.greeting]\ndefault = "hi"\n'
 
@@ -214,8 +215,6 @@ async def test_artifacts_that_do_not_rebuild_the_applied_spec_are_refused(tmp_pa
         rebuild_spec(deployment, wasm=module(1).encode(), manifest=manifests["a"] + b"\n[limits]\nfuel = 5\n")
     with pytest.raises(LatticeDataError, match="not a UTF-8 manifest"):
         rebuild_spec(deployment, wasm=module(1).encode(), manifest=b"\xff\xfe")
-    from orchestrator.errors import ManifestError
-
     with pytest.raises(ManifestError):
         rebuild_spec(deployment, wasm=module(1).encode(), manifest=b"[package]\nname = 5\n")
 
@@ -229,3 +228,25 @@ async def test_a_revision_nobody_can_read_is_replaced_by_the_next_apply(tmp_path
     published = await publish(lattice, desired, manifest_texts(desired))
     doc = await current(lattice)
     assert doc is not None and doc.revision == published.revision
+
+
+def test_a_desired_state_larger_than_a_message_is_refused_with_the_fix(tmp_path: Path) -> None:
+    node = NatsNode("small", tmp_path / "small", max_payload="8KB")
+    node.start()
+    try:
+        NatsServers([node]).wait_ready()
+        write_capsule(tmp_path / "ver", 1)
+        desired = load_desired(write_config(tmp_path, {f"d{i}": {"path": "ver"} for i in range(12)}))
+
+        async def attempt() -> None:
+            lattice = await Lattice.connect(LatticeAddress.parse(node.url))
+            try:
+                with pytest.raises(LatticeError, match=r"more than the lattice's servers take .*max_payload: 8MB"):
+                    await publish(lattice, desired, manifest_texts(desired))
+                assert await current(lattice) is None
+            finally:
+                await lattice.close()
+
+        asyncio.run(attempt())
+    finally:
+        node.kill()

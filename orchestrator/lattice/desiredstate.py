@@ -259,6 +259,12 @@ async def publish(lattice: Lattice, desired: DesiredState, manifests: Mapping[st
         if old is not None and _same(old, new):
             return Published(old.revision, uploaded, present, unchanged=True)
         data = json.dumps(new, separators=(",", ":"), sort_keys=True).encode()
+        if len(data) > lattice.nc.max_payload - 4096:
+            raise LatticeError(
+                f"the desired state is {len(data):,} bytes, more than the lattice's servers take in one message "
+                f"(max_payload {lattice.nc.max_payload:,}): raise max_payload in the NATS server config "
+                "(e.g. max_payload: 8MB), or split the config into several lattices"
+            )
         revision = await bucket.put(KEY, data)
     except (nats.errors.Error, OSError, TimeoutError) as error:
         raise LatticeError(
