@@ -9,6 +9,8 @@ the lattice's own status; calls go over NATS to whichever host serves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -216,3 +218,48 @@ async def test_an_invalid_apply_changes_nothing(tmp_path: Path, nats_server: Nat
         assert after is not None and after.revision == before.revision
     finally:
         await lattice.close()
+
+
+BUSY = """(module
+  (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
+  (import "extism:host/env" "store_u8" (func $store (param i64 i32)))
+  (import "extism:host/user" "astrid_log" (func $log (param i64 i64)))
+  (func $text (param $a i32) (param $b i32) (param $c i32) (param $d i32) (result i64) (local $p i64)
+    (local.set $p (call $alloc (i64.const 4)))
+    (call $store (local.get $p) (local.get $a))
+    (call $store (i64.add (local.get $p) (i64.const 1)) (local.get $b))
+    (call $store (i64.add (local.get $p) (i64.const 2)) (local.get $c))
+    (call $store (i64.add (local.get $p) (i64.const 3)) (local.get $d))
+    (local.get $p))
+  (func (export "version") (result i32)
+    (call $log (call $text (i32.const 105) (i32.const 110) (i32.const 102) (i32.const 111))
+               (call $text (i32.const 98) (i32.const 117) (i32.const 115) (i32.const 121)))
+    (loop $forever (br $forever))
+    (i32.const 0)))
+"""
+
+
+async def test_a_second_signal_exits_at_once(tmp_path: Path, hosts: Hosts) -> None:
+    write_capsule(tmp_path / "busy", None, wat=BUSY)  # its one tool logs "busy", then spins for a minute
+    limits = {"fuel": 9_000_000_000_000_000_000, "timeout_ms": 60_000}
+    config = write_config(tmp_path, {"busy": {"path": "busy", "limits": limits}})
+    host = hosts.start("a")
+    assert apply(config, hosts.urls).returncode == 0
+    await wait_status(hosts.urls, running_on("busy", 1), "busy serving", hosts=hosts)
+    stuck = asyncio.get_running_loop().create_task(call(hosts.urls, "busy", timeout=90))
+
+    async def logged(text: str) -> None:
+        while text not in host.log():
+            assert not stuck.done() or stuck.cancelled(), stuck
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(logged("busy"), 30)  # the call is running: a drain waits for it
+    assert host.process is not None
+    host.process.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(logged("draining"), 30)
+    host.process.send_signal(signal.SIGTERM)
+    code = await asyncio.to_thread(host.process.wait, 15)  # long before the call could end
+    assert code == 130 and "second signal: exiting now" in host.log()
+    stuck.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await stuck
