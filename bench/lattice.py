@@ -132,7 +132,7 @@ async def failover(root: Path, urls: str, hosts: Hosts, rounds: int) -> dict[str
             while True:
                 try:
                     _, details = await wiring.call_tool(lattice, "ver", "version", b"{}", timeout=0.5)
-                    if details["host"] != victim:
+                    if details["X-Host"] != victim:
                         break
                 except Exception:
                     failed_calls += 1

@@ -178,6 +178,6 @@ async def call(urls: str, deployment: str, tool: str = "version", timeout: float
     lattice = await Lattice.connect(LatticeAddress.parse(urls))
     try:
         output, details = await call_tool(lattice, deployment, tool, b"{}", timeout=timeout)
-        return output, details["host"]
+        return output, details["X-Host"]
     finally:
         await lattice.close()

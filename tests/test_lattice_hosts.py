@@ -177,7 +177,7 @@ async def test_sigterm_drains_a_host_moves_its_capsules_and_drops_no_call(tmp_pa
 
             while not stop.is_set():
                 output, details = await call_tool(lattice, "ver", "version", b"{}", timeout=10)
-                answers.append((output, details["host"]))
+                answers.append((output, details["X-Host"]))
         finally:
             await lattice.close()
 

@@ -326,6 +326,13 @@ async def current(lattice: Lattice) -> DesiredDoc | None:
     return DesiredDoc.parse(entry.value, revision=int(entry.revision or 0), where=f"{lattice.names.desired}.{KEY}")
 
 
+async def deployment_names(lattice: Lattice) -> set[str] | None:
+    """The deployments of the last good desired revision (None when nothing was applied):
+    what `calls.call_tool(deployed=...)` asks, to tell an unknown capsule from a stopped one."""
+    desired, _ = await latest_good(lattice)
+    return set(desired.deployments) if desired is not None else None
+
+
 async def latest_good(lattice: Lattice) -> tuple[DesiredDoc | None, str | None]:
     """The newest desired revision that can be read (None when there is none), and why the
     latest revision cannot be (None when it can): what runs while a bad entry is stored."""

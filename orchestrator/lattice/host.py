@@ -61,7 +61,7 @@ from .scheduler import KEY as ASSIGNMENTS_KEY
 from .scheduler import Assignments, Scheduler, assignments_bucket
 from .share import HostLauncher, Share
 from .status import STATUS_REFRESH_SECONDS, publish_status, withdraw_status
-from .wiring import CallServing, open_buses, open_calls, open_store
+from .wiring import Buses, CallServing, open_buses, open_calls, open_store, release
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ class LatticeHost:
         self._problem: str | None = None  # the desired state as stored cannot be used
         self._broken: dict[str, str] = {}
         self._share: Share | None = None
+        self._buses: Buses | None = None
         self._served: set[str] = set()
         self._kick = asyncio.Event()
         self._report = asyncio.Event()
@@ -140,7 +141,7 @@ class LatticeHost:
         desired = await self._first_desired()
         opened = await open_store(lattice, state_dir=state, replicas=desired.replicas if desired else 1)
         self._closers.append(opened.close)
-        buses = await open_buses(lattice, local=self.bus, host_id=self.id)
+        self._buses = buses = await open_buses(lattice, local=self.bus, host_id=self.id)
         self._closers.append(buses.close)
         launcher = HostLauncher(
             engine=self._engine,
@@ -279,6 +280,9 @@ class LatticeHost:
         for name in step.stop:
             await calls.unserve(name)  # no new calls here; those in flight finish before it stops
             self._served.discard(name)
+            slot = reconciler.slot(name)
+            if self._buses is not None and slot is not None and slot.handle is not None:
+                await release(self._buses, name, slot.handle)  # its events go to other hosts now
         for name, why in step.broken.items():
             if self._broken.get(name) != why:
                 logger.warning("capsule %s cannot be rebuilt from the lattice: %s", name, why)
@@ -355,6 +359,11 @@ class LatticeHost:
             await self._calls.close()
             self._calls = None
         if self.reconciler is not None:
+            for name in list(self.reconciler.actual()):
+                slot = self.reconciler.slot(name)
+                if self._buses is not None and slot is not None and slot.handle is not None:
+                    with contextlib.suppress(*LATTICE_AWAY, OrchestratorError):
+                        await release(self._buses, name, slot.handle)
             await self.reconciler.shutdown(STOP_SECONDS)
         for task in self._tasks:  # the scheduler last: a draining holder moved its own capsules
             task.cancel()

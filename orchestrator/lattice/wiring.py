@@ -7,6 +7,8 @@ place that chooses them, so wiring the real ones in is a few lines here:
 
     store = await JetStreamKV.open(lattice, replicas=replicas)          # open_store
     buses = LatticeBus(lattice, local, host_id); await buses.start()   # open_buses
+    bus = buses.for_deployment(name); await bus.stop_receiving()         # release
+    await handle.caught_up(bus.last_seq)                                 #   (same)
     CallServer(lattice, call, host_id)                                   # open_calls
     from .calls import call_tool                                         # call_tool
 
@@ -102,6 +104,13 @@ async def open_buses(lattice: Lattice, *, local: EventBus, host_id: str) -> Buse
     return buses
 
 
+async def release(buses: Buses, name: str, handle: Any) -> None:
+    """Before deployment `name` stops on this host (moved away, removed, drained): stop
+    receiving its events here, and let `handle` (its running Capsule) handle those that
+    arrived. Interim: events stay on the host, nothing to do."""
+    return None
+
+
 def open_calls(lattice: Lattice, *, call: Call, host_id: str) -> CallServing:
     return InterimCalls(lattice, call, host_id)
 
@@ -110,8 +119,8 @@ def open_calls(lattice: Lattice, *, call: Call, host_id: str) -> CallServing:
 @dataclass
 class InterimCalls:
     """Answers `{"tool", "arguments"}` requests on `names.call(deployment)`, queue group
-    QUEUE; a reply is `{"output" (base64), "fuel_used", "seconds", "attempts", "host"}` or
-    `{"error": {"kind", "message", "status"}}`."""
+    QUEUE; a reply is `{"output" (base64), "headers": {"X-Host", "X-Fuel-Used",
+    "X-Seconds", "X-Attempts"}}` or `{"error": {"kind", "message", "status"}}`."""
 
     lattice: Lattice
     call: Call
@@ -159,10 +168,12 @@ class InterimCalls:
             result = await self.call(deployment, request["tool"], arguments)
             reply = {
                 "output": base64.b64encode(result.output).decode(),
-                "fuel_used": result.fuel_used,
-                "seconds": result.seconds,
-                "attempts": result.attempts,
-                "host": self.host_id,
+                "headers": {
+                    "X-Host": self.host_id,
+                    "X-Fuel-Used": str(result.fuel_used),
+                    "X-Seconds": f"{result.seconds:.6f}",
+                    "X-Attempts": str(result.attempts),
+                },
             }
         except asyncio.CancelledError:
             raise
@@ -189,13 +200,13 @@ class InterimCallError(OrchestratorError):
 async def call_tool(
     lattice: Lattice, deployment: str, tool: str, arguments: bytes, *, timeout: float
 ) -> tuple[bytes, dict[str, str]]:
-    """Call `tool` of `deployment` on whichever host answers: (output, details). Raises
-    InterimCallError, or nats errors (no responders, timeout)."""
+    """Call `tool` of `deployment` on whichever host answers: (output, headers: X-Host,
+    X-Fuel-Used, X-Seconds, X-Attempts, as calls.py's). Raises InterimCallError, or nats
+    errors (no responders, timeout)."""
     request = json.dumps({"tool": tool, "arguments": arguments.decode()}).encode()
     answer = await lattice.nc.request(lattice.names.call(deployment), request, timeout=timeout)
     reply = json.loads(answer.data)
     if "error" in reply:
         error = reply["error"]
         raise InterimCallError(int(error["status"]), str(error["kind"]), str(error["message"]))
-    details = {k: str(reply[k]) for k in ("fuel_used", "seconds", "attempts", "host")}
-    return base64.b64decode(reply["output"]), details
+    return base64.b64decode(reply["output"]), {str(k): str(v) for k, v in reply["headers"].items()}
