@@ -29,6 +29,7 @@ from orchestrator.lattice.membership import (
     live_hosts,
     parse_label,
     resolve_host_id,
+    wait_event,
     wait_unused,
 )
 from orchestrator.lattice.scheduler import Assignments, Scheduler, read_assignments
@@ -190,3 +191,24 @@ async def test_malformed_stored_assignments_are_rewritten(lattice: Lattice) -> N
     _, stored = await read_assignments(lattice)
     assert stored is not None and stored.by == "a"
     await scheduler.stop()
+
+
+async def test_a_loop_waiting_for_an_event_always_ends_when_cancelled() -> None:
+    event = asyncio.Event()
+    turns = 0
+
+    async def loop() -> None:  # the shape of the host's loops
+        nonlocal turns
+        while True:
+            await wait_event(event, 10)
+            event.clear()
+            turns += 1
+
+    task = asyncio.get_running_loop().create_task(loop())
+    while not event._waiters:  # the loop is waiting
+        await asyncio.sleep(0.01)
+    event.set()  # the event and the cancellation arrive together (asyncio.wait_for on 3.11 loses it)
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=5)
+    assert done and task.cancelled() and turns == 0
+    assert await wait_event(asyncio.Event(), 0.01) is False

@@ -56,7 +56,7 @@ from .artifacts import LatticeDataError
 from .connection import Lattice, LatticeAddress
 from .desiredstate import KEY as DESIRED_KEY
 from .desiredstate import DesiredDoc, desired_bucket, latest_good
-from .membership import HEARTBEAT_SECONDS, LATTICE_AWAY, HostInfo, beat, leave, resolve_host_id, wait_unused
+from .membership import HEARTBEAT_SECONDS, LATTICE_AWAY, HostInfo, beat, leave, resolve_host_id, wait_event, wait_unused
 from .scheduler import KEY as ASSIGNMENTS_KEY
 from .scheduler import Assignments, Scheduler, assignments_bucket
 from .share import HostLauncher, Share
@@ -117,6 +117,7 @@ class LatticeHost:
         self._report = asyncio.Event()
         self._idle = asyncio.Event()  # draining and nothing left here
         self._warn = Throttle(logger, interval=10.0)
+        self._closing = False
 
     # -- starting ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -190,7 +191,7 @@ class LatticeHost:
     # -- the loops -----------------------------------------------------------------------
     async def _beating(self) -> None:
         assert self.lattice is not None
-        while True:
+        while not self._closing:
             try:
                 await beat(self.lattice, self._info())
             except LATTICE_AWAY as error:
@@ -202,12 +203,12 @@ class LatticeHost:
     ) -> None:
         """Every new revision of `key` to `handle(revision, value or None when deleted)`."""
         assert self.lattice is not None
-        while True:
+        while not self._closing:
             try:
                 bucket = await bucket_of(self.lattice)
                 watcher: Any = await bucket.watch(key)  # nats-py leaves its methods untyped
                 try:
-                    while True:
+                    while not self._closing:
                         try:
                             entry = await watcher.updates(timeout=RESYNC_SECONDS)
                         except nats.errors.TimeoutError:
@@ -256,10 +257,9 @@ class LatticeHost:
         self._kick.set()
 
     async def _converging(self) -> None:
-        while True:
+        while not self._closing:
             timeout = 0.2 if self._share is not None and self._share.leaving else CONVERGE_SECONDS
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), timeout)
+            await wait_event(self._kick, timeout)
             self._kick.clear()
             try:
                 await self.converge()
@@ -303,9 +303,8 @@ class LatticeHost:
 
     async def _reporting(self) -> None:
         assert self.lattice is not None
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._report.wait(), STATUS_REFRESH_SECONDS)
+        while not self._closing:
+            await wait_event(self._report, STATUS_REFRESH_SECONDS)
             self._report.clear()
             try:
                 await publish_status(self.lattice, self.id, self.report())
@@ -342,16 +341,16 @@ class LatticeHost:
         if self.scheduler is not None:
             self.scheduler.wake()
         self._kick.set()
-        try:
-            await asyncio.wait_for(self._idle.wait(), self.drain_seconds + 1.0)
+        if await wait_event(self._idle, self.drain_seconds + 1.0):
             logger.info("host %s: every capsule moved away", self.id)
-        except TimeoutError:
+        else:
             logger.warning("host %s: drain deadline (%g s) passed; stopping what is left", self.id, self.drain_seconds)
         await self.close()
 
     async def close(self) -> None:
         """Stop taking calls (finishing those in flight), stop the capsules, give up the
         lease, withdraw from the lattice, close everything. Idempotent."""
+        self._closing = True
         for task in self._tasks:
             if task.get_name() != "scheduler":
                 task.cancel()
@@ -367,7 +366,10 @@ class LatticeHost:
             await self.reconciler.shutdown(STOP_SECONDS)
         for task in self._tasks:  # the scheduler last: a draining holder moved its own capsules
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=STOP_SECONDS)
+            for task in stuck:
+                logger.warning("host %s: task %s did not stop; leaving it", self.id, task.get_name())
         self._tasks = []
         if self.scheduler is not None:
             await self.scheduler.stop()

@@ -214,6 +214,18 @@ async def wait_unused(lattice: Lattice, host_id: str, *, me: HostInfo) -> None:
         await asyncio.sleep(0.25)
 
 
+async def wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Until `event` is set (True) or `timeout` passes (False). Unlike `asyncio.wait_for`
+    on Python 3.11, a cancellation that arrives as the event is set is never lost (a loop
+    waiting here always ends when its task is cancelled)."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+            return True
+    except TimeoutError:
+        return False
+
+
 LATTICE_AWAY = (nats.errors.Error, OSError, TimeoutError)
 """What a lattice request raises while the servers are away or electing a leader: loops
 log it (rate-limited) and try again on their next turn."""

@@ -22,7 +22,6 @@ Used by the host runtime; `read_assignments` also by lattice status.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -39,7 +38,7 @@ from .connection import Lattice
 from .desiredstate import KEY as DESIRED_KEY
 from .desiredstate import DesiredDoc, desired_bucket, latest_good
 from .lease import LEASE_RENEW_SECONDS, Held, acquire, release, renew
-from .membership import LATTICE_AWAY, live_hosts
+from .membership import LATTICE_AWAY, live_hosts, wait_event
 from .placement import HostView, place
 
 logger = logging.getLogger(__name__)
@@ -175,8 +174,7 @@ class Scheduler:
                 self._warn.warning("away", "scheduler: the lattice is not answering (%s); retrying", error)
             except Exception:
                 logger.exception("scheduler turn failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.tick)
+            await wait_event(self._wake, self.tick)
 
     async def turn(self) -> None:
         """Take or renew the lease; place if held."""
