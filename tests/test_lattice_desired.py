@@ -250,3 +250,18 @@ def test_a_desired_state_larger_than_a_message_is_refused_with_the_fix(tmp_path:
         asyncio.run(attempt())
     finally:
         node.kill()
+
+
+async def test_replicas_scale_every_lattice_stream_on_a_cluster(tmp_path: Path, nats_cluster: NatsServers) -> None:
+    write_capsule(tmp_path / "ver", 1)
+    lattice = await Lattice.connect(LatticeAddress.parse(nats_cluster.urls))
+    try:
+        await lattice.bucket(lattice.names.hosts, history=1)  # a host joined before anything was applied
+        desired = load_desired(write_config(tmp_path, {"v": {"path": "ver"}}, extra="lattice: {replicas: 3}"))
+        published = await publish(lattice, desired, manifest_texts(desired))
+        assert not published.unchanged
+        names = lattice.names
+        for stream in (f"KV_{names.desired}", f"KV_{names.hosts}", f"OBJ_{names.artifacts}"):
+            assert (await lattice.js.stream_info(stream)).config.num_replicas == 3, stream
+    finally:
+        await lattice.close()

@@ -30,6 +30,8 @@ lattice status.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import getpass
 import json
 import logging
@@ -310,7 +312,22 @@ async def scale(lattice: Lattice, replicas: int) -> None:
                 f"{lattice.address.shown} ({error.description or error}): a NATS cluster needs at least "
                 f"{replicas} servers for it; lower lattice.replicas or add servers"
             ) from None
+        await _leader_elected(lattice, stream)
         logger.info("%s: now %d replicas", stream, replicas)
+
+
+async def _leader_elected(lattice: Lattice, stream: str, deadline: float = 15.0) -> None:
+    """Until `stream` has a leader again (a change of replicas elects one anew; requests in
+    between time out). LatticeError past the deadline."""
+    end = time.monotonic() + deadline
+    while True:
+        with contextlib.suppress(nats.errors.TimeoutError):
+            info = await lattice.js.stream_info(stream)
+            if info.cluster is None or info.cluster.leader:
+                return
+        if time.monotonic() > end:
+            raise LatticeError(f"{stream} elected no leader within {deadline:g} s after changing its replicas")
+        await asyncio.sleep(0.05)
 
 
 async def current(lattice: Lattice) -> DesiredDoc | None:
