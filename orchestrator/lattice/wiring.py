@@ -12,7 +12,9 @@ place that chooses them, so wiring the real ones in is a few lines here:
     CallServer(lattice, call, host_id)                                   # open_calls
     from .calls import call_tool                                         # call_tool
 
-Until they are merged it uses the interim ones: the local SQLite `KVStore` in the host's
+(Tried before hand-off: with the latcalls branch merged and latkv's kvstore.py beside it,
+exactly these lines made the multi-process host tests pass.) Until they are merged it
+uses the interim ones: the local SQLite `KVStore` in the host's
 state dir (each host its own data: a moved capsule starts with the new host's data), the
 host's local EventBus for every deployment (events stay on the host), and `InterimCalls`
 below, a minimal request/reply server on `names.call(deployment)` in a queue group (so
