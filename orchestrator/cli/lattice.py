@@ -1,0 +1,342 @@
+"""The lattice verbs of the `orch` command (DESIGN.md §7, contract).
+
+    orch apply CONFIG --lattice URL [--lattice-name N] [--lattice-creds FILE]
+    orch host --lattice URL [--lattice-name N] [--lattice-creds FILE] [--host-id ID]
+              [--label KEY=VALUE]... [--state-dir DIR] [--drain-seconds S]
+
+and, for the operator verbs that take `--lattice URL` (`add_lattice_options`):
+
+    orch status --lattice URL [--json]                      -> run_status(args)
+    orch plan CONFIG --lattice URL [--json] [--exit-code]   -> run_plan(args)
+
+`apply` validates CONFIG exactly as `orch validate` does (config, manifests, modules; the
+state dir plays no part in a lattice) and on any problem prints them all, publishes
+nothing and exits 1; otherwise it publishes the artifacts and the desired state and exits
+0 once the lattice has taken it. `host` runs in the foreground until SIGTERM or SIGINT,
+then drains (its capsules move to other hosts first) and exits 0; a second signal exits
+at once (130). An unreachable lattice is one line and exit 1.
+
+`main(argv)` runs these verbs alone (`python -m orchestrator.cli.lattice host ...`), for
+tests and benches until they are registered in `orch`. Part of the CLI layer: it prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, OrchestratorError
+from .output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail, one_line, print_problems
+
+EXIT_INTERRUPTED = 130
+DEFAULT_STATE_DIR = Path(".orch-host")
+
+
+def add_lattice_options(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    """`--lattice URL`, `--lattice-name N`, `--lattice-creds FILE` on a verb's parser."""
+    parser.add_argument(
+        "--lattice",
+        required=required,
+        metavar="URL",
+        help="NATS server URL(s) of the lattice, comma-separated (nats://host:4222)",
+    )
+    parser.add_argument("--lattice-name", default="default", metavar="N", help="the lattice's name (default: default)")
+    parser.add_argument("--lattice-creds", type=Path, metavar="FILE", help="NATS credentials file (.creds)")
+
+
+def address_of(args: argparse.Namespace) -> Any:
+    """The LatticeAddress the options name. Raises OrchestratorError (GateError) when malformed."""
+    from ..lattice.connection import LatticeAddress
+
+    return LatticeAddress.parse(args.lattice, name=args.lattice_name, creds=args.lattice_creds)
+
+
+def add_commands(verbs: Any) -> None:
+    """Register `apply` and `host` on the `orch` sub-parser set."""
+    apply = verbs.add_parser("apply", help="validate a config.yaml and publish it to a lattice")
+    apply.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"), help="default: ./config.yaml")
+    add_lattice_options(apply, required=True)
+    apply.set_defaults(run=run_apply)
+
+    host = verbs.add_parser("host", help="join a lattice and run what it assigns to this host")
+    add_lattice_options(host, required=True)
+    host.add_argument("--host-id", metavar="ID", help="default: kept in the state dir (machine name + suffix)")
+    host.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a label (repeatable)")
+    host.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="module cache, id, workspace")
+    host.add_argument("--drain-seconds", type=float, default=30.0, help="how long SIGTERM waits for capsules to move")
+    host.set_defaults(run=run_host)
+
+
+# -- orch apply --------------------------------------------------------------------------
+def run_apply(args: argparse.Namespace) -> int:
+    from ..desired.load import load_desired
+    from ..lattice.desiredstate import manifest_texts
+
+    try:
+        address = address_of(args)
+    except OrchestratorError as error:
+        return fail(one_line(error), EXIT_USAGE)
+    try:
+        desired = load_desired(args.config)
+        manifests = manifest_texts(desired)
+    except ConfigError as error:
+        print_problems(args.config, [str(p) for p in error.problems])
+        print("orch: nothing was published", file=sys.stderr)
+        return EXIT_FAILED
+    enabled = sum(1 for s in desired.specs.values() if s.enabled)
+    print(f"{args.config}: valid ({len(desired.specs)} capsules, {enabled} enabled)")
+    try:
+        published = asyncio.run(_publish(address, desired, manifests))
+    except OrchestratorError as error:
+        return fail(one_line(error), EXIT_FAILED)
+    where = f"lattice {address.name} at {address.shown}"
+    if published.unchanged:
+        print(f"unchanged: {where} has this desired state already (revision {published.revision})")
+    else:
+        print(
+            f"applied to {where}: revision {published.revision} "
+            f"({published.uploaded} artifact(s) uploaded, {published.present} already there)"
+        )
+    return EXIT_OK
+
+
+async def _publish(address: Any, desired: Any, manifests: dict[str, bytes]) -> Any:
+    from ..lattice.connection import Lattice
+    from ..lattice.desiredstate import publish
+
+    lattice = await Lattice.connect(address)
+    try:
+        return await publish(lattice, desired, manifests)
+    finally:
+        await lattice.close()
+
+
+# -- orch host ---------------------------------------------------------------------------
+def run_host(args: argparse.Namespace) -> int:
+    from ..lattice.membership import check_host_id, parse_label
+
+    try:
+        address = address_of(args)
+        labels = dict(parse_label(text) for text in args.label)
+        if args.host_id is not None:
+            check_host_id(args.host_id)
+    except OrchestratorError as error:
+        return fail(one_line(error), EXIT_USAGE)
+    if args.drain_seconds < 0:
+        return fail("--drain-seconds must be 0 or more", EXIT_USAGE)
+    return asyncio.run(_host(args, address, labels))
+
+
+async def _host(args: argparse.Namespace, address: Any, labels: dict[str, str]) -> int:
+    from ..lattice.host import LatticeHost
+
+    host = LatticeHost(
+        address=address, state_dir=args.state_dir, host_id=args.host_id, labels=labels, drain_seconds=args.drain_seconds
+    )
+    stop = asyncio.Event()
+    _install_signals(stop)
+    events = host.bus.subscribe("orch.capsule.>", queue_size=10_000)
+    printer = asyncio.get_running_loop().create_task(_print_events(events))
+    try:
+        await host.start()
+    except OrchestratorError as error:
+        events.close()
+        printer.cancel()
+        return fail(one_line(error), EXIT_FAILED)
+    shown = ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "no labels"
+    print(
+        f"orch: host {host.id} ({shown}) joined lattice {address.name} at {address.shown}; SIGTERM or Ctrl+C drains it",
+        flush=True,
+    )
+    await stop.wait()
+    print(f"orch: host {host.id} draining...", flush=True)
+    await host.drain()
+    events.close()
+    printer.cancel()
+    print(f"orch: host {host.id} left the lattice", flush=True)
+    return EXIT_OK
+
+
+def _install_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            print("orch: second signal: exiting now", file=sys.stderr, flush=True)
+            os._exit(EXIT_INTERRUPTED)
+        stop.set()
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(number, on_signal)
+
+
+async def _print_events(events: Any) -> None:
+    async for event in events:
+        parts = event.topic.split(".")
+        payload = event.payload if isinstance(event.payload, dict) else {}
+        if len(parts) != 4:
+            continue
+        clock = time.strftime("%H:%M:%S", time.localtime(event.timestamp_ms / 1000))
+        detail = ""
+        if parts[3] in ("running", "reloaded"):
+            detail = f" version {payload.get('version')}"
+        elif parts[3] in ("failed", "degraded"):
+            detail = f": {payload.get('last_error')}"
+        print(f"{clock} {parts[2]:<16} {parts[3]}{detail}", flush=True)
+
+
+# -- orch status --lattice, orch plan --lattice -----------------------------------------
+def run_status(args: argparse.Namespace) -> int:
+    """`orch status --lattice URL [--json]`."""
+    from ..lattice.status import lattice_status
+
+    try:
+        address = address_of(args)
+        status = asyncio.run(lattice_status(address))
+    except OrchestratorError as error:
+        return fail(one_line(error), EXIT_FAILED)
+    if getattr(args, "json", False):
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+    print_status(status, where=f"lattice {address.name} at {address.shown}")
+    return EXIT_OK
+
+
+def print_status(status: dict[str, Any], *, where: str) -> None:
+    desired = status.get("desired")
+    if desired:
+        applied = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(desired["applied_at_ms"] / 1000))
+        config = desired["config_sha256"][:12]
+        head = f"revision {desired['revision']} (config {config}, {applied} by {desired['applied_by']})"
+    else:
+        head = "nothing applied yet (orch apply CONFIG --lattice URL)"
+    print(f"{where}: {head}; scheduler: {status.get('scheduler') or 'none'}")
+    _table(
+        [("HOST", "ALIVE", "LABELS", "CAPSULES")]
+        + [
+            (
+                h["id"],
+                ("draining" if h["draining"] else "yes") if h["alive"] else "no",
+                ",".join(f"{k}={v}" for k, v in sorted(h["labels"].items())) or "-",
+                str(h["capsules"]),
+            )
+            for h in status["hosts"]
+        ]
+    )
+    print()
+    _table(
+        [("CAPSULE", "PHASE", "HOSTS", "WANT", "VERSION")]
+        + [
+            (c["name"], c["phase"], ",".join(c["hosts"]) or "-", str(c["wanted"]), (c["version"] or "-")[:12])
+            for c in status["capsules"]
+        ]
+    )
+    for problem in status.get("problems", []):
+        print(f"! {' '.join(str(problem).split())[:300]}")
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """`orch plan CONFIG --lattice URL [--json] [--exit-code]`: what applying CONFIG would
+    change against the lattice's current desired revision."""
+    from ..desired.load import load_desired
+
+    try:
+        address = address_of(args)
+    except OrchestratorError as error:
+        return fail(one_line(error), EXIT_USAGE)
+    try:
+        desired = load_desired(args.config)
+    except ConfigError as error:
+        return print_problems(args.config, [str(p) for p in error.problems])
+    try:
+        result = asyncio.run(lattice_plan(address, desired))
+    except OrchestratorError as error:
+        return fail(one_line(error), EXIT_FAILED)
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"against lattice {address.name} revision {result['revision'] or '(none)'}:")
+        _print_actions(result["actions"])
+    if getattr(args, "exit_code", False):
+        return 2 if any(a["action"] != "keep" for a in result["actions"]) else EXIT_OK
+    return EXIT_OK
+
+
+async def lattice_plan(address: Any, desired: Any) -> dict[str, Any]:
+    """`{"actions": [...], "revision": N}`: the plan from the lattice's current desired
+    revision (N, 0 when none) to `desired` (a DesiredState)."""
+    from ..desired.plan import plan
+    from ..lattice.connection import Lattice
+    from ..lattice.desiredstate import current
+
+    lattice = await Lattice.connect(address)
+    try:
+        doc = await current(lattice)
+    finally:
+        await lattice.close()
+    actions = plan(desired.specs, doc.specs() if doc else {}).to_dict()["actions"]
+    return {"actions": actions, "revision": doc.revision if doc else 0}
+
+
+def _print_actions(actions: list[dict[str, Any]]) -> None:
+    symbols = {"start": "+", "reload": "~", "stop": "-", "keep": "="}
+    if not any(a["action"] != "keep" for a in actions):
+        print("no changes")
+    for action in actions:
+        if action["action"] == "keep" and not action["reasons"]:
+            continue
+        reasons = "; ".join(action["reasons"])
+        print(f"{symbols[action['action']]} {action['capsule']:<20} {action['action']:<7} {reasons}")
+        for escalation in action.get("escalations", []):
+            print(f"    ! escalation: {escalation}")
+
+
+# -- standalone ---------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """The lattice verbs alone (until `orch` registers them): apply, host, status, plan."""
+    parser = argparse.ArgumentParser(prog="orch", description="The lattice verbs of the capsule orchestrator.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbs = parser.add_subparsers(title="commands", metavar="COMMAND")
+    add_commands(verbs)
+    status = verbs.add_parser("status", help="hosts and capsules of a lattice")
+    add_lattice_options(status, required=True)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(run=run_status)
+    plan = verbs.add_parser("plan", help="what applying a config.yaml to a lattice would change")
+    plan.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"))
+    add_lattice_options(plan, required=True)
+    plan.add_argument("--json", action="store_true")
+    plan.add_argument("--exit-code", action="store_true", help="exit 0: no changes, 2: changes, 1: errors")
+    plan.set_defaults(run=run_plan)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not hasattr(args, "run"):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
