@@ -27,12 +27,13 @@ history`) and the rollback (orchestrator.control.rollback).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,7 @@ class VersionHistory:
         self._wall_ms = wall_ms
         self._lock = asyncio.Lock()
         self._histories: dict[str, DeploymentHistory] = {}
+        self._kept: set[int] = set()  # snapshots a rollback is restoring: never dropped meanwhile
 
     # -- opening -------------------------------------------------------------------------
     async def open(self) -> None:
@@ -282,12 +284,13 @@ class VersionHistory:
             current = history.latest()
             if old is not None and (current is None or current.spec_hash != old.spec_hash):
                 current = await self._append(history, old, "start", ["running when its history began"])
-            if current is None or current.snapshot is not None or (old is None and current.note):
+            if current is None or (current.spec_hash == new.spec_hash and not always):
                 return
-            if current.spec_hash == new.spec_hash and not always:
-                return
+            if old is None and not always and (current.snapshot is not None or current.note):
+                return  # a start after a stop: its data was snapshotted (or tried) already
+            previous, current.snapshot = current.snapshot, None  # (one from a rollback that failed: stale)
             current.note = await self._snapshot(name, current)
-            await self._bound(history)
+            await self._bound(history, also_drop=[previous["id"]] if previous is not None else [])
 
     async def serving(self, name: str, spec: CapsuleSpec, *, event: str, reasons: Iterable[str] = ()) -> None:
         """`spec` serves `name` from now on: a new entry (none when the history already ends
@@ -338,19 +341,19 @@ class VersionHistory:
         entry.snapshot = info.to_dict()
         return ""
 
-    async def _bound(self, history: DeploymentHistory) -> None:
-        """Apply the bounds, drop what falls out, and save."""
+    async def _bound(self, history: DeploymentHistory, *, also_drop: Iterable[int] = ()) -> None:
+        """Apply the bounds, drop what falls out (and `also_drop`), and save."""
         settings = self._settings()
-        dropped: list[int] = []
+        dropped: list[int] = list(also_drop)
         excess = len(history.entries) - settings.versions
         if excess > 0:
             for old in history.entries[:excess]:
-                if old.snapshot is not None:
+                if old.snapshot is not None and old.snapshot["id"] not in self._kept:
                     dropped.append(old.snapshot["id"])
             del history.entries[:excess]
         count, size = 0, 0
         for entry in reversed(history.entries):
-            if entry.snapshot is None:
+            if entry.snapshot is None or entry.snapshot["id"] in self._kept:
                 continue
             if count < settings.snapshots and size + entry.snapshot["bytes"] <= settings.snapshot_max_mib << 20:
                 count, size = count + 1, size + entry.snapshot["bytes"]
@@ -363,6 +366,22 @@ class VersionHistory:
         await self._save(history)
         if excess > 0:
             await asyncio.to_thread(self._collect_artifacts)
+
+    @contextlib.asynccontextmanager
+    async def keeping(self, name: str, snapshot: int) -> AsyncIterator[None]:
+        """While a rollback restores `snapshot`, the bounds never drop it (the snapshot
+        the rollback takes first could otherwise push it out); they apply again after."""
+        self._kept.add(snapshot)
+        try:
+            yield
+        finally:
+            self._kept.discard(snapshot)
+            async with self._lock:
+                history = self._histories.get(name)
+                if history is not None:
+                    if all(e.snapshot is None or e.snapshot["id"] != snapshot for e in history.entries):
+                        await self._drop([snapshot])  # its entry went meanwhile
+                    await self._bound(history)
 
     async def _drop(self, ids: Iterable[int]) -> None:
         ids = sorted(ids)

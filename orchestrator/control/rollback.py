@@ -22,6 +22,7 @@ rollback in force (unless the desired spec changed meanwhile). Used by the runti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Mapping
@@ -147,13 +148,14 @@ async def roll_back(
     how = " with its data" if with_data else ""
     pin = Pin(spec=spec, desired_hash=current.spec_hash, since_ms=now_ms, entry=entry.id)
     try:
-        status = await reconciler.override(
-            name,
-            spec,
-            pin=pin,
-            reasons=(f"rollback to version {entry.version} (entry @{entry.id}){how}",),
-            prepare=restore if snapshot is not None else None,
-        )
+        async with history.keeping(name, snapshot) if snapshot is not None else contextlib.nullcontext():
+            status = await reconciler.override(
+                name,
+                spec,
+                pin=pin,
+                reasons=(f"rollback to version {entry.version} (entry @{entry.id}){how}",),
+                prepare=restore if snapshot is not None else None,
+            )
     except StoreError as error:
         raise RollbackRefused(
             f"capsule {name!r}: the data of version {entry.version} was not restored: {error}"

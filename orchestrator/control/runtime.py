@@ -196,6 +196,7 @@ class Orchestrator:
         self.desired = desired  # what is being applied: the API names its deployments from here on
         self.protected.current = await asyncio.to_thread(self._protected_paths, desired)  # resolves paths
         broken = {name: _why_broken(problems) for name, problems in desired.broken.items()}
+        await asyncio.to_thread(self.revision.describe)  # the revision the history's entries record
         plan = await self.reconciler.apply(desired.specs, broken=broken)
         self.last_plan = plan
         if self.history is not None:
