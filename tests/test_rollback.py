@@ -27,9 +27,13 @@ import pytest
 
 from orchestrator.api.client import RemoteError
 from orchestrator.capsule.store import StoreError
+from orchestrator.control.history import saved_pins
 from orchestrator.control.rollback import runnable
 from orchestrator.control.runtime import Orchestrator
-from orchestrator.desired.pins import Pin
+from orchestrator.control.statedir import read_applied
+from orchestrator.desired.load import load_desired
+from orchestrator.desired.pins import Pin, in_force
+from orchestrator.desired.plan import plan
 from tests.test_api import SECRET, Served, add_oddball, raw, serve
 
 
@@ -356,6 +360,12 @@ async def test_a_pin_survives_a_restart_unless_the_desired_spec_changed(tmp_path
         await served.json("POST", "/v1/reconcile")
         await count_to(served, 4)
         await rollback(served, "counter", with_data=True)
+    # without an orchestrator, `orch plan` can read the pins the state dir records
+    pins = saved_pins(tmp_path / ".orch")
+    assert list(pins) == ["counter"] and pins["counter"].version == v1
+    desired = load_desired(tmp_path / "config.yaml").specs
+    offline = plan(desired, read_applied(tmp_path / ".orch"), pins=in_force(desired, pins))
+    assert next(a for a in offline.actions if a.capsule == "counter").overridden == v1
     async with serve(tmp_path) as served:
         status = await capsule_status(served, "counter")
         assert (status["version"], status["pinned"]["version"]) == (v1, v1)

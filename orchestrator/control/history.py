@@ -201,6 +201,54 @@ class DeploymentHistory:
         return history
 
 
+def read_histories(folder: Path, *, repair: bool) -> dict[str, DeploymentHistory]:
+    """Every history file in `folder`. One that cannot be used is skipped, and with
+    `repair` moved aside (`NAME.json.unreadable`) so its history starts again. Blocking."""
+    found: dict[str, DeploymentHistory] = {}
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return found
+    for file in names:
+        name = file[:-5] if file.endswith(".json") else ""
+        if not NAME_RE.fullmatch(name):
+            continue
+        path = folder / file
+        try:
+            raw, _ = read_regular(path, limit=MAX_FILE_BYTES, what="history file")
+            found[name] = DeploymentHistory.from_json(name, raw)
+        except (FileReadError, ValueError, TypeError, KeyError, RecursionError) as error:
+            reason = error.reason if isinstance(error, FileReadError) else str(error)[:200]
+            if not repair:
+                logger.warning("ignoring the version history %s: %s", path, reason)
+                continue
+            aside = path.with_name(f"{file}.unreadable")
+            logger.warning("version history %s cannot be used (%s): moved to %s; it starts again", path, reason, aside)
+            try:
+                os.replace(path, aside)
+            except OSError as move_error:
+                logger.warning("could not move %s aside: %s", path, move_error.strerror or move_error)
+    return found
+
+
+def saved_pins(state_dir: Path) -> dict[str, Pin]:
+    """The pins a state dir records, their specs rebuilt from the records (no module, no
+    secret values: enough to plan with, as `orch plan` does without a running orchestrator;
+    pass them through orchestrator.desired.pins.in_force first). Blocking; changes nothing."""
+    pins: dict[str, Pin] = {}
+    for name, history in read_histories(Path(state_dir) / HISTORY, repair=False).items():
+        pin = history.pin
+        if pin is None:
+            continue
+        try:
+            spec = CapsuleSpec.from_record(history.records[pin["spec_hash"]])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            logger.warning("ignoring the pin of %s: its record is damaged", name)
+            continue
+        pins[name] = Pin(spec=spec, desired_hash=pin["desired_hash"], since_ms=pin["since_ms"], entry=pin["entry"])
+    return pins
+
+
 class VersionHistory:
     """Every deployment's history in `<state_dir>/history`; `await open()` first."""
 
@@ -228,7 +276,7 @@ class VersionHistory:
         """Read every history file, drop snapshots no entry refers to, forget snapshots the
         database no longer has, and remove modules no entry refers to."""
         async with self._lock:
-            self._histories = await asyncio.to_thread(self._read_all)
+            self._histories = await asyncio.to_thread(read_histories, self.folder, repair=True)
             try:
                 kept = {info.id for info in await self._store.snapshot_infos()}
             except StoreError as error:
@@ -246,32 +294,6 @@ class VersionHistory:
                     await self._save(history)
             await self._drop(kept - referred)
             await asyncio.to_thread(self._collect_artifacts)
-
-    def _read_all(self) -> dict[str, DeploymentHistory]:
-        found: dict[str, DeploymentHistory] = {}
-        try:
-            names = sorted(os.listdir(self.folder))
-        except FileNotFoundError:
-            return found
-        for file in names:
-            name = file[:-5] if file.endswith(".json") else ""
-            if not NAME_RE.fullmatch(name):
-                continue
-            path = self.folder / file
-            try:
-                raw, _ = read_regular(path, limit=MAX_FILE_BYTES, what="history file")
-                found[name] = DeploymentHistory.from_json(name, raw)
-            except (FileReadError, ValueError, TypeError, KeyError, RecursionError) as error:
-                reason = error.reason if isinstance(error, FileReadError) else str(error)[:200]
-                aside = path.with_name(f"{file}.unreadable")
-                logger.warning(
-                    "version history %s cannot be used (%s): moved to %s; it starts again", path, reason, aside
-                )
-                try:
-                    os.replace(path, aside)
-                except OSError as move_error:
-                    logger.warning("could not move %s aside: %s", path, move_error.strerror or move_error)
-        return found
 
     # -- what the reconciler reports (control.reconciler.VersionLog) ---------------------
     async def replacing(self, name: str, old: CapsuleSpec | None, new: CapsuleSpec, *, always: bool = False) -> None:
