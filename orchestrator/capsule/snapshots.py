@@ -2,7 +2,7 @@
 
 A snapshot is taken when a reload (or a rollback) replaces a capsule's version, so that the
 data that version left can be put back later (`orch rollback NAME --with-data`). It lives
-in two tables of the store's own database, created on first use:
+in two tables of the store's own database (created with it: orchestrator.capsule.kvfile):
 
     kv_snapshot(id, capsule, created_ms, keys, bytes)        one row per snapshot
     kv_snapshot_rows(snapshot, key, value, crc)               its keys, with their checksums
@@ -31,22 +31,6 @@ from typing import Any, Protocol
 from ..errors import OrchestratorError, StoreError
 from .kvfile import RECOVER, crc
 
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS kv_snapshot (
-        id         INTEGER PRIMARY KEY AUTOINCREMENT,
-        capsule    TEXT NOT NULL,
-        created_ms INTEGER NOT NULL,
-        keys       INTEGER NOT NULL,
-        bytes      INTEGER NOT NULL
-    )""",
-    """CREATE TABLE IF NOT EXISTS kv_snapshot_rows (
-        snapshot INTEGER NOT NULL,
-        key      TEXT NOT NULL,
-        value    BLOB NOT NULL,
-        crc      INTEGER,
-        PRIMARY KEY (snapshot, key)
-    ) WITHOUT ROWID""",
-)
 SIZE = "SELECT COUNT(*), COALESCE(SUM(length(CAST(key AS BLOB)) + length(value)), 0) FROM kv WHERE capsule = ?"
 
 
@@ -84,11 +68,6 @@ class SnapshotStore(Protocol):
     async def drop_snapshots(self, ids: Iterable[int]) -> None: ...
 
 
-async def _schema(db: Any) -> None:
-    for statement in SCHEMA:
-        await db.execute(statement)
-
-
 async def _rollback(db: Any) -> None:
     with contextlib.suppress(sqlite3.Error, ValueError):  # the store's next commit reports a broken connection
         await db.rollback()
@@ -98,7 +77,6 @@ async def take(db: Any, capsule: str, *, created_ms: int, max_bytes: int | None,
     """Copy `capsule`'s committed rows into a new snapshot, in one transaction. Raises
     SnapshotTooLarge (nothing copied) or StoreError (rolled back)."""
     try:
-        await _schema(db)
         rows = await db.execute_fetchall(SIZE, (capsule,))
         keys, size = (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
         if max_bytes is not None and size > max_bytes:
@@ -125,7 +103,6 @@ async def infos(db: Any, capsule: str | None, *, path: object) -> list[SnapshotI
     """The snapshots (of `capsule`, or all), oldest first."""
     query = "SELECT id, capsule, created_ms, keys, bytes FROM kv_snapshot"
     try:
-        await _schema(db)
         if capsule is None:
             rows = await db.execute_fetchall(query + " ORDER BY id")
         else:
@@ -139,7 +116,6 @@ async def rows(db: Any, capsule: str, snapshot: int, *, path: object) -> dict[st
     """The keys and values of `snapshot`, every checksum checked. Raises StoreError when it
     does not exist, belongs to another capsule, or holds a damaged value."""
     try:
-        await _schema(db)
         owner = await db.execute_fetchall("SELECT capsule FROM kv_snapshot WHERE id = ?", (snapshot,))
         if not owner or owner[0][0] != capsule:
             raise StoreError(f"capsule {capsule!r} has no snapshot {snapshot} in the KV database {path}")
@@ -166,7 +142,6 @@ async def drop(db: Any, ids: Iterable[int], *, path: object) -> None:
     if not chosen:
         return
     try:
-        await _schema(db)
         await db.executemany("DELETE FROM kv_snapshot_rows WHERE snapshot = ?", chosen)
         await db.executemany("DELETE FROM kv_snapshot WHERE id = ?", chosen)
         await db.commit()

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 from collections.abc import Collection
 from pathlib import Path
 
@@ -50,13 +51,18 @@ class ArtifactStore:
         return self.folder / f"{digest}{SUFFIX}"
 
     def put(self, digest: str, data: bytes) -> bool:
-        """Store `data` under `digest` unless a sound copy is there; whether it wrote. Raises
-        ValueError when `data` does not hash to `digest`, OSError when it cannot write."""
+        """Store `data` under `digest` unless a regular file of its size is there (`get`
+        checks the hash on every use); whether it wrote. Raises ValueError when `data` does
+        not hash to `digest`, OSError when it cannot write."""
+        path = self.path(digest)
+        try:
+            info = os.lstat(path)
+            if stat.S_ISREG(info.st_mode) and info.st_size == len(data):
+                return False
+        except FileNotFoundError:
+            pass
         if hashlib.sha256(data).hexdigest() != digest:
             raise ValueError(f"the bytes given for artifact {digest[:12]} do not hash to it")
-        path = self.path(digest)
-        if self.get(digest) is not None:
-            return False
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_atomic(path, data)
         return True

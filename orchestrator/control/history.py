@@ -312,7 +312,10 @@ class VersionHistory:
                 return  # a start after a stop: its data was snapshotted (or tried) already
             previous, current.snapshot = current.snapshot, None  # (one from a rollback that failed: stale)
             current.note = await self._snapshot(name, current)
-            await self._bound(history, also_drop=[previous["id"]] if previous is not None else [])
+            if previous is not None:
+                await self._bound(history, also_drop=[previous["id"]])
+            # else the bounds apply (and the file is saved) once the new version serves: the
+            # swap waits for nothing more (a snapshot no saved entry names is dropped at open)
 
     async def serving(self, name: str, spec: CapsuleSpec, *, event: str, reasons: Iterable[str] = ()) -> None:
         """`spec` serves `name` from now on: a new entry (none when the history already ends
