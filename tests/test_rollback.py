@@ -27,7 +27,7 @@ import pytest
 
 from orchestrator.api.client import RemoteError
 from orchestrator.capsule.store import StoreError
-from orchestrator.control.history import saved_pins
+from orchestrator.control.history import MAX_FILE_BYTES, saved_pins
 from orchestrator.control.rollback import runnable
 from orchestrator.control.runtime import Orchestrator
 from orchestrator.control.statedir import read_applied
@@ -389,6 +389,8 @@ async def test_damaged_history_files_are_moved_aside_and_orphan_snapshots_droppe
     (folder / "notes.json").write_text(json.dumps(good))
     (folder / "counter.json").write_bytes(b"\xff\xfe not json")
     os.mkfifo(folder / "milestones.json.tmp")  # not a history file name: ignored
+    with open(folder / "milestones.json", "r+b") as huge:  # over the size limit (sparse: costs no disk)
+        huge.truncate(MAX_FILE_BYTES + 1)
     (folder / "oddball.json").unlink()
     os.mkfifo(folder / "oddball.json")  # a FIFO cannot hang the start
     orchestrator = Orchestrator(tmp_path / "config.yaml", watch=False)
@@ -396,9 +398,22 @@ async def test_damaged_history_files_are_moved_aside_and_orphan_snapshots_droppe
     try:
         assert orchestrator.history is not None and orchestrator.store is not None
         assert {p.name for p in folder.iterdir()} >= {"notes.json.unreadable", "counter.json.unreadable"}
-        assert (folder / "oddball.json.unreadable").exists()
-        for name in ("counter", "notes", "oddball"):
+        assert (folder / "oddball.json.unreadable").exists() and (folder / "milestones.json.unreadable").exists()
+        for name in ("counter", "notes", "oddball", "milestones"):
             assert [e.event for e in orchestrator.history.entries(name)] == ["start"]  # started again
         assert orphan.id not in {i.id for i in await orchestrator.store.snapshot_infos()}
     finally:
         await orchestrator.stop(2)
+
+
+async def test_a_history_folder_that_is_a_file_costs_the_history_not_the_start(tmp_path: Path) -> None:
+    add_oddball(tmp_path)
+    (tmp_path / ".orch").mkdir(mode=0o700)
+    (tmp_path / ".orch" / "history").write_text("not a folder")
+    async with serve(tmp_path) as served:
+        assert (await capsule_status(served, "counter"))["phase"] == "Running"
+        new_version(tmp_path, "v2")
+        await served.json("POST", "/v1/reconcile")  # entries stay in memory; saving them only warns
+        entries = (await history(served))["entries"]
+        assert [e["event"] for e in entries] == ["reload", "start"] and entries[1]["snapshot"] is not None
+    assert (tmp_path / ".orch" / "history").read_text() == "not a folder"

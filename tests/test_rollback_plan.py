@@ -11,17 +11,23 @@
   spec hash is refused.
 - The history file (orchestrator.control.history): strict parsing (hostile names, digests
   and types refused), `find`'s rules for VERSION, @ID, ambiguity and --with-data.
+- The artifact store: private files, every read checked against the name, hostile names
+  never made into paths, FIFOs and altered files refused, unreferenced files removed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from orchestrator.control.artifacts import ArtifactStore
 from orchestrator.control.history import (
     DeploymentHistory,
     Entry,
@@ -203,3 +209,35 @@ def test_find_resolves_versions_ids_and_snapshots(tmp_path: Path) -> None:
             history.find("counter", missing, with_data=False, running=running)
     with pytest.raises(UnknownVersion, match="no earlier version"):
         history_of(tmp_path, [entry(1, "a", "1")]).find("counter", None, with_data=False, running="1" * 64)
+
+
+# == the artifact store ========================================================================
+def test_artifacts_are_private_checked_on_every_read_and_never_a_path_outside(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "artifacts")
+    data = (CAPSULES / "counter" / "counter.wasm").read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    assert store.get(digest) is None and not store.has(digest)
+    assert store.put(digest, data) and not store.put(digest, data)  # written once
+    assert store.get(digest) == data
+    assert stat.S_IMODE(store.path(digest).stat().st_mode) == 0o600
+    assert stat.S_IMODE(store.folder.stat().st_mode) == 0o700
+    with pytest.raises(ValueError, match="do not hash to it"):
+        store.put("0" * 64, data)
+    for hostile in ("../../etc/passwd", "A" * 64, digest[:63], digest + "/", "", digest.upper()):
+        assert store.get(hostile) is None and not store.has(hostile)
+        with pytest.raises(ValueError, match="not a sha256 digest"):
+            store.path(hostile)
+    store.path(digest).write_bytes(data[:-1] + b"\x00")  # altered in place: refused
+    assert store.get(digest) is None
+    assert ArtifactStore(store.folder).put(digest, data) and store.get(digest) == data  # repaired by a new process
+    store.path(digest).write_bytes(data[:-1] + b"\x00")
+    store.path(digest).unlink()
+    os.mkfifo(store.path(digest))  # not a regular file: refused without blocking, replaced on put
+    assert store.get(digest) is None
+    assert store.put(digest, data) and store.get(digest) == data
+    other = hashlib.sha256(b"other").hexdigest()
+    store.put(other, b"other")
+    (store.folder / ".leftover.tmp").write_bytes(b"an interrupted write")
+    (store.folder / "subfolder").mkdir()
+    assert store.keep_only({digest}) == [other]
+    assert sorted(p.name for p in store.folder.iterdir()) == sorted(["subfolder", f"{digest}.wasm"])

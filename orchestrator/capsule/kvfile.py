@@ -6,9 +6,9 @@ the real cause of what would otherwise surface as SQLite's "unable to open datab
 be written), creates the file private to its user (0600; SQLite gives the -wal and -shm
 files the same mode), refuses a file that is not an SQLite database or fails
 `PRAGMA quick_check`, and creates the tables (the KV's and its snapshots') or adds the
-per-value checksums to a database from before them. `check_database` checks an existing file without opening it for
-writing: structure and every value's checksum. Both answer with one line that names the
-file and what to do, or None.
+per-value checksums to a database from before them. `check_database` checks an existing
+file without opening it for writing: structure and every value's checksum. Both answer
+with one line that names the file and what to do, or None.
 
 Standard-library sqlite3 only (aiosqlite stays in store.py). Used by
 orchestrator.capsule.store, and by the CLI's `orch validate` through `check_database`.

@@ -21,7 +21,6 @@ import hashlib
 import logging
 import os
 import re
-import stat
 from collections.abc import Collection
 from pathlib import Path
 
@@ -44,6 +43,7 @@ class ArtifactStore:
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        self._sound: set[str] = set()  # written or checked by this process
 
     def path(self, digest: str) -> Path:
         if not valid_digest(digest):
@@ -51,20 +51,20 @@ class ArtifactStore:
         return self.folder / f"{digest}{SUFFIX}"
 
     def put(self, digest: str, data: bytes) -> bool:
-        """Store `data` under `digest` unless a regular file of its size is there (`get`
-        checks the hash on every use); whether it wrote. Raises ValueError when `data` does
-        not hash to `digest`, OSError when it cannot write."""
+        """Store `data` under `digest` unless a sound copy is there (checked once per
+        process: a version that runs again costs nothing); whether it wrote. Raises
+        ValueError when `data` does not hash to `digest`, OSError when it cannot write."""
         path = self.path(digest)
-        try:
-            info = os.lstat(path)
-            if stat.S_ISREG(info.st_mode) and info.st_size == len(data):
-                return False
-        except FileNotFoundError:
-            pass
+        if digest in self._sound and path.is_file():
+            return False
+        if self.get(digest) is not None:
+            self._sound.add(digest)
+            return False
         if hashlib.sha256(data).hexdigest() != digest:
             raise ValueError(f"the bytes given for artifact {digest[:12]} do not hash to it")
         self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_atomic(path, data)
+        self._sound.add(digest)
         return True
 
     def get(self, digest: str) -> bytes | None:

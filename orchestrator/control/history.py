@@ -209,6 +209,9 @@ def read_histories(folder: Path, *, repair: bool) -> dict[str, DeploymentHistory
         names = sorted(os.listdir(folder))
     except FileNotFoundError:
         return found
+    except OSError as error:
+        logger.warning("cannot read the version history in %s: %s", folder, error.strerror or error)
+        return found
     for file in names:
         name = file[:-5] if file.endswith(".json") else ""
         if not NAME_RE.fullmatch(name):
