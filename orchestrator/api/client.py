@@ -198,6 +198,16 @@ class Client(Endpoints):
     async def restart(self, name: str) -> Any:
         return await self.json("POST", self._capsule(name, "restart"))
 
+    async def history(self, name: str) -> Any:
+        return await self.json("GET", f"/v1/capsules/{quote(name, safe='')}/history")
+
+    async def rollback(self, name: str, *, to: str | None = None, with_data: bool = False) -> Any:
+        body = json.dumps({"to": to, "with_data": with_data}).encode()
+        return await self.json("POST", f"/v1/capsules/{quote(name, safe='')}/rollback", data=body)
+
+    async def unpin(self, name: str) -> Any:
+        return await self.json("POST", f"/v1/capsules/{quote(name, safe='')}/unpin")
+
     async def reconcile(self) -> Any:
         return await self.json("POST", "/v1/reconcile")
 

@@ -8,6 +8,9 @@ write (refused otherwise), so only the user who runs the orchestrator gets in. W
     GET    /v1/capsules/{name}                status + manifest summary (secrets masked)
     POST   /v1/capsules/{name}/tools/{tool}   body: JSON arguments -> the tool's output
     POST   /v1/capsules/{name}/restart
+    GET    /v1/capsules/{name}/history        the versions it ran, newest first, and its pin
+    POST   /v1/capsules/{name}/rollback       body: {"to": VERSION|null, "with_data": bool}
+    POST   /v1/capsules/{name}/unpin          end a rollback's pin: the desired spec runs
     GET    /v1/events?topic=P&history=N       server-sent events: history, then live
     GET    /v1/kv/{name}?prefix=P             {"keys": [...]}
     GET|PUT|DELETE /v1/kv/{name}/{key}        the raw value
@@ -38,6 +41,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -46,9 +50,9 @@ from aiohttp import web
 
 from ..capsule.gate import check_key
 from ..control import Orchestrator
+from ..control.history import RollbackRefused
 from ..control.statedir import SOCKET
 from ..desired.manifest import SECRET_MASK
-from ..desired.plan import plan
 from ..errors import GateError, OrchestratorError
 from ..topics import check_pattern
 from .connections import ConnectionGuard, connection_cap, open_fds, raise_fd_limit, track_requests
@@ -83,6 +87,9 @@ class ControlApi:
             web.get("/v1/capsules/{name}", self.capsule),
             web.post("/v1/capsules/{name}/tools/{tool}", self.call),
             web.post("/v1/capsules/{name}/restart", self.restart),
+            web.get("/v1/capsules/{name}/history", self.history),
+            web.post("/v1/capsules/{name}/rollback", self.rollback),
+            web.post("/v1/capsules/{name}/unpin", self.unpin),
             web.get("/v1/events", self.events),
             web.get("/v1/kv/{name}", self.kv_list),
             web.get("/v1/kv/{name}/{key:.+}", self.kv_get),
@@ -171,6 +178,22 @@ class ControlApi:
     async def restart(self, request: web.Request) -> web.Response:
         return web.json_response(await self.reconciler.restart(request.match_info["name"]))
 
+    # -- history and rollback ----------------------------------------------------------------
+    async def history(self, request: web.Request) -> web.Response:
+        return web.json_response(await _refusal(self.orchestrator.version_history(request.match_info["name"])))
+
+    async def rollback(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.deployment(name)
+        body = await read_body(request, timeout=self.limits.body_timeout)
+        to, with_data = rollback_arguments(parse_json(body) if body.strip() else {})
+        return web.json_response(await _refusal(self.orchestrator.rollback(name, to=to, with_data=with_data)))
+
+    async def unpin(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.deployment(name)
+        return web.json_response(await _refusal(self.orchestrator.unpin(name)))
+
     # -- events ----------------------------------------------------------------------------
     async def events(self, request: web.Request) -> web.StreamResponse:
         query = parse_query(request.rel_url.raw_query_string, ("topic", "history"))
@@ -232,7 +255,33 @@ class ControlApi:
 
     async def plan(self, request: web.Request) -> web.Response:
         desired = await self.orchestrator.load(previous=self.orchestrator.desired)
-        return web.json_response(plan(desired.specs, self.reconciler.actual()).to_dict())
+        return web.json_response(self.reconciler.plan(desired.specs, broken=set(desired.broken)).to_dict())
+
+
+async def _refusal(work: Awaitable[Any]) -> Any:
+    """`work`'s result; a refused rollback or unpin becomes its API error (404 or 409)."""
+    try:
+        return await work
+    except RollbackRefused as error:
+        raise ApiError(error.status, type(error).__name__, " ".join(str(error).split())) from None
+
+
+MAX_VERSION_TEXT = 80
+
+
+def rollback_arguments(body: Any) -> tuple[str | None, bool]:
+    """`{"to": VERSION | null, "with_data": bool}`, both optional; ApiError 400 otherwise."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "BadInput", 'the body must be a JSON object: {"to": VERSION | null, "with_data": bool}')
+    unknown = sorted(set(body) - {"to", "with_data"})
+    if unknown:
+        raise ApiError(400, "BadInput", f"/{unknown[0][:40]}: unknown field (allowed: to, with_data)")
+    to, with_data = body.get("to"), body.get("with_data", False)
+    if to is not None and (not isinstance(to, str) or not 0 < len(to) <= MAX_VERSION_TEXT or "\0" in to):
+        raise ApiError(400, "BadInput", f"/to: a version (text of 1 to {MAX_VERSION_TEXT} characters) or null")
+    if not isinstance(with_data, bool):
+        raise ApiError(400, "BadInput", "/with_data: true or false")
+    return to, with_data
 
     async def specs(self, request: web.Request) -> web.Response:
         """What runs, as records (`orch plan FILE` diffs a candidate config against them)."""

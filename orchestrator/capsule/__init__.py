@@ -7,6 +7,7 @@
     gate.py           what a capsule may touch: paths, sizes, publish grants and rate
     kv.py, store.py   a call's view of the KV; the KV store (the only aiosqlite user)
     kvfile.py         the KV database file: checks before opening, `orch validate`'s check
+    snapshots.py      copies of a capsule's keys in the KV database (taken, read, dropped)
     bus.py            the in-process event bus
     interceptors.py   bus events delivered to a capsule's interceptors
 

@@ -5,10 +5,10 @@ the real cause of what would otherwise surface as SQLite's "unable to open datab
 (a directory where the file should be, a state dir that is read-only, a file that cannot
 be written), creates the file private to its user (0600; SQLite gives the -wal and -shm
 files the same mode), refuses a file that is not an SQLite database or fails
-`PRAGMA quick_check`, and creates the table or adds the per-value checksums to a database
-from before them. `check_database` checks an existing file without opening it for
-writing: structure and every value's checksum. Both answer with one line that names the
-file and what to do, or None.
+`PRAGMA quick_check`, and creates the tables (the KV's and its snapshots') or adds the
+per-value checksums to a database from before them. `check_database` checks an existing
+file without opening it for writing: structure and every value's checksum. Both answer
+with one line that names the file and what to do, or None.
 
 Standard-library sqlite3 only (aiosqlite stays in store.py). Used by
 orchestrator.capsule.store, and by the CLI's `orch validate` through `check_database`.
@@ -32,6 +32,22 @@ CREATE TABLE IF NOT EXISTS kv (
     PRIMARY KEY (capsule, key)
 ) WITHOUT ROWID
 """
+SNAPSHOT_SCHEMA = (  # orchestrator.capsule.snapshots
+    """CREATE TABLE IF NOT EXISTS kv_snapshot (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        capsule    TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        keys       INTEGER NOT NULL,
+        bytes      INTEGER NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS kv_snapshot_rows (
+        snapshot INTEGER NOT NULL,
+        key      TEXT NOT NULL,
+        value    BLOB NOT NULL,
+        crc      INTEGER,
+        PRIMARY KEY (snapshot, key)
+    ) WITHOUT ROWID""",
+)
 SQLITE_CORRUPT, SQLITE_NOTADB = 11, 26  # primary result codes
 RECOVER = "move it aside (the store then starts empty) or restore it from a backup"
 
@@ -84,6 +100,8 @@ def prepare_database(path: Path) -> str | None:
             return problem
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(SCHEMA)
+        for statement in SNAPSHOT_SCHEMA:
+            db.execute(statement)
         if "crc" not in _columns(db):  # a database from before checksums: add them
             db.create_function("kv_crc32", 1, lambda value: crc(bytes(value)), deterministic=True)
             db.execute("ALTER TABLE kv ADD COLUMN crc INTEGER")

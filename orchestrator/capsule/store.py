@@ -30,6 +30,9 @@ waits for that data's commit before it replies, and fails (or, not yet staged, c
 if that commit fails. Readers outside calls (`get`, `list_keys`: the control API, the CLI)
 see committed data only; their writes (`set`, `delete`) are blind and bump the stamps too.
 
+Snapshots of a capsule's keys (orchestrator.capsule.snapshots) live in the same database;
+`restore_snapshot` puts one back as a staged batch, so it obeys the same isolation.
+
 The only module that imports aiosqlite. Used by orchestrator.capsule (through `CallKV` and
 `CapsuleKV`), the control runtime, the control API and the CLI.
 """
@@ -40,14 +43,16 @@ import asyncio
 import logging
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
 from ..errors import KVConflict, StoreError  # StoreError, KVConflict: re-exported
+from . import snapshots
 from .kvfile import RECOVER, check_database, crc, prepare_database
+from .snapshots import SnapshotInfo
 
 logger = logging.getLogger(__name__)
 
@@ -443,6 +448,51 @@ class KVStore:
             except (sqlite3.Error, ValueError) as error:
                 raise StoreError(f"cannot read the KV database {self.path}: {error}") from None
         return [str(row[0]) for row in rows]
+
+    # -- snapshots (orchestrator.capsule.snapshots) ----------------------------------------
+    async def take_snapshot(self, capsule: str, *, created_ms: int, max_bytes: int | None = None) -> SnapshotInfo:
+        """Commit what is staged, then copy `capsule`'s committed keys into a new snapshot
+        (one transaction). Raises SnapshotTooLarge (nothing copied) or StoreError."""
+        await self.commit()
+        async with self._db_lock:
+            self._check_open()
+            return await snapshots.take(self._db, capsule, created_ms=created_ms, max_bytes=max_bytes, path=self.path)
+
+    async def snapshot_infos(self, capsule: str | None = None) -> list[SnapshotInfo]:
+        async with self._db_lock:
+            return await snapshots.infos(self._db, capsule, path=self.path)
+
+    async def drop_snapshots(self, ids: Iterable[int]) -> None:
+        async with self._db_lock:
+            self._check_open()
+            await snapshots.drop(self._db, ids, path=self.path)
+
+    async def restore_snapshot(self, capsule: str, snapshot: int) -> int:
+        """Make `capsule`'s keys exactly those of `snapshot`, atomically; returns how many
+        keys it holds. The restore is staged like a call's writes (a value for each key of
+        the snapshot, a delete for each other key the capsule has, committed or staged), so
+        it commits in one transaction after everything staged before it, readers see it at
+        once, and the stamps of every key it touches (and the capsule's listing) are bumped:
+        a running call that read one of them conflicts and runs again. Raises StoreError
+        (nothing changed) when the snapshot is missing or damaged, or the commit fails."""
+        async with self._db_lock:
+            values = await snapshots.rows(self._db, capsule, snapshot, path=self.path)
+        async with self._db_lock:  # no commit between listing the keys and staging
+            present = set(await self._select_keys(capsule, ""))
+            with self._lock:
+                self._check_open()
+                for batch in (self._inflight, self._pending):  # older first
+                    for (owner, key), value in batch.writes.items() if batch is not None else ():
+                        if owner == capsule:
+                            (present.discard if value is None else present.add)(key)
+                writes: dict[str, bytes | None] = dict.fromkeys(present - values.keys())
+                writes.update(values)
+                if not writes:
+                    return 0
+                ticket = self._pending
+                self._stage(ticket, capsule, writes)
+        await self.commit(ticket)
+        return len(values)
 
     def _from_thread(self, coroutine: Any) -> Any:
         if threading.get_ident() == self._loop_thread:

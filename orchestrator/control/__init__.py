@@ -6,6 +6,9 @@
     runtime.py      Orchestrator: wires it all together; startup and phased shutdown
     statedir.py     the state dir: its files, applied.json
     gitrev.py       the git revision of the config's repository, read from its files
+    history.py      the versions each deployment ran, their KV snapshots (`orch history`)
+    artifacts.py    every version's module bytes, by sha256, in the state dir
+    rollback.py     running an earlier version, pinned, optionally with its data
 
 Names are imported lazily (orchestrator.lazy): importing the package costs nothing.
 """

@@ -13,6 +13,11 @@ reloads (dependencies first); the capsules of one wave in parallel.
   loading fails, the old version keeps serving and the slot shows `Degraded` with the error.
 - stop: `Stopping`, then `Stopped`; calls in flight finish first (bounded wait). KV is kept.
 - a file caught mid-write (`StaleSpec`) changes nothing: the next change event retries.
+- override (a rollback): an earlier spec runs in place of the desired one, *pinned* until
+  that deployment's desired spec changes or it is unpinned (orchestrator.desired.pins).
+
+A `VersionLog` (orchestrator.control.history) is told before a version serves instead of
+another (it snapshots the data the old one leaves) and once it serves (the history).
 
 Every phase change is published as `orch.capsule.<name>.<phase>` with the slot's status;
 a successful swap as `orch.capsule.<name>.reloaded`; each apply as
@@ -30,11 +35,12 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ..capsule.bus import EventBus
+from ..desired.pins import Pin, in_force, overlay, pinned_spec
 from ..desired.plan import Action, Plan, plan
 from ..desired.spec import CapsuleSpec
 from ..errors import CapsuleNotRunning, OrchestratorError, StaleSpec, UnknownCapsule
@@ -71,6 +77,16 @@ class Launcher(Protocol):
     async def launch(self, spec: CapsuleSpec) -> Handle: ...
 
 
+class VersionLog(Protocol):
+    """Told when versions change hands (orchestrator.control.history): before a version
+    serves instead of another (`old` None for a start), and once it serves."""
+
+    async def replacing(
+        self, name: str, old: CapsuleSpec | None, new: CapsuleSpec, *, always: bool = False
+    ) -> None: ...
+    async def serving(self, name: str, spec: CapsuleSpec, *, event: str, reasons: Iterable[str] = ()) -> None: ...
+
+
 @dataclass
 class Slot:
     """One deployment: what runs, and what people see of it."""
@@ -100,6 +116,7 @@ class Slot:
     # instance never has two calls interleaving their reads and writes.
     gate: asyncio.Semaphore | None = None
     gate_size: int = 0
+    pinned: dict[str, Any] | None = None  # a rollback's pin: {version, spec_hash, since_ms}
 
     def counters(self) -> dict[str, int]:
         """KV conflicts and lost interceptor events, over every version of this deployment."""
@@ -125,6 +142,7 @@ class Slot:
             "since_ms": self.since_ms,
             "next_retry_ms": self.next_retry_ms,
             "reload_count": self.reload_count,
+            "pinned": self.pinned,
         }
 
 
@@ -142,8 +160,11 @@ class Reconciler:
         jitter: Callable[[], float] = random.random,
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
+        versions: VersionLog | None = None,
     ) -> None:
         self._launcher = launcher
+        self._versions = versions
+        self._pins: dict[str, Pin] = {}  # deployments a rollback holds at an earlier version
         self._bus = bus
         self._wall_ms = wall_ms
         self._monotonic = monotonic
@@ -164,8 +185,8 @@ class Reconciler:
         """The specs of the versions serving now (Running or Degraded)."""
         return {n: s.spec for n, s in self._slots.items() if s.handle is not None and s.spec is not None}
 
-    def plan(self, desired: Mapping[str, CapsuleSpec]) -> Plan:
-        return plan(desired, self.actual())
+    def plan(self, desired: Mapping[str, CapsuleSpec], *, broken: Collection[str] = ()) -> Plan:
+        return plan(desired, self.actual(), pins=in_force(desired, self._pins, keep=broken))
 
     def status(self) -> list[dict[str, Any]]:
         return [self._slots[name].status() for name in sorted(self._slots)]
@@ -188,11 +209,14 @@ class Reconciler:
                 running = self._slots[name].spec if name in self._slots and self._slots[name].handle else None
                 if running is not None:
                     desired[name] = running  # the last good version keeps serving
-            self._desired = desired
+            self._end_pins(desired, keep=set(broken))
+            self._desired = overlay(desired, self._pins)
             for name, spec in desired.items():
                 if name not in self._slots:
                     self._slots[name] = Slot(name, phase=PENDING if spec.enabled else STOPPED, since_ms=self._wall_ms())
-            current = plan(desired, self.actual())
+                if name in self._pins:
+                    self._slots[name].pinned = self._pins[name].to_status()
+            current = plan(desired, self.actual(), pins=self._pins)
             changes = [a.to_dict() for a in current.changes]
             if changes:
                 self._bus.publish("orch.reconcile.started", {"actions": changes})
@@ -247,9 +271,9 @@ class Reconciler:
     async def _execute(self, action: Action) -> None:
         name = action.capsule
         if action.action == "start":
-            await self._start(self._slots[name], self._desired[name])
+            await self._start(self._slots[name], self._desired[name], reasons=action.reasons)
         elif action.action == "reload":
-            await self._reload(self._slots[name], self._desired[name])
+            await self._reload(self._slots[name], self._desired[name], reasons=action.reasons)
         elif action.action == "stop":
             await self._stop(self._slots[name], remove=name not in self._desired)
 
@@ -262,7 +286,7 @@ class Reconciler:
             self._clear_error(slot)
             self._set_phase(slot, RUNNING)
 
-    async def _start(self, slot: Slot, spec: CapsuleSpec) -> None:
+    async def _start(self, slot: Slot, spec: CapsuleSpec, *, reasons: tuple[str, ...] = ()) -> None:
         if slot.failed_hash == spec.spec_hash and self._monotonic() < slot.retry_at:
             return  # the same spec failed recently: its retry is scheduled
         self._cancel_retry(slot)
@@ -276,11 +300,15 @@ class Reconciler:
         except OrchestratorError as error:
             self._failed(slot, spec, error)
             return
+        if self._versions is not None:  # the data the history's last version left: snapshot
+            await self._versions.replacing(slot.name, None, spec)
         handle.start_interceptors()
         self._serve(slot, handle, spec)
         slot.attempts, slot.failed_hash, slot.next_retry_ms = 0, None, None
         self._clear_error(slot)
         self._set_phase(slot, RUNNING)
+        if self._versions is not None:
+            await self._versions.serving(slot.name, spec, event="start", reasons=reasons)
 
     def _failed(self, slot: Slot, spec: CapsuleSpec, error: OrchestratorError) -> None:
         slot.attempts += 1
@@ -309,7 +337,7 @@ class Reconciler:
             slot.retry_task.cancel()
         slot.retry_task = None
 
-    async def _reload(self, slot: Slot, spec: CapsuleSpec) -> None:
+    async def _reload(self, slot: Slot, spec: CapsuleSpec, *, reasons: tuple[str, ...] = ()) -> None:
         old = slot.handle
         assert old is not None
         try:
@@ -321,6 +349,8 @@ class Reconciler:
             self._error(slot, str(error))
             self._set_phase(slot, DEGRADED)
             return
+        if self._versions is not None:  # the data the old version leaves (not for a restart)
+            await self._versions.replacing(slot.name, slot.spec, spec)
         handed_over = await old.stop_interceptors()
         new.start_interceptors(after_seq=handed_over)
         self._serve(slot, new, spec)  # new calls go to the new version from here on
@@ -330,6 +360,8 @@ class Reconciler:
         if slot.phase != RUNNING:
             self._set_phase(slot, RUNNING)
         self._publish(slot, "reloaded")
+        if self._versions is not None:
+            await self._versions.serving(slot.name, spec, event="reload", reasons=reasons)
 
     async def _stop(self, slot: Slot, *, remove: bool) -> None:
         self._cancel_retry(slot)
@@ -376,6 +408,107 @@ class Reconciler:
             else:
                 await self._reload(slot, slot.spec or spec)
             return slot.status()
+
+    # -- pins: a rollback overrides the desired state ------------------------------------
+    @property
+    def pins(self) -> dict[str, Pin]:
+        return dict(self._pins)
+
+    def restore_pins(self, pins: Mapping[str, Pin]) -> None:
+        """Pins kept from an earlier run (call before the first apply)."""
+        self._pins.update(pins)
+
+    def _end_pins(self, desired: Mapping[str, CapsuleSpec], *, keep: Collection[str]) -> None:
+        """Forget the pins whose deployment's desired spec changed (orchestrator.desired.pins)."""
+        holding = in_force(desired, self._pins, keep=keep)
+        for name in [n for n in self._pins if n not in holding]:
+            self.unpin(name)
+
+    def unpin(self, name: str) -> bool:
+        """End `name`'s pin (whether it had one); the next apply converges on its desired spec."""
+        if self._pins.pop(name, None) is None:
+            return False
+        slot = self._slots.get(name)
+        if slot is not None:
+            slot.pinned = None
+            self._publish(slot, "unpinned")
+        return True
+
+    async def override(
+        self,
+        name: str,
+        spec: CapsuleSpec,
+        *,
+        pin: Pin,
+        reasons: tuple[str, ...] = (),
+        prepare: Callable[[], Awaitable[None]] | None = None,
+    ) -> dict[str, Any]:
+        """Run `spec` for `name` instead of its desired spec, pinned (a rollback). The new
+        version is built beside the one serving; then, while no call of the capsule runs,
+        the serving version's data is snapshotted, `prepare` runs (the KV restore) and the
+        versions swap. If building or `prepare` fails, nothing changed (the error is
+        raised). Returns the capsule's status."""
+        async with self._lock:
+            slot = self._slots.get(name)
+            if slot is None or name not in self._desired:
+                raise UnknownCapsule(f"no capsule {name!r} (deployed: {', '.join(sorted(self._slots)) or 'none'})")
+            new = await self._launcher.launch(spec)
+            old = slot.handle
+            try:
+                async with self._quiet(slot):
+                    if self._versions is not None:
+                        replaced = slot.spec if old is not None else None
+                        await self._versions.replacing(name, replaced, spec, always=prepare is not None)
+                    handed_over = await old.stop_interceptors() if old is not None else None
+                    try:
+                        if prepare is not None:
+                            await prepare()
+                    except BaseException:
+                        if old is not None:
+                            old.start_interceptors(after_seq=handed_over)
+                        raise
+                    new.start_interceptors(after_seq=handed_over)
+                    self._serve(slot, new, spec)
+            except BaseException:
+                await new.close()
+                raise
+            self._cancel_retry(slot)
+            slot.attempts, slot.failed_hash, slot.next_retry_ms = 0, None, None
+            self._pins[name] = pin
+            self._desired[name] = pinned_spec(pin, self._desired.get(name))
+            slot.pinned = pin.to_status()
+            self._clear_error(slot)
+            self._set_phase(slot, RUNNING)
+            if old is not None:
+                slot.reload_count += 1
+                self._retire(slot, old)
+                self._publish(slot, "reloaded")
+            self._publish(slot, "pinned")
+            if self._versions is not None:
+                await self._versions.serving(name, spec, event="rollback", reasons=reasons)
+            return slot.status()
+
+    @contextlib.asynccontextmanager
+    async def _quiet(self, slot: Slot) -> AsyncIterator[None]:
+        """No call of `slot` runs inside: every permit of its gate is held (calls in flight
+        finish first, within DRAIN_SECONDS; new ones wait)."""
+        gate, taken = self._gate(slot), 0
+        size = slot.gate_size
+        try:
+            try:
+                async with asyncio.timeout(DRAIN_SECONDS):
+                    while taken < size:
+                        await gate.acquire()
+                        taken += 1
+            except TimeoutError:
+                raise OrchestratorError(
+                    f"capsule {slot.name!r}: its calls still run after {DRAIN_SECONDS:g} s; nothing was changed, "
+                    "try again"
+                ) from None
+            yield
+        finally:
+            for _ in range(taken):
+                gate.release()
 
     # -- calls ---------------------------------------------------------------------------
     async def call_tool(self, name: str, tool: str, arguments: Any = None) -> Any:

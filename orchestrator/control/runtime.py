@@ -9,6 +9,10 @@ and the problems are published as `orch.reconcile.rejected`. After every apply t
 dir's `applied.json` records what runs (without secret values), for `orch plan`. Reading
 files and writing the record happen on worker threads: the event loop never waits on disk.
 
+Every start, reload and rollback is recorded in the version history (orchestrator.control
+.history: entries, modules, KV snapshots); `rollback` runs an earlier version, pinned, and
+`unpin` ends a pin (orchestrator.control.rollback).
+
 `stop()` shuts down in phases with a deadline: stop watching and building, stop capsules
 (dependents first; calls in flight get a bounded wait), close the store, the engine and
 the bus.
@@ -29,14 +33,17 @@ from typing import Any
 from ..capsule import CapsuleLauncher, EventBus, KVStore
 from ..capsule.protected import ProtectedHolder, ProtectedPaths
 from ..desired import DesiredState, Plan, load_desired
+from ..desired.config import HistorySettings
 from ..desired.manifest import Manifest, load_manifest
 from ..engine import WasmEngine, load_or_create_key
-from ..errors import ConfigError, ManifestError, Problem
+from ..errors import ConfigError, ManifestError, Problem, UnknownCapsule
 from .builds import Builder
 from .builds import sources as build_sources
 from .gitrev import GitRevision
 from .health import DesiredHealth
+from .history import NotPinned, VersionHistory
 from .reconciler import Reconciler
+from .rollback import restored_pins, roll_back
 from .statedir import CACHE, CACHE_KEY, KV_DATABASE, StateDir, write_applied
 from .watcher import Watcher
 
@@ -76,6 +83,7 @@ class Orchestrator:
         self._recording: asyncio.Future[None] | None = None
         self.ready = False  # the first plan has been applied
         self.state: StateDir | None = None
+        self.history: VersionHistory | None = None
 
     async def load(self, *, previous: DesiredState | None = None, only: list[str] | None = None) -> DesiredState:
         """Read the desired state on a worker thread. Raises ConfigError."""
@@ -100,6 +108,13 @@ class Orchestrator:
         try:
             self.store = await KVStore.open(state_dir / KV_DATABASE)
             key = await asyncio.to_thread(load_or_create_key, state_dir / CACHE_KEY)
+            self.history = VersionHistory(
+                state_dir=state_dir,
+                store=self.store,
+                settings=self._history_settings,
+                revision=lambda: self.revision.last,
+            )
+            await self.history.open()
         except BaseException:
             if self.store is not None:
                 await self.store.close()
@@ -120,7 +135,7 @@ class Orchestrator:
             workspace=desired.config.workspace,
             protected=self.protected,
         )
-        self.reconciler = Reconciler(launcher=launcher, bus=self.bus)
+        self.reconciler = Reconciler(launcher=launcher, bus=self.bus, versions=self.history)
         self._first = desired
         return desired
 
@@ -130,6 +145,8 @@ class Orchestrator:
         assert self._first is not None, "call prepare() first"
         desired, self._first = self._first, None
         async with self._changes:
+            assert self.history is not None and self.reconciler is not None
+            self.reconciler.restore_pins(await restored_pins(self.history, desired.specs))  # a restart keeps them
             plan = await self._apply(desired)
         self.ready = True
         self.builder.enabled = self.builds and desired.config.model.builds
@@ -182,8 +199,11 @@ class Orchestrator:
         self.desired = desired  # what is being applied: the API names its deployments from here on
         self.protected.current = await asyncio.to_thread(self._protected_paths, desired)  # resolves paths
         broken = {name: _why_broken(problems) for name, problems in desired.broken.items()}
+        await asyncio.to_thread(self.revision.describe)  # the revision the history's entries record
         plan = await self.reconciler.apply(desired.specs, broken=broken)
         self.last_plan = plan
+        if self.history is not None:
+            await self.history.save_pins(self.reconciler.pins)
         self._accepted(desired)
         running = {name: spec.record() for name, spec in self.reconciler.actual().items()}
         # Shielded: a shutdown arriving now must not lose the record of what was applied
@@ -202,6 +222,52 @@ class Orchestrator:
                 self._rejected(error)
                 raise
             return await self._apply(desired)
+
+    # -- history and rollback (orchestrator.control.history, .rollback) -------------------
+    def _history_settings(self) -> HistorySettings:
+        desired = self.desired or self._first
+        return desired.config.model.history if desired is not None else HistorySettings()
+
+    async def rollback(self, name: str, *, to: str | None = None, with_data: bool = False) -> dict[str, Any]:
+        """Run an earlier version of `name`, pinned (`POST /v1/capsules/{name}/rollback`).
+        Raises RollbackRefused (and kinds), UnknownCapsule, or the launch's error; nothing
+        changed then."""
+        async with self._changes:
+            assert self.desired is not None and self.reconciler is not None
+            assert self.history is not None and self.store is not None
+            result = await roll_back(
+                name=name,
+                to=to,
+                with_data=with_data,
+                desired=self.desired.specs,
+                reconciler=self.reconciler,
+                history=self.history,
+                store=self.store,
+                now_ms=int(time.time() * 1000),
+            )
+            await self.history.save_pins(self.reconciler.pins)
+            running = {n: spec.record() for n, spec in self.reconciler.actual().items()}
+            await asyncio.to_thread(self._record_applied, self.desired, running)
+            return result
+
+    async def unpin(self, name: str) -> dict[str, Any]:
+        """End `name`'s pin and converge on its desired spec now. Raises NotPinned."""
+        async with self._changes:
+            assert self.desired is not None and self.reconciler is not None
+            if not self.reconciler.unpin(name):
+                raise NotPinned(f"capsule {name!r} is not pinned: its desired spec runs")
+            plan = await self._apply(self.desired)
+            slot = self.reconciler.slot(name)
+            return {"capsule": name, "status": slot.status() if slot else None, "plan": plan.to_dict()}
+
+    async def version_history(self, name: str) -> dict[str, Any]:
+        """`name`'s history, newest first (`GET /v1/capsules/{name}/history`)."""
+        assert self.history is not None and self.reconciler is not None
+        if not self.history.known(name) and (self.desired is None or name not in self.desired.specs):
+            raise UnknownCapsule(f"no capsule {name!r} in the config or the version history")
+        slot = self.reconciler.slot(name)
+        running = slot.spec.spec_hash if slot is not None and slot.handle is not None and slot.spec else None
+        return await self.history.describe(name, running=running, pin=self.reconciler.pins.get(name))
 
     def _accepted(self, desired: DesiredState) -> None:
         self.health.forget(set(desired.config.model.capsules))

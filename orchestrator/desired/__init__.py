@@ -9,6 +9,7 @@
     spec.py                    CapsuleSpec: one deployment's desired state and its spec hash
     load.py                    the one reader of capsule folders: files -> specs, read once
     plan.py, reasons.py        PURE: desired vs actual -> Plan (actions, reasons, waves)
+    pins.py                    PURE: a rollback's pin overriding a deployment's desired spec
 
 Nothing here runs a capsule; the capsule layer builds running versions from specs.
 

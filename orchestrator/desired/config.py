@@ -126,6 +126,21 @@ class EngineSettings(_Model):
     )
 
 
+class HistorySettings(_Model):
+    """history: the versions each deployment ran, their modules and KV snapshots (`orch
+    history`, `orch rollback`), kept in the state dir."""
+
+    versions: int = Field(
+        20, ge=1, le=1000, description="a whole number 1..1000: history entries kept per deployment (with their .wasm)"
+    )
+    snapshots: int = Field(
+        5, ge=0, le=100, description="a whole number 0..100: KV snapshots kept per deployment (0: none are taken)"
+    )
+    snapshot_max_mib: int = Field(
+        256, ge=1, le=1 << 20, description="a whole number >= 1: MiB of KV snapshots kept per deployment, at most"
+    )
+
+
 class OrchestratorConfig(_Model):
     """A whole config.yaml."""
 
@@ -141,6 +156,9 @@ class OrchestratorConfig(_Model):
     )
     lattice: Annotated[LatticeSettings, EmptyDict] = Field(
         default_factory=LatticeSettings, description="a mapping with replicas"
+    )
+    history: Annotated[HistorySettings, EmptyDict] = Field(
+        default_factory=HistorySettings, description="a mapping of versions, snapshots, snapshot_max_mib"
     )
     capsules: Annotated[dict[DeploymentName, Deployment], EmptyDict] = Field(
         default_factory=dict, description="a mapping of deployment names to deployments"

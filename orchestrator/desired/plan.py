@@ -9,7 +9,8 @@ execution: stops first (dependents before their dependencies, by the running spe
 `depends_on`), then starts and reloads (dependencies first, by the desired specs'
 `depends_on`); the capsules of one wave never depend on each other.
 
-The reasons themselves are orchestrator.desired.reasons.
+The reasons themselves are orchestrator.desired.reasons. A deployment pinned by a rollback
+(orchestrator.desired.pins) is planned towards its pinned spec and marked `overridden`.
 
 No I/O, no clock, no asyncio, no logging: only values. Used by the reconciler (which
 executes plans) and the CLI (`orch plan`).
@@ -17,11 +18,13 @@ executes plans) and the CLI (`orch plan`).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .pins import Pin, overlay, override_reason
 from .reasons import depends_reasons, reload_reasons
 from .spec import CapsuleSpec
 
@@ -37,14 +40,18 @@ class Action:
     reasons: tuple[str, ...] = ()
     escalations: tuple[str, ...] = ()  # capabilities a reload adds, e.g. "fs_write cwd://out"
     depends_on: tuple[str, ...] = ()  # ordering only (the running spec's for a stop); not in to_dict
+    overridden: str = ""  # the pinned version, when a rollback overrides the desired spec
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        shown: dict[str, Any] = {
             "capsule": self.capsule,
             "action": self.action,
             "reasons": list(self.reasons),
             "escalations": list(self.escalations),
         }
+        if self.overridden:
+            shown["overridden"] = {"version": self.overridden}
+        return shown
 
 
 @dataclass(frozen=True)
@@ -73,8 +80,16 @@ class Plan:
         return _layers(stops, dependents_first=True) + _layers(others, dependents_first=False)
 
 
-def plan(desired: Mapping[str, CapsuleSpec], actual: Mapping[str, CapsuleSpec]) -> Plan:
-    """The actions that turn `actual` (what runs) into `desired` (every deployment)."""
+def plan(
+    desired: Mapping[str, CapsuleSpec], actual: Mapping[str, CapsuleSpec], *, pins: Mapping[str, Pin] | None = None
+) -> Plan:
+    """The actions that turn `actual` (what runs) into `desired` (every deployment).
+
+    `pins`: deployments held at a pinned spec by a rollback (the caller says which pins
+    still hold: orchestrator.desired.pins.in_force). They are planned towards the pinned
+    spec, and their action is marked `overridden`, naming the pinned version."""
+    if pins:
+        wanted, desired = desired, overlay(desired, pins)
     stops: list[Action] = []
     others: list[Action] = []
     for name in sorted(set(desired) | set(actual)):
@@ -90,7 +105,14 @@ def plan(desired: Mapping[str, CapsuleSpec], actual: Mapping[str, CapsuleSpec]) 
         else:
             reasons, escalations = reload_reasons(have, want)
             others.append(Action(name, "reload", reasons, escalations, depends_on=want.depends_on))
+    if pins:
+        others = [_overridden(a, pins[a.capsule], wanted.get(a.capsule)) if a.capsule in pins else a for a in others]
     return Plan(tuple(_ordered(stops, dependents_first=True) + _ordered(others, dependents_first=False)))
+
+
+def _overridden(action: Action, pin: Pin, wanted: CapsuleSpec | None) -> Action:
+    reason = override_reason(action.capsule, pin, wanted)
+    return dataclasses.replace(action, reasons=(reason, *action.reasons), overridden=pin.version)
 
 
 def apply_plan(
