@@ -19,13 +19,13 @@ from orchestrator.capsule.kv import CallKV
 from orchestrator.capsule.kvbackend import CommitConflict
 from orchestrator.capsule.store import CONFLICT
 from orchestrator.errors import GateError, StoreError
-from orchestrator.lattice import txn
+from orchestrator.lattice import kvfair, txn
 from orchestrator.lattice.connection import Lattice, LatticeAddress
 from orchestrator.lattice.kvkeys import EXPECT, EXPECT_SUBJECT, VALUE_HEADERS, KVSubjects
 from orchestrator.lattice.kvstage import BLIND, KEY, LISTING, Seen, StagedCall, Staging, Write
 from orchestrator.lattice.kvstore import JetStreamKV
 from orchestrator.lattice.naming import decode_token
-from tests.natsserver import NatsNode, NatsServers
+from tests.natsserver import NatsNode, NatsServers, wait_for
 
 Hosts = tuple[JetStreamKV, JetStreamKV]
 
@@ -413,3 +413,26 @@ async def test_a_commit_whose_reply_was_lost_is_settled_exactly(hosts: Hosts) ->
         await txn.send(nc, batch("b" * 32, "late"), timeout=5)
     assert await txn.resolve(js, subjects, "b" * 32, deadline=deadline) is None  # its own fence, recognised
     assert await a.get("c", "landed") == b"v" and await a.get("c", "late") is None
+
+
+async def test_hosts_that_lost_more_conflicts_go_first_until_they_commit(
+    nats_server: NatsServers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kvfair, "HOLD_MIN_SECONDS", 60.0)  # only a `done` ends giving way here
+    monkeypatch.setattr(kvfair, "HOLD_MAX_SECONDS", 60.0)
+    a, b = await open_host(nats_server.urls), await open_host(nats_server.urls)
+    first, second = a._contention, b._contention
+    await first.lost(["c"])  # a lost once on capsule c: b gives way to it
+    await wait_for(lambda: second.holding("c") > 0, "b giving way")
+    assert first.holding("c") == 0 and second.holding("other") == 0
+    await first.won(["c"])  # a committed: b may go
+    await wait_for(lambda: second.holding("c") == 0, "b going again")
+    await second.lost(["c"])
+    await second.lost(["c"])  # b lost twice, a none: a gives way
+    await wait_for(lambda: first.holding("c") > 0, "a giving way")
+    await first.lost(["c"])  # a lost once, fewer than b: b still goes first
+    assert second.holding("c") == 0
+    await second.won(["c"])
+    await wait_for(lambda: first.holding("c") == 0, "a going again")
+    for kv in (a, b):
+        await close_host(kv)

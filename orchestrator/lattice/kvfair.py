@@ -11,8 +11,8 @@ So, on core NATS subjects `orch.<lattice>.kvx.<capsule>` (best effort, no JetStr
 host whose batch was refused publishes `lost <n> <host>`, n being the conflicts it lost in
 a row on that capsule; once it commits one, it publishes `done <host>`. A host gives way
 to every host that lost more than itself (host ids break ties), from its `lost` until its
-`done`, or for at most HOLD_COMMITS of its own recent commit round trips (at least
-HOLD_MIN_SECONDS), should the `done` be lost. Giving way means holding back the batches
+`done`, or for at most HOLD_COMMITS of its own recent commit round trips (between
+HOLD_MIN_SECONDS and HOLD_MAX_SECONDS), should the `done` be lost. Giving way means holding back the batches
 that touch the capsule, and the reads of its keys, so that they read what the other host
 commits. Hosts that lost take turns in order of their losses.
 
@@ -39,6 +39,7 @@ from .kvkeys import capsule_token
 logger = logging.getLogger(__name__)
 
 HOLD_MIN_SECONDS = 0.005
+HOLD_MAX_SECONDS = 0.1  # whatever the round trips (a slow commit during an election must not stall reads)
 HOLD_COMMITS = 10.0  # at most this many commit round trips, when a `done` never comes
 
 
@@ -70,7 +71,8 @@ class Contention:
         token = message.subject[len(self._prefix) + 1 :]
         if len(words) == 3 and words[0] == b"lost" and words[1].isdigit() and words[2] != self._me:
             if (int(words[1]), words[2]) > (self._losses.get(token, 0), self._me):  # it has waited longer
-                hold = max(HOLD_MIN_SECONDS, HOLD_COMMITS * self.commit_seconds) * random.uniform(0.8, 1.2)
+                hold = min(max(HOLD_MIN_SECONDS, HOLD_COMMITS * self.commit_seconds), HOLD_MAX_SECONDS)
+                hold *= random.uniform(0.8, 1.2)
                 self._ahead = {**self._ahead, token: {**self._ahead.get(token, {}), words[2]: time.monotonic() + hold}}
                 self.heard += 1
         elif len(words) == 2 and words[0] == b"done" and words[1] in self._ahead.get(token, {}):
