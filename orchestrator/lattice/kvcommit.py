@@ -8,11 +8,11 @@ listing guards are looked up, and it is sent (txn.build, txn.send). Then:
   in staging order;
 - a conflict: its calls (and the queued calls that depend on their writes) fail with
   CommitConflict, and their capsules run them again; the other hosts are told, so that
-  they let this one go first (kvfair). Two refusals are first retried a few
-  times, since nothing was written and they say nothing about what the calls read: a
-  subject it checks is in another batch still being replicated (10164), and a conflict of
-  a batch of blind writes only (its expectations were looked up just before, and another
-  host's write came in between: blind writes are last-writer-wins);
+  they let this one go first (kvfair). Refusals that say nothing about what the calls
+  read are first retried a few times (safe: nothing was written): a subject it checks is
+  in another batch still being replicated (10164), and a conflict while a revision looked
+  up just before sending (a blind write's, a guard's) has moved since (another host's
+  write came in between: blind writes are last-writer-wins);
 - no stream leader (an election after a server died), or a lost part of the batch: sent
   again after a backoff, for COMMIT_SECONDS at most, then a StoreError saying so;
 - no reply: settled by txn.resolve (committed, or fenced so that it never will be, and
@@ -113,18 +113,19 @@ class GroupCommit:
         attempts = raced = 0
         pause = 0.02
         capsules = plan.capsules
+        wanted = plan.lookups(self.subjects)
+        fresh: dict[str, Seen] | None = None  # lookups made since the last send
         while True:
             attempts += 1
             held = self._contention.delay(capsules)
             if held:  # another host lost a conflict on one of them: its turn first
                 await asyncio.sleep(held)
-            wanted = plan.lookups(self.subjects)
             try:
-                found = await asyncio.gather(*(self._reader.last(subject, deadline) for subject in wanted))
+                looked = fresh if fresh is not None else await self._lookup(wanted, deadline)
             except StoreError as error:
                 self._fail(calls, f"{error}; nothing of the call was written")
                 return
-            looked = {s: Seen(rev, value is not None) for s, (rev, value) in zip(wanted, found, strict=True)}
+            fresh = None
             txid = uuid.uuid4().hex
             messages, written = txn.build(plan, self.subjects, txid, looked)
             too_big = txn.oversized(messages, self._nc.max_payload)
@@ -138,10 +139,20 @@ class GroupCommit:
                     time.monotonic() - sent
                 )
             except txn.BatchConflict as conflict:
-                if (conflict.in_flight or plan.blind) and raced < RACE_RETRIES:  # safe: nothing was written
-                    raced += 1
-                    await asyncio.sleep(0.001 * raced)
-                    continue
+                if raced < RACE_RETRIES:  # sending it again is safe: nothing was written
+                    if conflict.in_flight or plan.blind:
+                        raced += 1
+                        await asyncio.sleep(0.001 * raced)
+                        continue
+                    if wanted:  # did a revision looked up move (a race), rather than one the calls read?
+                        try:
+                            fresh = await self._lookup(wanted, deadline)
+                        except StoreError:
+                            fresh = None
+                        if fresh is not None and fresh != looked:
+                            raced += 1
+                            continue
+                        fresh = None
                 self._stats["conflicts"] += 1
                 self._staging.failed(calls, f"a key it read changed: {conflict}", conflict=True)
                 await self._contention.lost(capsules)
@@ -186,6 +197,10 @@ class GroupCommit:
                     attempts,
                 )
             return
+
+    async def _lookup(self, subjects: list[str], deadline: float) -> dict[str, Seen]:
+        found = await asyncio.gather(*(self._reader.last(subject, deadline) for subject in subjects))
+        return {s: Seen(rev, value is not None) for s, (rev, value) in zip(subjects, found, strict=True)}
 
     def _gave_up(self, started: float, attempts: int, error: BaseException) -> str:
         return (

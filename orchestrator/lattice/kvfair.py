@@ -59,6 +59,7 @@ class Contention:
 
     async def start(self) -> None:
         self._subscription = await self._nc.subscribe(f"{self._prefix}.*", cb=self._heard)
+        await self._nc.flush()  # the server knows of it before this host commits anything
 
     async def close(self) -> None:
         if self._subscription is not None:
