@@ -8,8 +8,9 @@ tested on its own (it needs a batch to fail at an exact moment).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +40,36 @@ async def close_host(kv: JetStreamKV) -> None:
     await kv.lattice.close()
 
 
+OpenHost = Callable[..., Awaitable[JetStreamKV]]
+
+
+@contextlib.asynccontextmanager
+async def opening_hosts() -> AsyncIterator[OpenHost]:
+    """`await open_one(urls, replicas=...)`: a host (its own connection and staging),
+    closed however the block ends."""
+    opened: list[JetStreamKV] = []
+
+    async def open_one(urls: str, **options: Any) -> JetStreamKV:
+        opened.append(await open_host(urls, **options))
+        return opened[-1]
+
+    try:
+        yield open_one
+    finally:
+        for kv in opened:
+            await close_host(kv)
+
+
 @pytest.fixture
-async def hosts(nats_server: NatsServers) -> AsyncIterator[Hosts]:
-    """Two hosts of one lattice, each with its own connection and staging."""
-    a = await open_host(nats_server.urls)
-    b = await open_host(nats_server.urls)
-    yield a, b
-    await close_host(a)
-    await close_host(b)
+async def open_hosts() -> AsyncIterator[OpenHost]:
+    async with opening_hosts() as open_one:
+        yield open_one
+
+
+@pytest.fixture
+async def hosts(nats_server: NatsServers, open_hosts: OpenHost) -> Hosts:
+    """Two hosts of one lattice."""
+    return await open_hosts(nats_server.urls), await open_hosts(nats_server.urls)
 
 
 async def on_thread(function: Any, *args: Any) -> Any:
@@ -132,22 +155,21 @@ def default_server(tmp_path: Path) -> Iterator[NatsServers]:
         servers.stop()
 
 
-async def test_a_value_beyond_a_default_servers_max_payload_is_a_clear_error(default_server: NatsServers) -> None:
-    kv = await open_host(default_server.urls)
-    try:
-        with pytest.raises(StoreError, match=r"1048576 bytes .* max_payload of 1048576 .*max_payload: 2MB"):
-            await kv.set("c", "big", b"x" * (1 << 20))
-        call = CallKV(kv, "c")
-        call.set("big", b"x" * (1 << 20))
-        call.set("small", b"s")
-        with pytest.raises(StoreError, match="nothing of this call was written"):
-            await finish(call)
-        largest = b"y" * ((1 << 20) - VALUE_HEADERS)
-        await kv.set("c", "largest", largest)  # the connection was never dropped
-        assert await kv.get("c", "largest") == largest
-        assert await kv.list_keys("c") == ["largest"]
-    finally:
-        await close_host(kv)
+async def test_a_value_beyond_a_default_servers_max_payload_is_a_clear_error(
+    default_server: NatsServers, open_hosts: OpenHost
+) -> None:
+    kv = await open_hosts(default_server.urls)
+    with pytest.raises(StoreError, match=r"1048576 bytes .* max_payload of 1048576 .*max_payload: 2MB"):
+        await kv.set("c", "big", b"x" * (1 << 20))
+    call = CallKV(kv, "c")
+    call.set("big", b"x" * (1 << 20))
+    call.set("small", b"s")
+    with pytest.raises(StoreError, match="nothing of this call was written"):
+        await finish(call)
+    largest = b"y" * ((1 << 20) - VALUE_HEADERS)
+    await kv.set("c", "largest", largest)  # the connection was never dropped
+    assert await kv.get("c", "largest") == largest
+    assert await kv.list_keys("c") == ["largest"]
 
 
 # ---- isolation between hosts ------------------------------------------------------------------
@@ -299,16 +321,13 @@ async def test_concurrent_calls_share_batches_each_all_or_nothing(hosts: Hosts) 
     assert keys == sorted(f"{part}{i}" for part in "xyz" for i in range(60))
 
 
-async def test_close_commits_what_is_staged_and_refuses_more(nats_server: NatsServers) -> None:
-    a = await open_host(nats_server.urls)
-    b = await open_host(nats_server.urls)
+async def test_close_commits_what_is_staged_and_refuses_more(hosts: Hosts) -> None:
+    a, b = hosts
     a.stage_set("c", "k", b"staged")
     await a.close()
     with pytest.raises(StoreError, match="is closed"):
         a.stage_set("c", "k", b"late")
     assert await b.get("c", "k") == b"staged"
-    await a.lattice.close()
-    await close_host(b)
 
 
 # ---- the staging area on its own --------------------------------------------------------------
@@ -416,11 +435,11 @@ async def test_a_commit_whose_reply_was_lost_is_settled_exactly(hosts: Hosts) ->
 
 
 async def test_hosts_that_lost_more_conflicts_go_first_until_they_commit(
-    nats_server: NatsServers, monkeypatch: pytest.MonkeyPatch
+    hosts: Hosts, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(kvfair, "HOLD_MIN_SECONDS", 60.0)  # only a `done` ends giving way here
     monkeypatch.setattr(kvfair, "HOLD_MAX_SECONDS", 60.0)
-    a, b = await open_host(nats_server.urls), await open_host(nats_server.urls)
+    a, b = hosts
     first, second = a._contention, b._contention
     await first.lost(["c"])  # a lost once on capsule c: b gives way to it
     await wait_for(lambda: second.holding("c") > 0, "b giving way")
@@ -434,5 +453,3 @@ async def test_hosts_that_lost_more_conflicts_go_first_until_they_commit(
     assert second.holding("c") == 0
     await second.won(["c"])
     await wait_for(lambda: first.holding("c") == 0, "a going again")
-    for kv in (a, b):
-        await close_host(kv)

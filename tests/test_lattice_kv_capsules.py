@@ -29,7 +29,13 @@ from orchestrator.errors import CapabilityDenied, OrchestratorError
 from orchestrator.lattice.kvstore import JetStreamKV
 from tests.conftest import CAPSULES, REPO
 from tests.natsserver import NatsServers, wait_for
-from tests.test_lattice_kv import close_host, open_host
+from tests.test_lattice_kv import OpenHost, opening_hosts
+
+
+@pytest.fixture
+async def open_hosts() -> AsyncIterator[OpenHost]:
+    async with opening_hosts() as open_one:
+        yield open_one
 
 
 async def counter_on(kv: JetStreamKV, engine: WasmEngine, bus: EventBus, workspace: Path, **options: Any) -> Capsule:
@@ -49,8 +55,10 @@ def assert_counted_on(answered: list[int], bases: list[int]) -> None:
         assert run == list(range(low + 1, low + 1 + len(run))), low
 
 
-async def test_two_hosts_in_one_process_lose_no_increment(nats_server: NatsServers, engine: WasmEngine) -> None:
-    a, b = await open_host(nats_server.urls), await open_host(nats_server.urls)
+async def test_two_hosts_in_one_process_lose_no_increment(
+    nats_server: NatsServers, engine: WasmEngine, open_hosts: OpenHost
+) -> None:
+    a, b = await open_hosts(nats_server.urls), await open_hosts(nats_server.urls)
     bus_a, bus_b = EventBus(), EventBus()
     events = [bus.subscribe("counter.changed", queue_size=10_000) for bus in (bus_a, bus_b)]
     with tempfile.TemporaryDirectory() as workspace:
@@ -73,20 +81,18 @@ async def test_two_hosts_in_one_process_lose_no_increment(nats_server: NatsServe
         assert on_a.conflicts + on_b.conflicts > 0  # the hosts did race
         await on_a.close()
         await on_b.close()
-    for kv in (a, b):
-        await close_host(kv)
     bus_a.close()
     bus_b.close()
 
 
 async def test_a_failed_call_leaves_nothing_on_any_host(
-    nats_server: NatsServers, engine: WasmEngine, tmp_path: Path
+    nats_server: NatsServers, engine: WasmEngine, tmp_path: Path, open_hosts: OpenHost
 ) -> None:
     folder = tmp_path / "ungranted"
     shutil.copytree(CAPSULES / "counter", folder, ignore=shutil.ignore_patterns("assembly"))
     manifest = folder / "Capsule.toml"
     manifest.write_text(manifest.read_text().replace('ipc_publish = ["counter.*"]', 'ipc_publish = ["other.*"]'))
-    a, b = await open_host(nats_server.urls), await open_host(nats_server.urls)
+    a, b = await open_hosts(nats_server.urls), await open_hosts(nats_server.urls)
     bus = EventBus()
     counter = await Capsule.load(folder, engine=engine, bus=bus, store=a, workspace=tmp_path)
     with pytest.raises(CapabilityDenied, match=r"capability denied: ipc_publish counter\.changed"):
@@ -94,8 +100,6 @@ async def test_a_failed_call_leaves_nothing_on_any_host(
     assert await b.get("counter", "count") is None and await b.capsules() == []
     assert a.stats["batches"] == 0  # nothing was ever sent
     await counter.close()
-    await close_host(a)
-    await close_host(b)
     bus.close()
 
 
@@ -156,13 +160,13 @@ async def workers() -> AsyncIterator[list[Worker]]:
 
 
 async def test_hosts_in_several_processes_with_api_writes_racing_lose_no_increment(
-    nats_server: NatsServers, workers: list[Worker]
+    nats_server: NatsServers, workers: list[Worker], open_hosts: OpenHost
 ) -> None:
     """Each API write sets `count` to a value the calls cannot reach (k * 10**6); the next
     one waits until a call has counted on from it."""
     for _ in range(3):
         workers.append(await Worker.start(nats_server.urls, "--calls", "150", "--callers", "6"))
-    api = await open_host(nats_server.urls)
+    api = await open_hosts(nats_server.urls)
     for worker in workers:
         await wait_for(worker.ready.is_set, "the worker's capsule", 60)
 
@@ -183,11 +187,10 @@ async def test_hosts_in_several_processes_with_api_writes_racing_lose_no_increme
     assert_counted_on(counts, bases)
     assert await api.get("counter", "count") == str(max(counts)).encode()  # the last answer is what is stored
     assert max(counts) > 3 * 10**6
-    await close_host(api)
 
 
 async def test_no_acknowledged_increment_is_lost_when_a_writing_host_is_killed(
-    nats_server: NatsServers, workers: list[Worker]
+    nats_server: NatsServers, workers: list[Worker], open_hosts: OpenHost
 ) -> None:
     callers = 8
     worker = await Worker.start(nats_server.urls, "--calls", "0", "--callers", str(callers))
@@ -197,20 +200,19 @@ async def test_no_acknowledged_increment_is_lost_when_a_writing_host_is_killed(
     await worker.process.wait()
     await worker.finished.wait()
     acknowledged = worker.answered
-    kv = await open_host(nats_server.urls)
+    kv = await open_hosts(nats_server.urls)
     stored = int(await kv.get("counter", "count") or b"0")
     assert len(set(acknowledged)) == len(acknowledged)
     assert max(acknowledged) <= stored  # every acknowledged increment is stored
     assert len(acknowledged) <= stored <= len(acknowledged) + callers  # at most the calls in flight were unanswered
     assert sorted(acknowledged)[: len(acknowledged) - callers] == list(range(1, len(acknowledged) - callers + 1))
-    await close_host(kv)
 
 
 # ---- a 3-node cluster losing its stream leader ------------------------------------------------
 async def test_writes_resume_with_none_lost_when_the_stream_leader_of_a_3_node_cluster_is_killed(
-    nats_cluster: NatsServers, engine: WasmEngine, tmp_path: Path
+    nats_cluster: NatsServers, engine: WasmEngine, tmp_path: Path, open_hosts: OpenHost
 ) -> None:
-    kv = await open_host(nats_cluster.urls, replicas=3)
+    kv = await open_hosts(nats_cluster.urls, replicas=3)
     bus = EventBus()
     counter = await counter_on(kv, engine, bus, tmp_path, instances=2)
     answered: list[int] = []
@@ -241,5 +243,4 @@ async def test_writes_resume_with_none_lost_when_the_stream_leader_of_a_3_node_c
     assert sorted(answered) == list(range(1, stored + 1))  # nothing acknowledged was lost, nothing doubled
     assert kv.stats["retries"] + kv.stats["unknown"] > 0  # it did wait for the election
     await counter.close()
-    await close_host(kv)
     bus.close()
