@@ -3,7 +3,7 @@
     .venv/bin/python bench/lattice.py [--rounds N] [--cluster] [--quick]
 
 A nats-server (one node, or `--cluster`: three with routes) and three `orch host` OS
-processes (`python -m orchestrator.cli.lattice host`), on loopback. Capsules are WAT
+processes (`orch host`, i.e. `python -m orchestrator host`), on loopback. Capsules are WAT
 modules whose `version` tool answers a digit (tests/latticehosts.py).
 
 - convergence: `ver` runs on all 3 hosts (`hosts: 3`). Each round writes a new module,

@@ -335,6 +335,12 @@ class FakeHandle:
     async def close(self) -> None:
         pass
 
+    def observe(self, observer: Any) -> None:
+        pass
+
+    def counters(self) -> dict[str, int]:
+        return {"conflicts": 0, "events_lost": 0}
+
 
 class FakeLauncher:
     def __init__(self) -> None:

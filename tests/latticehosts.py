@@ -1,8 +1,7 @@
 """Real `orch host` processes and `orch apply` runs for the lattice tests and bench.
 
-Hosts are spawned as `python -m orchestrator.cli.lattice host ...` (the lattice verbs'
-own entry point; `python -m orchestrator host ...` once they are registered in `orch`),
-each with its own state dir and log. Capsules are tiny WAT modules whose `version` tool
+Hosts are spawned as `python -m orchestrator host ...` (`orch host`), each with its own
+state dir and log. Capsules are tiny WAT modules whose `version` tool
 answers a digit, so a call tells which revision serves. Waits poll the lattice's own
 status (`lattice_status`), never a fixed sleep.
 """
@@ -24,7 +23,7 @@ from orchestrator.lattice.status import lattice_status
 from orchestrator.lattice.wiring import call_tool
 
 REPO = Path(__file__).resolve().parent.parent
-ORCH = [sys.executable, "-m", "orchestrator.cli.lattice"]
+ORCH = [sys.executable, "-m", "orchestrator"]
 DEADLINE = 30.0
 
 

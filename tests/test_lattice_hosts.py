@@ -2,7 +2,7 @@
 re-placement after SIGKILL, lease hand-over, a bad wasm revision, drain on SIGTERM.
 
 Hosts run as separate OS processes (tests/latticehosts.py: `python -m
-orchestrator.cli.lattice host ...`); `orch apply` runs as a process too. Every wait polls
+orchestrator host ...`); `orch apply` runs as a process too. Every wait polls
 the lattice's own status; calls go over NATS to whichever host serves.
 """
 

@@ -8,9 +8,7 @@ shows it as overridden; a change to another capsule does not undo the pin; a cha
 counter's own config ends it; a second rollback is ended by `unpin`. Refusals print one
 line, exit 1 and change nothing.
 
-`orch up` runs with --no-watch: every sync is an explicit `orch reconcile`. Until the lead
-registers the history verbs in `orch` (orchestrator.cli.main), they run as
-`python -m orchestrator.cli.history`.
+`orch up` runs with --no-watch: every sync is an explicit `orch reconcile`.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ from tests.test_rollback import edit, new_version
 def verbs(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """The history verbs, as the `orch` CLI runs them."""
     return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli.history", *args],
+        [sys.executable, "-m", "orchestrator", *args],
         capture_output=True,
         text=True,
         cwd=cwd,

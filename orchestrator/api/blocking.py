@@ -12,6 +12,7 @@ MAX_BODY_BYTES); anything else is refused with a ValueError, turned into a Remot
 
 from __future__ import annotations
 
+import json as _json
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -106,6 +107,16 @@ class SyncClient(Endpoints):
 
     def restart(self, name: str) -> Any:
         return self.json("POST", self._capsule(name, "restart"))
+
+    def history(self, name: str) -> Any:
+        return self.json("GET", self._capsule(name, "history"))
+
+    def rollback(self, name: str, *, to: str | None = None, with_data: bool = False) -> Any:
+        body = _json.dumps({"to": to, "with_data": with_data}).encode()
+        return self.json("POST", self._capsule(name, "rollback"), data=body)
+
+    def unpin(self, name: str) -> Any:
+        return self.json("POST", self._capsule(name, "unpin"))
 
     def reconcile(self) -> Any:
         return self.json("POST", "/v1/reconcile")

@@ -257,6 +257,12 @@ class ControlApi:
         desired = await self.orchestrator.load(previous=self.orchestrator.desired)
         return web.json_response(self.reconciler.plan(desired.specs, broken=set(desired.broken)).to_dict())
 
+    async def specs(self, request: web.Request) -> web.Response:
+        """What runs, as records (`orch plan FILE` diffs a candidate config against them)."""
+        parse_query(request.rel_url.raw_query_string, ())
+        actual = self.reconciler.actual()
+        return web.json_response({"capsules": {name: actual[name].record() for name in sorted(actual)}})
+
 
 async def _refusal(work: Awaitable[Any]) -> Any:
     """`work`'s result; a refused rollback or unpin becomes its API error (404 or 409)."""
@@ -282,12 +288,6 @@ def rollback_arguments(body: Any) -> tuple[str | None, bool]:
     if not isinstance(with_data, bool):
         raise ApiError(400, "BadInput", "/with_data: true or false")
     return to, with_data
-
-    async def specs(self, request: web.Request) -> web.Response:
-        """What runs, as records (`orch plan FILE` diffs a candidate config against them)."""
-        parse_query(request.rel_url.raw_query_string, ())
-        actual = self.reconciler.actual()
-        return web.json_response({"capsules": {name: actual[name].record() for name in sorted(actual)}})
 
 
 class ControlServer:

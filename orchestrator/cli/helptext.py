@@ -161,6 +161,44 @@ examples:
 
 exit status:
 {REMOTE_EXITS}""",
+    "apply": """\
+examples:
+  orch apply config.yaml --lattice nats://127.0.0.1:4222
+  orch apply config.yaml --lattice nats://a:4222,nats://b:4222 --lattice-creds host.creds
+
+exit status:
+  0  the lattice accepted the new revision (or it was already the current one)
+  1  a problem in the config, its capsules or the lattice: nothing was published
+  2  bad usage""",
+    "host": """\
+examples:
+  orch host --lattice nats://127.0.0.1:4222 --state-dir .host-a --label zone=eu
+
+exit status:
+  0  stopped by SIGINT or SIGTERM after draining (its capsules run elsewhere)
+  1  the lattice cannot be reached, or the state dir is busy or unusable
+  2  bad usage (a bad label or host id)
+  130  a second signal: stopped at once""",
+    "history": f"""\
+examples:
+  orch history counter
+  orch history counter --json
+
+exit status:
+{REMOTE_EXITS}""",
+    "rollback": f"""\
+examples:
+  orch rollback counter                     # the version before the one running
+  orch rollback counter --to 3fa1c2 --with-data
+
+exit status:
+{REMOTE_EXITS}""",
+    "unpin": f"""\
+examples:
+  orch unpin counter
+
+exit status:
+{REMOTE_EXITS}""",
     "new": """\
 examples:
   orch new capsule hello

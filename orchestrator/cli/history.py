@@ -12,21 +12,22 @@ running; VERSION is a version or spec hash as `history` shows it, at least 4 hex
 puts back the KV data that version left. Socket and exit codes as for the other operator
 verbs (orchestrator.cli.remote): no orchestrator, exit 3; a refusal, its message, exit 1.
 
-Registered by orchestrator.cli.main through `add_commands`; until then (and for scripts),
-`python -m orchestrator.cli.history VERB ...` runs them alone. Part of the CLI layer: it prints.
+Registered by orchestrator.cli.main through `add_commands`. Part of the CLI layer: it prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..api.client import Client
+if TYPE_CHECKING:
+    from ..api.blocking import SyncClient
+
+from .helptext import verb_help
 from .output import EXIT_OK
 from .remote import _connect
 
@@ -34,8 +35,8 @@ from .remote import _connect
 def add_commands(verbs: Any) -> None:
     """Register `history`, `rollback` and `unpin` on the `orch` sub-parser set."""
 
-    def verb(name: str, help_text: str, run: Callable[[argparse.Namespace, Client], Awaitable[int]]) -> Any:
-        parser = verbs.add_parser(name, help=help_text)
+    def verb(name: str, help_text: str, run: Callable[[argparse.Namespace, SyncClient], int]) -> Any:
+        parser = verbs.add_parser(name, help=help_text, **verb_help(name))
         parser.add_argument("name", help="the deployment's name")
         parser.add_argument("--config", type=Path, default=Path("config.yaml"), help="find the socket from this config")
         parser.add_argument("--socket", type=Path, help="the control socket (instead of --config)")
@@ -80,8 +81,8 @@ def _pinned(name: str, pinned: dict[str, Any] | None) -> str:
     )
 
 
-async def _history(args: argparse.Namespace, client: Client) -> int:
-    answer = await client.history(args.name)
+def _history(args: argparse.Namespace, client: SyncClient) -> int:
+    answer = client.history(args.name)
     if args.json:
         print(json.dumps(answer, indent=2))
         return EXIT_OK
@@ -113,8 +114,8 @@ async def _history(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
-async def _rollback(args: argparse.Namespace, client: Client) -> int:
-    answer = await client.rollback(args.name, to=args.to, with_data=args.with_data)
+def _rollback(args: argparse.Namespace, client: SyncClient) -> int:
+    answer = client.rollback(args.name, to=args.to, with_data=args.with_data)
     entry, status = answer["entry"], answer["status"]
     data = f" with its data ({answer['restored_keys']} keys restored)" if answer["with_data"] else ""
     print(f"{answer['capsule']}: rolled back to version {entry['version']} (entry @{entry['id']}){data}")
@@ -122,20 +123,8 @@ async def _rollback(args: argparse.Namespace, client: Client) -> int:
     return EXIT_OK
 
 
-async def _unpin(args: argparse.Namespace, client: Client) -> int:
-    answer = await client.unpin(args.name)
+def _unpin(args: argparse.Namespace, client: SyncClient) -> int:
+    answer = client.unpin(args.name)
     status = answer.get("status") or {}
     print(f"{answer['capsule']}: unpinned; {status.get('phase', '?')} version {status.get('version') or '-'}")
     return EXIT_OK
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """These verbs alone (`python -m orchestrator.cli.history VERB ...`)."""
-    parser = argparse.ArgumentParser(prog="orch", description="The version history of a running orchestrator.")
-    add_commands(parser.add_subparsers(title="commands", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    return int(args.run(args))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

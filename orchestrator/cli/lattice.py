@@ -23,18 +23,19 @@ tests and benches until they are registered in `orch`. Part of the CLI layer: it
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
 
 from ..errors import ConfigError, OrchestratorError
+from .helptext import verb_help
 from .output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail, one_line, print_problems
 
 EXIT_INTERRUPTED = 130
@@ -62,12 +63,12 @@ def address_of(args: argparse.Namespace) -> Any:
 
 def add_commands(verbs: Any) -> None:
     """Register `apply` and `host` on the `orch` sub-parser set."""
-    apply = verbs.add_parser("apply", help="validate a config.yaml and publish it to a lattice")
+    apply = verbs.add_parser("apply", help="validate a config.yaml and publish it to a lattice", **verb_help("apply"))
     apply.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"), help="default: ./config.yaml")
     add_lattice_options(apply, required=True)
     apply.set_defaults(run=run_apply)
 
-    host = verbs.add_parser("host", help="join a lattice and run what it assigns to this host")
+    host = verbs.add_parser("host", help="join a lattice and run what it assigns to this host", **verb_help("host"))
     add_lattice_options(host, required=True)
     host.add_argument("--host-id", metavar="ID", help="default: kept in the state dir (machine name + suffix)")
     host.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="a label (repeatable)")
@@ -78,6 +79,8 @@ def add_commands(verbs: Any) -> None:
 
 # -- orch apply --------------------------------------------------------------------------
 def run_apply(args: argparse.Namespace) -> int:
+    import asyncio
+
     from ..desired.load import load_desired
     from ..lattice.desiredstate import manifest_texts
 
@@ -122,6 +125,8 @@ async def _publish(address: Any, desired: Any, manifests: dict[str, bytes]) -> A
 
 # -- orch host ---------------------------------------------------------------------------
 def run_host(args: argparse.Namespace) -> int:
+    import asyncio
+
     from ..lattice.membership import check_host_id, parse_label
 
     try:
@@ -137,6 +142,8 @@ def run_host(args: argparse.Namespace) -> int:
 
 
 async def _host(args: argparse.Namespace, address: Any, labels: dict[str, str]) -> int:
+    import asyncio
+
     from ..lattice.host import LatticeHost
 
     host = LatticeHost(
@@ -167,6 +174,8 @@ async def _host(args: argparse.Namespace, address: Any, labels: dict[str, str]) 
 
 
 def _install_signals(stop: asyncio.Event) -> None:
+    import asyncio
+
     loop = asyncio.get_running_loop()
 
     def on_signal() -> None:
@@ -197,6 +206,8 @@ async def _print_events(events: Any) -> None:
 # -- orch status --lattice, orch plan --lattice -----------------------------------------
 def run_status(args: argparse.Namespace) -> int:
     """`orch status --lattice URL [--json]`."""
+    import asyncio
+
     from ..lattice.status import lattice_status
 
     try:
@@ -253,6 +264,8 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 def run_plan(args: argparse.Namespace) -> int:
     """`orch plan CONFIG --lattice URL [--json] [--exit-code]`: what applying CONFIG would
     change against the lattice's current desired revision."""
+    import asyncio
+
     from ..desired.load import load_desired
 
     try:
@@ -307,36 +320,3 @@ def _print_actions(actions: list[dict[str, Any]]) -> None:
 
 
 # -- standalone ---------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> int:
-    """The lattice verbs alone (until `orch` registers them): apply, host, status, plan."""
-    parser = argparse.ArgumentParser(prog="orch", description="The lattice verbs of the capsule orchestrator.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    verbs = parser.add_subparsers(title="commands", metavar="COMMAND")
-    add_commands(verbs)
-    status = verbs.add_parser("status", help="hosts and capsules of a lattice")
-    add_lattice_options(status, required=True)
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(run=run_status)
-    plan = verbs.add_parser("plan", help="what applying a config.yaml to a lattice would change")
-    plan.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"))
-    add_lattice_options(plan, required=True)
-    plan.add_argument("--json", action="store_true")
-    plan.add_argument("--exit-code", action="store_true", help="exit 0: no changes, 2: changes, 1: errors")
-    plan.set_defaults(run=run_plan)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if not hasattr(args, "run"):
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
-    try:
-        return int(args.run(args))
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

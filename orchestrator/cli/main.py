@@ -38,7 +38,7 @@ from .. import __version__
 from .helptext import verb_help
 from .output import COLOR_MODES, EXIT_BROKEN_PIPE, EXIT_USAGE, Colors
 
-VERB_MODULES = ("remote", "scaffold", "completion")
+VERB_MODULES = ("remote", "history", "lattice", "scaffold", "completion")
 """Modules under orchestrator.cli whose `add_commands(verbs)` registers their verbs, in the
 order `orch --help` lists them. They must stay light to import (the parser is built for
 every command)."""
@@ -180,6 +180,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help='print {"config", "against", "actions": [...]}')
     plan.add_argument("--exit-code", action="store_true", help="exit 0: no changes, 2: changes, 1: errors")
     plan.add_argument("--socket", type=Path, help="compare with the orchestrator on this control socket")
+    plan.add_argument("--lattice", metavar="URL", help="compare with the lattice's current revision")
+    plan.add_argument("--lattice-name", default="default", metavar="N", help="the lattice's name (default: default)")
+    plan.add_argument("--lattice-creds", type=Path, metavar="FILE", help="NATS credentials file (.creds)")
     plan.set_defaults(run=_lazy("plan", "plan_verb"))
 
     for name in VERB_MODULES:

@@ -67,6 +67,11 @@ def plan_verb(args: argparse.Namespace) -> int:
     from ..desired.load import load_desired
     from ..desired.plan import plan
 
+    if getattr(args, "lattice", None):
+        from .lattice import run_plan
+
+        return run_plan(args)  # against the lattice's current revision
+
     try:
         desired = load_desired(args.config)
     except ConfigError as error:
@@ -93,7 +98,11 @@ def plan_verb(args: argparse.Namespace) -> int:
             EXIT_FAILED,
             colors=args.colors,
         )
-    actions = plan(desired.specs, actual).to_dict()["actions"]
+    from ..control.history import saved_pins
+    from ..desired.pins import in_force
+
+    pins = in_force(desired.specs, saved_pins(state_dir))  # a rollback's pin overrides the file
+    actions = plan(desired.specs, actual, pins=pins).to_dict()["actions"]
     if args.json:
         shown = {"config": str(desired.config.path), "against": {k: against[k] for k in ("source", "path")}}
         print(json.dumps({**shown, "actions": actions}, indent=2, ensure_ascii=False))

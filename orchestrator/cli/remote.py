@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .helptext import verb_help
+from .lattice import add_lattice_options
 from .output import (
     EXIT_FAILED,
     EXIT_NOT_RUNNING,
@@ -67,6 +68,7 @@ def add_commands(verbs: Any) -> None:
 
     status = verb("status", "what runs, and how it is doing", _status)
     status.add_argument("--json", action="store_true", help="the whole status as JSON")
+    add_lattice_options(status)
 
     describe = verb("describe", "everything about one capsule", _describe)
     capsule_name(describe)
@@ -77,6 +79,7 @@ def add_commands(verbs: Any) -> None:
     call.add_argument("tool", help="the tool's name")
     call.add_argument("arguments", nargs="?", default="", metavar="JSON", help="'-' reads stdin")
     call.add_argument("--newline", action="store_true", help="end the output with a newline even in a pipe")
+    add_lattice_options(call)
 
     events = verb("events", "recent and live bus events", _events)
     events.add_argument("--follow", "-f", action="store_true", help="keep streaming live events")
@@ -84,6 +87,7 @@ def add_commands(verbs: Any) -> None:
     events.add_argument("--history", type=int, default=100, help="events from history first (default 100)")
     events.add_argument("--json", action="store_true", help="one JSON object per line")
     events.add_argument("--full", action="store_true", help=f"payloads whole (else cut at {PAYLOAD_CHARS} characters)")
+    add_lattice_options(events)
 
     kv = verb("kv", "a capsule's key-value store", _kv)
     kv.add_argument("op", choices=("ls", "get", "set", "del"))
@@ -91,6 +95,7 @@ def add_commands(verbs: Any) -> None:
     kv.add_argument("key", nargs="?", default="")
     kv.add_argument("value", nargs="?", help="for set ('-' reads stdin)")
     kv.add_argument("--newline", action="store_true", help="get: end the value with a newline even in a pipe")
+    add_lattice_options(kv)
 
     verb("reconcile", "re-read the files now and apply; prints the plan", _reconcile)
     restart = verb("restart", "build a fresh version of a capsule and swap to it", _restart)
@@ -103,6 +108,8 @@ def _connect(args: argparse.Namespace, run: Verb) -> int:
     from ..errors import OrchestratorError
 
     colors: Colors = getattr(args, "colors", PLAIN)
+    if getattr(args, "lattice", None):
+        return _on_lattice(args, run, colors)
     try:
         path = socket_for(args.config, args.socket)
     except OrchestratorError as error:
@@ -122,6 +129,22 @@ def _connect(args: argparse.Namespace, run: Verb) -> int:
             f"unexpected answer from {path}: {type(error).__name__}: {detail} (is it an orchestrator of this version?)"
         )
         return fail(message, EXIT_FAILED, colors=colors)
+
+
+def _on_lattice(args: argparse.Namespace, run: Verb, colors: Colors) -> int:
+    """The verb against a lattice (`--lattice URL`): the same verb, another client."""
+    from ..errors import OrchestratorError
+    from .lattice import address_of, run_status
+
+    if run is _status:
+        return run_status(args)  # the lattice's own view: hosts, and where each capsule runs
+    try:
+        from ..lattice.client import LatticeClient
+
+        with LatticeClient(address_of(args)) as client:
+            return run(args, client)  # type: ignore[arg-type]
+    except OrchestratorError as error:
+        return fail(one_line(error), EXIT_FAILED, colors=colors)
 
 
 def _status(args: argparse.Namespace, client: SyncClient) -> int:
