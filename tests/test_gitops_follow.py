@@ -134,6 +134,7 @@ async def test_a_good_commit_is_fetched_checked_out_and_applied(following: Follo
     assert git["applied_revision"] == git["fetched_revision"] == first and git["rejected"] is None
     assert following.orchestrator.info()["git_revision"] == first[:12]
     assert await following.version() == "1"
+    assert not following.orchestrator.watch  # checkouts never change: the interval and reconcile drive it
 
     second = following.repo.commit(capsule("caps/ver", 2))
     plan = await following.orchestrator.reconcile()  # what `POST /v1/reconcile` does: fetch first
