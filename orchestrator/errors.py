@@ -187,6 +187,11 @@ class UnknownCapsule(OrchestratorError):
     """No deployment of that name in the configuration."""
 
 
+class SourceError(OrchestratorError):
+    """The desired state's source cannot be reached (a git repository that cannot be
+    fetched, a revision that cannot be checked out); what runs keeps running."""
+
+
 HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (ToolInputError, 400),
     (GateError, 400),
@@ -201,6 +206,7 @@ HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (CallTimeout, 504),
     (FuelExhausted, 504),
     (KVConflict, 503),  # the call kept meeting concurrent writes: it may be retried
+    (SourceError, 502),  # the git repository (or another source) did not answer as it should
 )
 """The status code of each error kind, as the control API (and the lattice's calls) answer."""
 

@@ -8,6 +8,11 @@ It reads `orchestrator.desired` of `GET /v1/status`:
      "broken": {capsule: {"at_ms": int, "problems": [str, ...]}},
      "builds_failed": {capsule: {"at_ms": int, "exit_code": int, "output": str}}}
 
+An orchestrator following a git branch also sends `orchestrator.git` (`{source,
+applied_revision, fetched_revision, rejected: null | {revision, problems, count, at_ms},
+error, ...}`): the revision applied and the one fetched, a rejected revision (its problems
+are the config's rejection, said as that revision's) and a fetch that fails.
+
 An older orchestrator sends no such section, and any part of it may be missing or
 malformed: then nothing is said rather than something wrong. Pure functions over plain data
 (Rich text only), used by the top bar (one line: `header`) and the problems dialog
@@ -35,6 +40,7 @@ class Rejected:
     at_ms: int | None
     count: int
     problems: tuple[str, ...]
+    revision: str | None = None  # the git commit rejected, when following a branch
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,17 @@ class BuildFailed:
 
 
 @dataclass(frozen=True)
+class GitFollow:
+    """What `orchestrator.git` says: the branch followed and its revisions."""
+
+    source: str
+    applied: str | None
+    fetched: str | None
+    error: str | None
+    error_at_ms: int | None
+
+
+@dataclass(frozen=True)
 class Health:
     """What `orchestrator.desired` says, checked: the parts that were well-formed."""
 
@@ -60,10 +77,26 @@ class Health:
     rejected: Rejected | None
     broken: tuple[Broken, ...]
     builds_failed: tuple[BuildFailed, ...]
+    git: GitFollow | None = None
 
     @property
     def troubled(self) -> bool:
-        return bool(self.rejected or self.broken or self.builds_failed)
+        return bool(self.rejected or self.broken or self.builds_failed or (self.git and self.git.error))
+
+
+def read_git(status: Any) -> GitFollow | None:
+    """The followed branch from a status reply; None when the orchestrator follows none."""
+    info = status.get("orchestrator") if isinstance(status, Mapping) else None
+    git = info.get("git") if isinstance(info, Mapping) else None
+    if not isinstance(git, Mapping) or not isinstance(git.get("source"), str):
+        return None
+    return GitFollow(
+        str(git["source"]),
+        _text(git.get("applied_revision")),
+        _text(git.get("fetched_revision")),
+        _text(git.get("error")),
+        _int(git.get("error_at_ms")),
+    )
 
 
 def read_health(status: Any) -> Health | None:
@@ -81,7 +114,8 @@ def read_health(status: Any) -> Health | None:
         raw = raw if isinstance(raw, Mapping) else {}
         problems = _strings(raw.get("problems"))
         count = _int(raw.get("count"))
-        rejected = Rejected(_int(raw.get("at_ms")), count if count is not None else len(problems), problems)
+        revision = _text(raw.get("revision"))
+        rejected = Rejected(_int(raw.get("at_ms")), count if count is not None else len(problems), problems, revision)
     broken = tuple(
         Broken(name, _int(entry.get("at_ms")), _strings(entry.get("problems")))
         for name, entry in _entries(desired.get("broken"))
@@ -90,7 +124,7 @@ def read_health(status: Any) -> Health | None:
         BuildFailed(name, _int(entry.get("at_ms")), _int(entry.get("exit_code")), str(entry.get("output") or ""))
         for name, entry in _entries(desired.get("builds_failed"))
     )
-    return Health(_int(desired.get("accepted_at_ms")), rejected, broken, builds)
+    return Health(_int(desired.get("accepted_at_ms")), rejected, broken, builds, read_git(status))
 
 
 def header(health: Health | None, clock: Clock) -> Text:
@@ -99,9 +133,12 @@ def header(health: Health | None, clock: Clock) -> Text:
     if health is None:
         return Text()
     parts: list[Text] = []
+    if health.git is not None and health.git.error:
+        parts.append(Text("✖ fetch failed"))
     if health.rejected is not None:
         count = health.rejected.count
-        part = Text(f"✖ config rejected: {count} problem{'s' if count != 1 else ''}")
+        what = f"revision {health.rejected.revision[:12]}" if health.rejected.revision else "config"
+        part = Text(f"✖ {what} rejected: {count} problem{'s' if count != 1 else ''}")
         if health.rejected.problems:
             part.append(f" ({short_problem(health.rejected.problems[0])})")
         parts.append(part)
@@ -133,13 +170,26 @@ def report(health: Health | None, clock: Clock) -> RenderableType:
         return Text("This orchestrator does not report the health of its desired state (an older version).", "dim")
     blocks: list[RenderableType] = []
     accepted = f"the config accepted at {_when(health.accepted_at_ms, clock)}" if health.accepted_at_ms else None
+    git = health.git
+    if git is not None and git.error:
+        blocks.append(Text(f"fetching {git.source} fails since {_when(git.error_at_ms, clock)}", style="bold red"))
+        blocks.append(_problem_lines((git.error,), 1))
+        blocks.append(Text("The revision applied keeps serving; fetching is tried again.\n", style="dim"))
     if health.rejected is not None:
         rejected = health.rejected
         when = _when(rejected.at_ms, clock)
-        blocks.append(Text(f"config.yaml rejected at {when}: {rejected.count} problem(s)", style="bold red"))
+        what = f"revision {rejected.revision} of {git.source if git else 'the branch'}" if rejected.revision else ""
+        blocks.append(
+            Text(f"{what or 'config.yaml'} rejected at {when}: {rejected.count} problem(s)", style="bold red")
+        )
         blocks.append(_problem_lines(rejected.problems, rejected.count))
-        keeps = f"Nothing changed: {accepted} keeps running." if accepted else "Nothing changed."
-        blocks.append(Text(keeps + " Fix the file and save it: it is read again at once.\n", style="dim"))
+        if rejected.revision:
+            running = f"revision {git.applied[:12]}" if git and git.applied else "the revision applied last"
+            fix = f"Nothing of it was applied: {running} keeps running. Push a fixed commit (r fetches now)."
+            blocks.append(Text(fix + "\n", style="dim"))
+        else:
+            keeps = f"Nothing changed: {accepted} keeps running." if accepted else "Nothing changed."
+            blocks.append(Text(keeps + " Fix the file and save it: it is read again at once.\n", style="dim"))
     elif accepted:
         blocks.append(Text(f"config.yaml: {accepted} is running.\n", style="green"))
     for item in health.broken:
@@ -190,6 +240,10 @@ def _strings(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list | tuple):
         return ()
     return tuple(str(item) for item in value)
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _int(value: Any) -> int | None:

@@ -107,11 +107,14 @@ class TopBar(Horizontal):
             self.add_class("-down")
             return
         info = (app.status or {}).get("orchestrator", {})
-        path = str(info.get("config_path") or app.where or "")
+        git = health.git if health is not None else None
+        path = git.source if git is not None else str(info.get("config_path") or app.where or "")
         width = max(16, self.size.width - 60) if self.size.width else 40
         where.append(short_path(path, width))
         if info.get("git_revision"):
             where.append(f" @ {info['git_revision']}", style="bold")
+        if git is not None and git.fetched and git.fetched != git.applied:
+            where.append(f" · fetched {git.fetched[:12]}", style="yellow")
         if info.get("config_sha256"):
             where.append(f" · config {str(info['config_sha256'])[:12]}", style="dim")
         if "uptime_s" in info:

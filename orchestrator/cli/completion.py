@@ -39,7 +39,7 @@ def add_commands(verbs: Any) -> None:
     # Hidden (no help, so not listed): what the scripts call for capsule names.
     names = verbs.add_parser("__complete")
     names.add_argument("what", choices=("capsules",))
-    names.add_argument("--config", type=Path, default=Path("config.yaml"))
+    names.add_argument("--config", type=Path)
     names.add_argument("--socket", type=Path)
     names.set_defaults(run=print_capsule_names)
 
@@ -380,11 +380,11 @@ def print_script(args: argparse.Namespace) -> int:
 def print_capsule_names(args: argparse.Namespace) -> int:
     """The running capsules' names, one a line; nothing when none can be had (status 0)."""
     from ..api.blocking import SyncClient
-    from ..api.client import socket_for
     from ..errors import OrchestratorError
+    from .remote import socket_of  # ./config.yaml's state dir, else ./.orch (an orchestrator following git)
 
     try:
-        with SyncClient(socket_for(args.config, args.socket), timeout=NAMES_TIMEOUT_S) as api:
+        with SyncClient(socket_of(args), timeout=NAMES_TIMEOUT_S) as api:
             capsules = api.status()["capsules"]
         names = [str(c["name"]) for c in capsules]
     except (OrchestratorError, OSError, ValueError, KeyError, TypeError):

@@ -59,18 +59,28 @@ exit status:
   1  the call failed (bad input, denial, guest error): one line on stderr
   2  bad usage""",
     "up": """\
+A git source follows a branch: each new revision is fetched (every --interval seconds, on
+`orch reconcile`), checked out into a folder of its own, validated strictly (a revision
+with any problem is not applied at all) and applied. The state dir is --state-dir, the
+root of cwd:// paths --workspace; builds run only with --allow-builds.
+
 examples:
   orch up                              ./config.yaml, events as readable lines
   orch up deploy/config.yaml --dash    with the dashboard in this terminal
   orch up --log-format json | jq .topic
+  orch up git+https://git.example.com/ops/deploy.git#main:prod/config.yaml --state-dir /srv/orch
+  orch up git+file:///srv/deploy.git#main --interval 10
 
 exit status:
   0  stopped cleanly (SIGINT or SIGTERM)
-  1  the config is invalid or the state dir cannot be used: nothing started
+  1  the config (or the branch's revision) is invalid, the branch cannot be fetched, or
+     the state dir cannot be used: nothing started
+  2  bad usage (a malformed git+ source, git options with a config file)
   130  a second signal: exited at once""",
     "dash": """\
 examples:
-  orch dash                     attach to the orchestrator of ./config.yaml
+  orch dash                     attach to the orchestrator of ./config.yaml (else of ./.orch)
+  orch dash --state-dir /srv/orch
   orch dash --socket .orch/orch.sock
 
 exit status:
@@ -80,6 +90,7 @@ exit status:
 examples:
   orch validate
   orch validate deploy/config.yaml && orch plan deploy/config.yaml --exit-code
+  orch validate git+file:///srv/deploy.git#main:config.yaml
 
 exit status:
   0  the config and every capsule it names are valid
@@ -87,16 +98,20 @@ exit status:
     "plan": """\
 CONFIG is compared with what runs: the running orchestrator's specs when one serves the
 state dir CONFIG names (or --socket), else the last applied state (applied.json). The
-first line says which.
+first line says which. CONFIG may be a git revision, git+URL#REV:PATH (a branch, tag or
+commit): cloned into a temporary folder and validated as `orch up git+...` would, then
+compared with the orchestrator of --state-dir (default ./.orch).
 
 examples:
   orch plan                                  ./config.yaml
   orch plan candidate.yaml --exit-code       would this change anything?
   orch plan --json | jq '.actions[] | select(.action != "keep")'
+  orch plan git+file:///srv/deploy.git#3f2a9c1:config.yaml --exit-code --state-dir /srv/orch
 
 exit status (with --exit-code; without it, 0 or 1):
   0  no changes
-  1  errors: the config is invalid, or the running orchestrator could not be asked
+  1  errors: the config is invalid, the revision cannot be fetched, or the running
+     orchestrator could not be asked
   2  changes
   3  --socket names no running orchestrator""",
     "status": f"""\
@@ -104,6 +119,8 @@ examples:
   orch status
   orch status --json | jq '.capsules[] | select(.phase != "Running") | .name'
   orch status --config deploy/config.yaml
+  orch status --state-dir /srv/orch          an orchestrator following git (default ./.orch)
+  orch status --json | jq .orchestrator.git   applied, fetched and rejected revisions
 
 exit status:
 {REMOTE_EXITS}""",
@@ -151,7 +168,7 @@ exit status:
 {REMOTE_EXITS}""",
     "reconcile": f"""\
 examples:
-  orch reconcile           re-read the files now; prints the plan applied
+  orch reconcile           re-read the files now (following git: fetch now); prints the plan applied
 
 exit status:
 {REMOTE_EXITS}""",
@@ -212,6 +229,17 @@ exit status:
   0  the folder was created (what to run next is printed)
   1  the folder exists and is not empty, or cannot be written
   2  bad usage, or an invalid capsule name""",
+    "schema": """\
+examples:
+  orch schema --config > config.schema.json      then, atop config.yaml:
+      # yaml-language-server: $schema=./config.schema.json
+  orch schema --manifest > capsule.schema.json   then, atop Capsule.toml (taplo):
+      #:schema ./capsule.schema.json
+  orch schema | jq '.config.properties | keys'
+
+exit status:
+  0  the schema is on stdout
+  2  bad usage""",
     "completion": """\
 examples:
   orch completion bash > ~/.local/share/bash-completion/completions/orch

@@ -7,10 +7,13 @@
     orch capsule check DIR
     orch capsule call DIR TOOL [JSON | -] [--state-dir DIR] [--workspace DIR] [--config KEY=VALUE]...
     orch up [CONFIG] [--log-format text|json] [--no-watch] [--no-builds] [--dash]
-    orch dash [CONFIG] [--socket PATH]
-    orch validate [CONFIG]
-    orch plan [CONFIG] [--json] [--exit-code] [--socket PATH]
+    orch up git+URL#BRANCH:PATH [--state-dir DIR] [--workspace DIR] [--interval SECONDS]
+            [--allow-builds] [--log-format text|json] [--dash]
+    orch dash [CONFIG] [--state-dir DIR] [--socket PATH]
+    orch validate [CONFIG | git+URL#REV:PATH]
+    orch plan [CONFIG | git+URL#REV:PATH] [--json] [--exit-code] [--state-dir DIR] [--socket PATH]
     orch status | describe | call | events | kv | reconcile | restart   (cli.remote)
+    orch schema [--config | --manifest]                                  (cli.schema)
     orch completion bash|zsh|fish                                        (cli.completion)
 
 Start-up is most of a short command's time, so building the parser imports nothing beyond
@@ -38,7 +41,7 @@ from .. import __version__
 from .helptext import verb_help
 from .output import COLOR_MODES, EXIT_BROKEN_PIPE, EXIT_USAGE, Colors
 
-VERB_MODULES = ("remote", "history", "lattice", "scaffold", "completion")
+VERB_MODULES = ("remote", "history", "lattice", "scaffold", "schema", "completion")
 """Modules under orchestrator.cli whose `add_commands(verbs)` registers their verbs, in the
 order `orch --help` lists them. They must stay light to import (the parser is built for
 every command)."""
@@ -153,7 +156,13 @@ def _parser() -> argparse.ArgumentParser:
     ccall.set_defaults(run=_lazy("author", "capsule_call"))
 
     up = verbs.add_parser("up", help="run the orchestrator on a config.yaml, in the foreground", **verb_help("up"))
-    up.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"), help="default: ./config.yaml")
+    up.add_argument(
+        "config",
+        nargs="?",
+        default="config.yaml",
+        metavar="CONFIG",
+        help="a config.yaml (default: ./config.yaml), or git+URL#BRANCH:PATH to follow a branch",
+    )
     up.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="json: every bus event as a JSON line"
     )
@@ -162,27 +171,44 @@ def _parser() -> argparse.ArgumentParser:
         "--no-builds", action="store_true", help="never run capsules' [build] commands (config.yaml: builds: false)"
     )
     up.add_argument("--dash", action="store_true", help="show the dashboard in this terminal; quitting it stops")
+    git = up.add_argument_group("following a git branch (git+URL#BRANCH:PATH)")
+    git.add_argument(
+        "--state-dir", type=Path, metavar="DIR", help="KV database, module cache, clone (default: ./.orch)"
+    )
+    git.add_argument("--workspace", type=Path, metavar="DIR", help="root of cwd:// paths (default: the current folder)")
+    git.add_argument("--interval", type=_seconds, metavar="SECONDS", help="seconds between fetches (default: 30)")
+    git.add_argument("--allow-builds", action="store_true", help="build capsules whose module a revision lacks")
     up.set_defaults(run=_up)
 
     dash = verbs.add_parser("dash", help="the terminal dashboard of a running orchestrator", **verb_help("dash"))
-    dash.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"), help="find the socket from it")
+    dash.add_argument("config", nargs="?", type=Path, help="find the socket from it (default: ./config.yaml)")
+    dash.add_argument(
+        "--state-dir", type=Path, metavar="DIR", help="the orchestrator's state dir (default: CONFIG's, else ./.orch)"
+    )
     dash.add_argument("--socket", type=Path, help="the control socket (instead of CONFIG)")
     dash.set_defaults(run=_dash)
 
     validate = verbs.add_parser(
         "validate", help="check a config.yaml and every capsule it names", **verb_help("validate")
     )
-    validate.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"), help="default: ./config.yaml")
+    validate.add_argument(
+        "config", nargs="?", default="config.yaml", metavar="CONFIG", help="default: ./config.yaml; or git+URL#REV:PATH"
+    )
     validate.set_defaults(run=_lazy("plan", "validate_verb"))
 
     plan = verbs.add_parser("plan", help="what applying a config.yaml would change", **verb_help("plan"))
-    plan.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"), help="default: ./config.yaml")
+    plan.add_argument(
+        "config", nargs="?", default="config.yaml", metavar="CONFIG", help="default: ./config.yaml; or git+URL#REV:PATH"
+    )
     plan.add_argument("--json", action="store_true", help='print {"config", "against", "actions": [...]}')
     plan.add_argument("--exit-code", action="store_true", help="exit 0: no changes, 2: changes, 1: errors")
     plan.add_argument("--socket", type=Path, help="compare with the orchestrator on this control socket")
     plan.add_argument("--lattice", metavar="URL", help="compare with the lattice's current revision")
     plan.add_argument("--lattice-name", default="default", metavar="N", help="the lattice's name (default: default)")
     plan.add_argument("--lattice-creds", type=Path, metavar="FILE", help="NATS credentials file (.creds)")
+    plan.add_argument(
+        "--state-dir", type=Path, metavar="DIR", help="for git+...: the state dir compared with (default: ./.orch)"
+    )
     plan.set_defaults(run=_lazy("plan", "plan_verb"))
 
     for name in VERB_MODULES:
@@ -214,7 +240,14 @@ def _accept_everywhere(parser: argparse.ArgumentParser) -> None:
 def _up(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .up import run_up
+    from ..errors import OrchestratorError
+    from .output import fail, one_line
+    from .up import run_up, up_source
+
+    try:
+        source = up_source(args)
+    except OrchestratorError as error:
+        return fail(one_line(error), EXIT_USAGE, colors=args.colors)
 
     dashboard = None
     if args.dash and not (sys.stdin.isatty() and sys.stdout.isatty()):
@@ -225,10 +258,10 @@ def _up(args: argparse.Namespace) -> int:
         dashboard = run_dashboard
     return asyncio.run(
         run_up(
-            args.config,
+            source,
             log_format=args.log_format,
             watch=not args.no_watch,
-            builds=not args.no_builds,
+            builds=args.allow_builds if not isinstance(source, Path) else not args.no_builds,
             dashboard=dashboard,
         )
     )
@@ -237,18 +270,28 @@ def _up(args: argparse.Namespace) -> int:
 def _dash(args: argparse.Namespace) -> int:
     import asyncio
 
-    from ..api.client import socket_for
     from ..errors import OrchestratorError
     from .output import fail, one_line
+    from .remote import socket_of
 
     try:
-        socket = socket_for(args.config, args.socket)
+        socket = socket_of(args)
     except OrchestratorError as error:
         return fail(one_line(error), EXIT_USAGE, colors=args.colors)
     from tui import run_dashboard
 
     asyncio.run(run_dashboard(socket))
     return 0
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0.05 <= value <= 86400:  # (NaN fails too)
+        raise argparse.ArgumentTypeError(f"expected seconds between 0.05 and 86400, got {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:

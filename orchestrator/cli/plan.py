@@ -1,7 +1,7 @@
 """`orch validate` and `orch plan`: a config.yaml checked, and compared with what runs.
 
-    orch validate [CONFIG]
-    orch plan [CONFIG] [--json] [--exit-code] [--socket PATH]
+    orch validate [CONFIG | git+URL#REV:PATH]
+    orch plan [CONFIG | git+URL#REV:PATH] [--json] [--exit-code] [--state-dir DIR] [--socket PATH]
 
 `plan` loads CONFIG here (every capsule it names, hashed) and diffs it with the pure
 `desired.plan.plan` against what runs: the specs of the orchestrator serving the state dir
@@ -10,24 +10,34 @@ recorded in that state dir (applied.json). It always answers for CONFIG, and its
 (`against` in JSON) says what it compared with. Exit codes with `--exit-code`: 0 no
 changes, 2 changes, 1 errors; 3 when `--socket` names no running orchestrator.
 
+CONFIG may be a git revision, `git+URL#REV:PATH` (a branch, a tag or a commit): it is
+cloned into a temporary folder, checked out and validated as a following orchestrator
+would (strictly, every capsule folder inside the repository), and compared with the
+orchestrator (or applied.json) of `--state-dir` (default ./.orch, as `orch up git+...`).
+
 Imported when one of these verbs runs (it loads pydantic through the config loader).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..api.blocking import SyncClient
 from ..api.client import NotRunning, RemoteError
-from ..control.statedir import APPLIED, SOCKET, read_applied
+from ..control.gitsource import is_git_source
+from ..control.statedir import APPLIED, DEFAULT_STATE_DIR, SOCKET, read_applied
 from ..errors import ConfigError, OrchestratorError
-from .output import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, fail, one_line, print_problems
+from .output import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, fail, one_line, print_problems
 from .remote import print_actions
 
 if TYPE_CHECKING:
+    from ..desired import DesiredState
     from ..desired.spec import CapsuleSpec
 
 SPECS_TIMEOUT_S = 30.0
@@ -41,6 +51,8 @@ def validate_verb(args: argparse.Namespace) -> int:
     from ..desired.load import load_desired
     from ..errors import Problem
 
+    if is_git_source(args.config):
+        return _validate_git(args)
     problems: list[Problem] = []
     config: LoadedConfig | None = None
     try:
@@ -63,19 +75,67 @@ def validate_verb(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def plan_verb(args: argparse.Namespace) -> int:
-    from ..desired.load import load_desired
-    from ..desired.plan import plan
+def _validate_git(args: argparse.Namespace) -> int:
+    try:
+        with git_revision(args.config, state_dir=Path(DEFAULT_STATE_DIR)) as (desired, revision):
+            enabled = sum(1 for s in desired.specs.values() if s.enabled)
+            print(f"{args.config}: revision {revision[:12]} valid ({len(desired.specs)} capsules, {enabled} enabled)")
+            return EXIT_OK
+    except ConfigError as error:
+        return print_problems(args.config, [str(p) for p in error.problems], colors=args.colors)
+    except OrchestratorError as error:
+        return fail(one_line(error), EXIT_FAILED, colors=args.colors)
 
+
+@contextlib.contextmanager
+def git_revision(source: str, *, state_dir: Path) -> Iterator[tuple[DesiredState, str]]:
+    """The desired state of the revision `source` names and its commit, from a temporary
+    clone (removed afterwards), validated strictly. Raises RevisionRejected (a ConfigError)
+    or GitSourceError."""
+    from ..control.follow import load_revision
+    from ..control.gitsource import GitRef, GitSource
+
+    ref = GitRef.parse(source)
+    with tempfile.TemporaryDirectory(prefix="orch-plan-") as folder:
+        clone = GitSource(ref, Path(folder))
+        checkout = clone.checkout(clone.fetch())
+        yield load_revision(checkout, state_dir=state_dir.absolute(), workspace=Path.cwd()), checkout.commit
+
+
+def plan_verb(args: argparse.Namespace) -> int:
     if getattr(args, "lattice", None):
         from .lattice import run_plan
 
         return run_plan(args)  # against the lattice's current revision
+    if not is_git_source(args.config):
+        return _plan_file(args)
+    try:
+        with git_revision(args.config, state_dir=args.state_dir or Path(DEFAULT_STATE_DIR)) as (desired, revision):
+            return _plan(args, desired, revision=revision)
+    except ConfigError as error:
+        return print_problems(args.config, [str(p) for p in error.problems], colors=args.colors)
+    except OrchestratorError as error:
+        return fail(one_line(error), EXIT_FAILED, colors=args.colors)
 
+
+def _plan_file(args: argparse.Namespace) -> int:
+    from ..desired.load import load_desired
+
+    if args.state_dir is not None:
+        return fail(
+            "--state-dir: for a git source only; a config.yaml names its state_dir", EXIT_USAGE, colors=args.colors
+        )
     try:
         desired = load_desired(args.config)
     except ConfigError as error:
         return print_problems(args.config, [str(p) for p in error.problems], colors=args.colors)
+    return _plan(args, desired)
+
+
+def _plan(args: argparse.Namespace, desired: DesiredState, *, revision: str | None = None) -> int:
+    """Diff `desired` with what runs, print the plan; the exit code."""
+    from ..desired.plan import plan
+
     state_dir = desired.config.state_dir
     socket = args.socket or state_dir / SOCKET
     try:
@@ -104,10 +164,14 @@ def plan_verb(args: argparse.Namespace) -> int:
     pins = in_force(desired.specs, saved_pins(state_dir))  # a rollback's pin overrides the file
     actions = plan(desired.specs, actual, pins=pins).to_dict()["actions"]
     if args.json:
-        shown = {"config": str(desired.config.path), "against": {k: against[k] for k in ("source", "path")}}
+        config = str(desired.config.path) if revision is None else str(args.config)
+        shown: dict[str, Any] = {"config": config, "against": {k: against[k] for k in ("source", "path")}}
+        if revision is not None:
+            shown["revision"] = revision
         print(json.dumps({**shown, "actions": actions}, indent=2, ensure_ascii=False))
     else:
-        print(f"plan for {args.config}, against {against['text']}:")
+        at = f" (revision {revision[:12]})" if revision is not None else ""
+        print(f"plan for {args.config}{at}, against {against['text']}:")
         print_actions(actions, colors=args.colors)
     if args.exit_code and any(a["action"] != "keep" for a in actions):
         return EXIT_CHANGES

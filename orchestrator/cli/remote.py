@@ -8,9 +8,10 @@
     orch reconcile
     orch restart NAME
 
-Each finds the socket from `CONFIG` (default ./config.yaml: `<state_dir>/orch.sock`, read
-leniently, so a config with a typo still leads to the orchestrator that runs) or takes
-`--socket PATH`. Without a running orchestrator: one line, exit 3. A failed request: one
+Each finds the socket in a state dir: `--state-dir DIR`, else the one `--config CONFIG`
+names (read leniently, so a config with a typo still leads to the orchestrator that runs),
+else ./config.yaml's, else ./.orch (an orchestrator following git, `orch up git+...`); or
+takes `--socket PATH`. Without a running orchestrator: one line, exit 3. A failed request: one
 line with the server's message, exit 1. An unreadable config: exit 2.
 
 They talk through `SyncClient` (the standard library, blocking), imported when a verb runs:
@@ -57,8 +58,14 @@ def add_commands(verbs: Any) -> None:
 
     def verb(name: str, help_text: str, run: Verb) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = verbs.add_parser(name, help=help_text, **verb_help(name))
-        parser.add_argument("--config", type=Path, default=Path("config.yaml"), help="find the socket from this config")
-        parser.add_argument("--socket", type=Path, help="the control socket (instead of --config)")
+        parser.add_argument("--config", type=Path, help="find the socket from this config (default: ./config.yaml)")
+        parser.add_argument(
+            "--state-dir",
+            type=Path,
+            metavar="DIR",
+            help="the orchestrator's state dir (default: --config's, else ./.orch)",
+        )
+        parser.add_argument("--socket", type=Path, help="the control socket (instead of --config or --state-dir)")
         parser.set_defaults(run=lambda args: _connect(args, run))
         return parser
 
@@ -104,14 +111,14 @@ def add_commands(verbs: Any) -> None:
 
 def _connect(args: argparse.Namespace, run: Verb) -> int:
     from ..api.blocking import SyncClient
-    from ..api.client import NotRunning, RemoteError, socket_for
+    from ..api.client import NotRunning, RemoteError
     from ..errors import OrchestratorError
 
     colors: Colors = getattr(args, "colors", PLAIN)
     if getattr(args, "lattice", None):
         return _on_lattice(args, run, colors)
     try:
-        path = socket_for(args.config, args.socket)
+        path = socket_of(args)
     except OrchestratorError as error:
         return fail(one_line(error), EXIT_USAGE, colors=colors)
     try:
@@ -147,6 +154,16 @@ def _on_lattice(args: argparse.Namespace, run: Verb, colors: Colors) -> int:
         return fail(one_line(error), EXIT_FAILED, colors=colors)
 
 
+def socket_of(args: argparse.Namespace) -> Path:
+    """The control socket a verb's `--socket`, `--state-dir` or `--config` point at (the
+    rule: control.statedir.find_state_dir). Raises ConfigError when a config cannot be read."""
+    from ..control.statedir import SOCKET, find_state_dir
+
+    if getattr(args, "socket", None) is not None:
+        return Path(args.socket)
+    return find_state_dir(config=getattr(args, "config", None), state_dir=getattr(args, "state_dir", None)) / SOCKET
+
+
 def _status(args: argparse.Namespace, client: SyncClient) -> int:
     status = client.status()
     if args.json:
@@ -155,7 +172,12 @@ def _status(args: argparse.Namespace, client: SyncClient) -> int:
     style = args.colors.out
     info = status["orchestrator"]
     revision = f" @ {info['git_revision']}" if info.get("git_revision") else ""
-    print(f"{info['config_path']}{revision}  config {str(info.get('config_sha256'))[:12]}  up {info['uptime_s']:.0f} s")
+    git = info.get("git") if isinstance(info.get("git"), dict) else None
+    where = git["source"] if git and git.get("source") else info["config_path"]
+    print(f"{where}{revision}  config {str(info.get('config_sha256'))[:12]}  up {info['uptime_s']:.0f} s")
+    if git:
+        for line in git_lines(git):
+            print(style(line, "red") if line.startswith(("rejected", "fetch failed")) else line)
     rows = [("NAME", "PHASE", "VERSION", "INST", "CALLS", "ERRORS", "FUEL/CALL", "LAST ERROR")]
     for c in status["capsules"]:
         rows.append(
@@ -273,6 +295,25 @@ def _restart(args: argparse.Namespace, client: SyncClient) -> int:
     phase = args.colors.out.phase(str(status["phase"]))
     print(f"{status['name']}: {phase} version {status['version']} (reloads: {status['reload_count']})")
     return EXIT_OK
+
+
+def git_lines(git: dict[str, Any]) -> list[str]:
+    """What `orch status` says of a followed branch: fetched (when it is not what runs), the
+    rejected revision with its problems, a failing fetch."""
+    lines = []
+    fetched, applied = git.get("fetched_revision"), git.get("applied_revision")
+    if fetched and fetched != applied:
+        lines.append(f"fetched {str(fetched)[:12]} (applied: {str(applied or 'none')[:12]})")
+    rejected = git.get("rejected")
+    if isinstance(rejected, dict):
+        count = rejected.get("count", len(rejected.get("problems") or []))
+        lines.append(
+            f"rejected {str(rejected.get('revision'))[:12]}: {count} problem(s); the applied revision keeps running"
+        )
+        lines += [f"  {problem}" for problem in rejected.get("problems") or []]
+    if git.get("error"):
+        lines.append(f"fetch failed: {git['error']}")
+    return lines
 
 
 ACTION_COLORS = {"start": "green", "reload": "yellow", "stop": "red", "keep": "dim"}

@@ -15,6 +15,11 @@ second signal exits at once (status 130). Part of the CLI layer: it prints.
 With a `dashboard` (`orch up --dash`: the CLI passes `tui.run_dashboard`, so this module
 never imports Textual), nothing is printed while it runs: the dashboard owns the terminal
 as a client of the control socket, and quitting it shuts down as a signal does.
+
+The source is a config.yaml, or a git branch to follow (`git+URL#BRANCH:PATH`, see
+control.follow): then `--state-dir` (default ./.orch) and `--workspace` (default: the
+current folder) say where its state and its `cwd://` root are, `--interval` how often it
+fetches (default 30 s), and builds run only with `--allow-builds`.
 """
 
 from __future__ import annotations
@@ -33,8 +38,10 @@ from typing import Any
 
 from ..api.server import ControlServer
 from ..capsule.bus import Event, Subscription
+from ..control.follow import DEFAULT_INTERVAL_S, GitFollower, RevisionRejected
+from ..control.gitsource import GitRef, is_git_source
 from ..control.runtime import Orchestrator
-from ..control.statedir import LOG
+from ..control.statedir import DEFAULT_STATE_DIR, LOG
 from ..errors import ConfigError, OrchestratorError
 from .output import clip
 from .printer import LinePrinter
@@ -44,15 +51,43 @@ PAYLOAD_CHARS = 200  # an event's payload in a text line; longer ones are cut, w
 logger = logging.getLogger(__name__)
 
 
+GIT_OPTIONS = ("state_dir", "workspace", "interval", "allow_builds")
+
+
+def up_source(args: Any) -> Path | GitFollower:
+    """What `orch up` runs: the config file, or a follower of the git branch `args.config`
+    names (with its options). Raises OrchestratorError (a usage error) saying what is wrong."""
+    text = str(args.config)
+    if not is_git_source(text):
+        given = [f"--{name.replace('_', '-')}" for name in GIT_OPTIONS if getattr(args, name, None)]
+        if given:
+            raise OrchestratorError(
+                f"{', '.join(given)}: for a git source (git+URL#BRANCH:PATH) only; "
+                f"a config.yaml names its own state_dir and workspace"
+            )
+        return Path(text)
+    if args.workspace is not None and not args.workspace.is_dir():
+        raise OrchestratorError(f"--workspace {args.workspace}: no such folder; create it, or choose another")
+    return GitFollower(
+        GitRef.parse(text),
+        state_dir=args.state_dir or Path(DEFAULT_STATE_DIR),
+        workspace=args.workspace or Path.cwd(),
+        interval=args.interval or DEFAULT_INTERVAL_S,
+    )
+
+
 async def run_up(
-    config: Path,
+    config: Path | GitFollower,
     *,
     log_format: str = "text",
     watch: bool = True,
     builds: bool = True,
     dashboard: Callable[..., Awaitable[None]] | None = None,
 ) -> int:
-    orchestrator = Orchestrator(config, watch=watch, builds=builds)
+    if isinstance(config, GitFollower):  # following a branch: builds only if allowed (`builds`)
+        orchestrator = Orchestrator(follow=config, builds=builds)
+    else:
+        orchestrator = Orchestrator(config, watch=watch, builds=builds)
     out = LinePrinter()
     events = orchestrator.bus.subscribe(">", queue_size=100_000)
     if dashboard is not None:
@@ -104,15 +139,23 @@ async def _first_apply(
     if log_format == "text" and dashboard is None:
         assert orchestrator.reconciler is not None
         running = sum(1 for status in orchestrator.reconciler.status() if status["phase"] == "Running")
+        follow = orchestrator.follow
+        where, how = str(orchestrator.config_path), "; watching for changes" if orchestrator.watch else ""
+        if follow is not None:
+            where = f"{follow.ref} @ {(follow.applied_revision or 'none')[:12]}"
+            how = f"; fetching every {follow.interval:g} s"
         out.write(
-            f"orch: {running} capsule(s) running from {orchestrator.config_path}"
-            f"{'; watching for changes' if orchestrator.watch else ''}; control API on {server.path}. Ctrl+C to stop."
+            f"orch: {running} capsule(s) running from {where}{how}; control API on {server.path}. Ctrl+C to stop."
         )
 
 
-def _report(config: Path, error: OrchestratorError) -> None:
+def _report(config: Path | GitFollower, error: OrchestratorError) -> None:
+    shown = str(config.ref if isinstance(config, GitFollower) else config)
     if isinstance(error, ConfigError):
-        print(f"orch: {config}: {len(error.problems)} problem(s); nothing started", file=sys.stderr)
+        what = f"{len(error.problems)} problem(s)"
+        if isinstance(error, RevisionRejected):
+            what = f"revision {error.revision[:12]} is rejected, {what}"
+        print(f"orch: {shown}: {what}; nothing started", file=sys.stderr)
         for problem in error.problems:
             print(f"  {problem}", file=sys.stderr)
     else:

@@ -9,7 +9,9 @@ every apply costs a few `stat` calls.
 `describe()` adds `-dirty` when tracked files differ from the commit. That takes `git
 status`, so it runs only when HEAD, the ref, the index or the watched file (config.yaml)
 changed since it last ran, and only where blocking is fine (the runtime calls it on a
-worker thread); `last` is the most recent answer, for callers on the event loop.
+worker thread); `last` is the most recent answer. `peek()` is for callers on the event
+loop: HEAD re-read from its files (a commit made without touching config.yaml shows at
+once), `last` while HEAD has not moved, and `stale` says when `describe` should run again.
 
 Used by the runtime (status, applied.json).
 """
@@ -63,6 +65,7 @@ class GitRevision:
         self._value: str | None = None
         self._dirty_stamps: tuple[FileStamp | None, ...] | None = None
         self._dirty = False
+        self._described: str | None = None  # the commit `last` is about
         self.last: str | None = None
 
     def _discover(self) -> bool:
@@ -94,16 +97,28 @@ class GitRevision:
         head = _read(self._gitdir / "HEAD")
         ref = head[len("ref:") :].strip() if head is not None and head.startswith("ref:") else None
         stamps = tuple(FileStamp.at(p) for p in self._watched(ref))
-        if stamps != self._stamps:
-            self._stamps = stamps
+        if stamps != self._stamps:  # the value first: a reader that sees the new stamps sees it too
             self._value = self._resolve(head, ref)
+            self._stamps = stamps
         return self._value
+
+    def peek(self) -> str | None:
+        """What `describe` would say, cheaply (a read and a few `stat` calls, no subprocess:
+        fine on the event loop): its last answer while HEAD has not moved since, else the
+        new commit without `-dirty` (`stale` is then True until `describe` runs again)."""
+        commit = self.current()
+        return self.last if commit is not None and commit == self._described else commit
+
+    @property
+    def stale(self) -> bool:
+        """Whether HEAD moved since `describe` last ran (as of the last `current` or `peek`)."""
+        return self._value is not None and self._value != self._described
 
     def describe(self) -> str | None:
         """The short commit, with `-dirty` when tracked files have changes. Blocking."""
         commit = self.current()
         if commit is None:
-            self.last = None
+            self.last = self._described = None
             return None
         assert self._gitdir is not None
         watched = [*(self._stamps or ()), FileStamp.at(self._gitdir / "index")]
@@ -114,6 +129,7 @@ class GitRevision:
             self._dirty_stamps = stamps
             self._dirty = _has_changes(self.folder)
         self.last = commit + ("-dirty" if self._dirty else "")
+        self._described = commit
         return self.last
 
     def _resolve(self, head: str | None, ref: str | None) -> str | None:

@@ -18,7 +18,6 @@ git's own last line. Blocking: call on a worker thread. Used by the runtime, the
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
 import re
@@ -28,7 +27,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ..errors import OrchestratorError
+from ..errors import SourceError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ KEEP_CHECKOUTS = 5
 _SHA = re.compile(r"^[0-9a-f]{40}(?:[0-9a-f]{24})?$")
 
 
-class GitSourceError(OrchestratorError):
+class GitSourceError(SourceError):
     """A git source that cannot be used; the message names the repository, ref and cause."""
 
 
@@ -162,16 +161,34 @@ class GitSource:
             raise GitSourceError(f"{commit!r} is not a commit id")
         folder = self.checkouts / commit
         if not folder.is_dir():
-            done = self._git("--git-dir", str(self.repo), "archive", "--format=tar", commit)
-            if done.returncode != 0:
-                raise self._fail(f"check out {commit[:12]} of", done)
+            self.checkouts.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tar = self.checkouts / f".{commit}.tar"  # on disk, not in memory: a revision may be large
             partial = self.checkouts / f".{commit}.partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
-            with tarfile.open(fileobj=io.BytesIO(done.stdout)) as archive:
-                archive.extractall(partial, filter="data")  # refuses absolute paths, '..', devices
-            os.replace(partial, folder)
+            try:
+                done = self._git("--git-dir", str(self.repo), "archive", "--format=tar", f"--output={tar}", commit)
+                if done.returncode != 0:
+                    raise self._fail(f"check out {commit[:12]} of", done)
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir()
+                try:
+                    with tarfile.open(tar) as archive:
+                        archive.extractall(partial, filter="data")  # refuses absolute paths, '..', devices
+                except (tarfile.TarError, OSError) as error:
+                    raise GitSourceError(f"cannot check out {commit[:12]} of {self.ref.url}: {error}") from None
+                os.replace(partial, folder)
+            finally:
+                with contextlib.suppress(OSError):
+                    tar.unlink()
+                shutil.rmtree(partial, ignore_errors=True)
         return Checkout(commit, folder, folder / self.ref.path)
+
+    def commit_of(self, path: Path) -> str | None:
+        """The commit whose checkout holds `path`, or None."""
+        try:
+            name = Path(path).relative_to(self.checkouts).parts[0]
+        except (ValueError, IndexError):
+            return None
+        return name if _SHA.match(name) else None
 
     def prune(self, keep: set[str]) -> None:
         """Remove checkouts other than `keep` and the newest KEEP_CHECKOUTS."""

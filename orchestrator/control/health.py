@@ -6,7 +6,7 @@ capsule's phase alone. `DesiredHealth` keeps them, with times, for `orch status`
 dashboard's header and `GET /v1/status` (`orchestrator.desired`):
 
     {"state": "accepted" | "rejected", "accepted_at_ms": int | None,
-     "rejected": None | {"at_ms", "count", "problems": [str]},
+     "rejected": None | {"at_ms", "count", "problems": [str], "revision"?: str},
      "broken": {capsule: {"at_ms", "problems": [str]}},
      "builds_failed": {capsule: {"at_ms", "exit_code", "output"}}}
 
@@ -49,9 +49,12 @@ class DesiredHealth:
         }
         return not was_healthy and self.healthy
 
-    def rejected_config(self, problems: Sequence[object]) -> None:
-        """config.yaml could not be used: nothing of the change was applied."""
+    def rejected_config(self, problems: Sequence[object], *, revision: str | None = None) -> None:
+        """config.yaml could not be used: nothing of the change was applied (`revision`: the
+        git commit rejected, when the config comes from git)."""
         self.rejected = {**_entry(self._wall_ms(), problems), "count": len(problems)}
+        if revision is not None:
+            self.rejected["revision"] = revision
 
     def build_finished(self, name: str, *, exit_code: int, output: str = "") -> bool:
         """A build of `name` ended. True when a success ends a failure and all is healthy."""

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..capsule import CapsuleLauncher, EventBus, KVStore
-from ..capsule.protected import ProtectedHolder, ProtectedPaths
+from ..capsule.protected import ProtectedArea, ProtectedHolder, ProtectedPaths
 from ..desired import DesiredState, Plan, load_desired
 from ..desired.config import HistorySettings
 from ..desired.manifest import Manifest, load_manifest
@@ -39,6 +39,7 @@ from ..engine import WasmEngine, load_or_create_key
 from ..errors import ConfigError, ManifestError, Problem, UnknownCapsule
 from .builds import Builder
 from .builds import sources as build_sources
+from .follow import GitFollower, RevisionRejected
 from .gitrev import GitRevision
 from .health import DesiredHealth
 from .history import NotPinned, VersionHistory
@@ -48,6 +49,7 @@ from .statedir import CACHE, CACHE_KEY, KV_DATABASE, StateDir, write_applied
 from .watcher import Watcher
 
 logger = logging.getLogger(__name__)
+GIT_CLONE = "the orchestrator's git clone and checkouts are never reachable by capsules"
 
 
 class Orchestrator:
@@ -55,12 +57,20 @@ class Orchestrator:
 
     def __init__(
         self,
-        config_path: Path | str,
+        config_path: Path | str | None = None,
         *,
         watch: bool = True,
         builds: bool = True,
         environ: Mapping[str, str] | None = None,
+        follow: GitFollower | None = None,
     ) -> None:
+        # Following git (`follow`): each revision's config.yaml is in its checkout (config_path
+        # follows it), which never changes: the fetch interval and reconcile drive changes.
+        self.follow = follow
+        if follow is not None:
+            config_path, watch = follow.folder, False
+        if config_path is None:
+            raise TypeError("Orchestrator needs a config_path, or a GitFollower to follow")
         self.config_path = Path(config_path).absolute()
         self.watch = watch
         self.builds = builds  # the operator's switch (`orch up --no-builds`); config.yaml's `builds` too
@@ -71,6 +81,8 @@ class Orchestrator:
         self.engine: WasmEngine | None = None
         self.reconciler: Reconciler | None = None
         self.builder = Builder(bus=self.bus, enabled=builds, on_finished=self._build_finished)
+        if follow is not None:
+            follow.builder = self.builder if builds else None  # (`--allow-builds`) built before validation
         self.started_at = time.time()
         self.last_plan: Plan | None = None
         self.revision = GitRevision(self.config_path.parent, watched=self.config_path)
@@ -84,9 +96,14 @@ class Orchestrator:
         self.ready = False  # the first plan has been applied
         self.state: StateDir | None = None
         self.history: VersionHistory | None = None
+        self._describing: asyncio.Future[str | None] | None = None  # the local revision, re-read
+        self._rejected_first: RevisionRejected | None = None
 
     async def load(self, *, previous: DesiredState | None = None, only: list[str] | None = None) -> DesiredState:
-        """Read the desired state on a worker thread. Raises ConfigError."""
+        """Read the desired state on a worker thread. Raises ConfigError. Following git: fetch,
+        check out and validate the branch's revision strictly (RevisionRejected, SourceError)."""
+        if self.follow is not None:
+            return await self.follow.latest(environ=self.environ)
         return await asyncio.to_thread(
             load_desired, self.config_path, environ=self.environ, previous=previous, only=only, strict=False
         )
@@ -102,8 +119,16 @@ class Orchestrator:
         engine. Nothing runs yet, so the control API can be served from here on. Raises
         ConfigError, StateDirError (another orchestrator holds the state dir, or it is
         unusable) or StoreError, each before anything was started or written."""
-        desired = await self.load()
-        self.state = await asyncio.to_thread(StateDir.open, desired.config.state_dir)
+        if self.follow is None:
+            desired = await self.load()
+            self.state = await asyncio.to_thread(StateDir.open, desired.config.state_dir)
+        else:  # the clone lives in the state dir: locked first
+            self.state = await asyncio.to_thread(StateDir.open, self.follow.state_dir)
+            try:
+                desired, self._rejected_first = await self.follow.first(environ=self.environ)
+            except BaseException:
+                self.state.close()
+                raise
         state_dir = self.state.path
         try:
             self.store = await KVStore.open(state_dir / KV_DATABASE)
@@ -148,6 +173,8 @@ class Orchestrator:
             assert self.history is not None and self.reconciler is not None
             self.reconciler.restore_pins(await restored_pins(self.history, desired.specs))  # a restart keeps them
             plan = await self._apply(desired)
+            if self._rejected_first is not None:  # the branch's revision, rejected: the one before runs
+                self._rejected(self._rejected_first)
         self.ready = True
         self.builder.enabled = self.builds and desired.config.model.builds
         await self._build_stale(desired)
@@ -156,7 +183,22 @@ class Orchestrator:
             await self._watcher.start(self._folders(desired))
             self._watch_task = asyncio.get_running_loop().create_task(self._watch_loop(), name="watch")
             plan = await self._catch_up(plan)
+        elif self.follow is not None:
+            self._watch_task = asyncio.get_running_loop().create_task(self.follow.run(self._git_tick), name="follow")
         return plan
+
+    async def _git_tick(self) -> None:
+        """The fetch interval: apply the branch's revision when it is one not validated yet
+        (a fetch that fails is recorded and logged by the follower)."""
+        assert self.follow is not None
+        async with self._changes:
+            try:
+                desired = await self.follow.next_revision(environ=self.environ)
+            except ConfigError as error:
+                self._rejected(error)
+                return
+            if desired is not None:
+                await self._apply(desired)
 
     async def _catch_up(self, plan: Plan) -> Plan:
         """Apply what changed between the first read and the watches being in place."""
@@ -176,6 +218,8 @@ class Orchestrator:
         """Phased shutdown: watching and builds, capsules (bounded), store, engine, bus."""
         if self._recording is not None:
             await asyncio.wait({self._recording}, timeout=timeout)  # the last applied.json, written whole
+        if self._describing is not None:
+            await asyncio.wait({self._describing}, timeout=timeout)
         if self._watcher is not None:
             await self._watcher.close()
         if self._watch_task is not None:
@@ -197,6 +241,8 @@ class Orchestrator:
     async def _apply(self, desired: DesiredState) -> Plan:
         assert self.reconciler is not None
         self.desired = desired  # what is being applied: the API names its deployments from here on
+        if self.follow is not None:
+            self.config_path = desired.config.path  # in the revision's checkout
         self.protected.current = await asyncio.to_thread(self._protected_paths, desired)  # resolves paths
         broken = {name: _why_broken(problems) for name, problems in desired.broken.items()}
         await asyncio.to_thread(self.revision.describe)  # the revision the history's entries record
@@ -206,6 +252,9 @@ class Orchestrator:
             await self.history.save_pins(self.reconciler.pins)
         self._accepted(desired)
         running = {name: spec.record() for name, spec in self.reconciler.actual().items()}
+        if self.follow is not None and (commit := self.follow.revision_of(desired)) is not None:
+            self.follow.applied(commit)
+            await asyncio.to_thread(self.follow.prune, [r["folder"] for r in running.values()])
         # Shielded: a shutdown arriving now must not lose the record of what was applied
         # (`stop` waits for it); `orch plan` reads it once this orchestrator is gone.
         self._recording = asyncio.ensure_future(asyncio.to_thread(self._record_applied, desired, running))
@@ -284,9 +333,14 @@ class Orchestrator:
 
     def _rejected(self, error: ConfigError) -> None:
         problems = [str(p) for p in error.problems]
-        self.health.rejected_config(problems)
-        logger.warning("not applied; the last good state keeps running:\n  %s", "\n  ".join(problems))
-        self.bus.publish("orch.reconcile.rejected", {"problems": problems, "config": str(self.config_path)})
+        revision = error.revision if isinstance(error, RevisionRejected) else None
+        if self.follow is not None and isinstance(error, RevisionRejected):
+            self.follow.rejected_now(error)
+        self.health.rejected_config(problems, revision=revision)
+        what = f"revision {revision} not applied" if revision else "not applied"
+        logger.warning("%s; the last good state keeps running:\n  %s", what, "\n  ".join(problems))
+        event = {"problems": problems, "config": str(self.config_path)}
+        self.bus.publish("orch.reconcile.rejected", event if revision is None else {**event, "revision": revision})
 
     def _protected_paths(self, desired: DesiredState) -> ProtectedPaths:
         """What no capsule may reach through its file grants: this orchestrator's own files,
@@ -304,9 +358,10 @@ class Orchestrator:
         return ProtectedPaths.build(
             state_dir=config.state_dir,
             cache_dir=config.state_dir / CACHE,
-            config_file=self.config_path,
-            capsule_folders=folders,
+            config_file=self.config_path if self.follow is None else config.path,
+            capsule_folders=folders,  # following git: in the revision's checkout
             build_inputs=built,
+            extra=[ProtectedArea(self.follow.folder, GIT_CLONE)] if self.follow is not None else [],
         )
 
     def _record_applied(self, desired: DesiredState, running: dict[str, Any]) -> None:
@@ -315,10 +370,12 @@ class Orchestrator:
         record = {
             "config_path": str(self.config_path),
             "config_sha256": desired.config.text_sha256,
-            "git_revision": self.revision.describe(),
+            "git_revision": self.revision.describe() if self.follow is None else self._revision_now(),
             "applied_at_ms": int(time.time() * 1000),
             "capsules": running,
         }
+        if self.follow is not None:
+            record["git"] = self.follow.to_dict()
         write_applied(desired.config.state_dir, record)
 
     # -- watching ------------------------------------------------------------------------
@@ -391,12 +448,26 @@ class Orchestrator:
         return {
             "config_path": str(self.config_path),
             "config_sha256": desired.config.text_sha256 if desired else None,
-            "git_revision": self.revision.last,
+            "git_revision": self._revision_now(),
             "uptime_s": round(time.time() - self.started_at, 3),
             "ready": self.ready,
             "desired": self.health.to_dict(),
             "state_dir": str(desired.config.state_dir) if desired else None,
+            "git": self.follow.to_dict() if self.follow is not None else None,
         }
+
+    def _revision_now(self) -> str | None:
+        """The revision shown: following git, the applied commit (short); else the config's
+        repository's HEAD, re-read cheaply (a commit shows without a reconcile) and described
+        again (`-dirty`) on a worker thread when it moved."""
+        if self.follow is not None:
+            applied = self.follow.applied_revision
+            return applied[:12] if applied else None
+        shown = self.revision.peek()
+        if self.revision.stale and (self._describing is None or self._describing.done()):
+            with contextlib.suppress(RuntimeError):  # (no running loop: the next call does it)
+                self._describing = asyncio.ensure_future(asyncio.to_thread(self.revision.describe))
+        return shown
 
 
 def _by_folder(desired: DesiredState) -> dict[Path, list[str]]:

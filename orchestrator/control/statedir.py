@@ -18,6 +18,9 @@ values, the config's hash and revision), written atomically off the event loop, 
 `state_dir_of` finds a config's state dir without validating the config (no pydantic):
 the CLI's operator verbs and the dashboard use it to find the control socket, so a typo
 saved in config.yaml never locks the operator out of the orchestrator still running.
+`find_state_dir` is their whole rule: `--state-dir DIR`, else `--config`'s state dir, else
+./config.yaml's when there is one, else `./.orch` (where `orch up git+...` keeps it by
+default: an orchestrator that follows git has no config.yaml of its own to point at).
 
 Used by the runtime, the CLI (`orch up`, `validate`, `plan`, `capsule call`) and the API
 client (the socket's name and `state_dir_of`); kept light to import (yaml is imported by
@@ -239,6 +242,19 @@ def read_applied(state_dir: Path) -> dict[str, CapsuleSpec]:
     except (OSError, ValueError, KeyError, TypeError) as error:
         logger.warning("ignoring unreadable %s: %s", state_dir / APPLIED, error)
         return {}
+
+
+def find_state_dir(*, config: Path | None = None, state_dir: Path | None = None) -> Path:
+    """The state dir of the orchestrator an operator verb talks to: `state_dir` when given;
+    else the one `config` names; else the one ./config.yaml names, when there is one; else
+    ./.orch. Raises ConfigError (as `state_dir_of`) when a config cannot be read."""
+    if state_dir is not None:
+        return Path(os.path.abspath(state_dir))
+    if config is None:
+        if not os.path.lexists(CONFIG_FILE):
+            return Path(os.path.abspath(DEFAULT_STATE_DIR))
+        config = Path(CONFIG_FILE)
+    return state_dir_of(config)
 
 
 def state_dir_of(config: Path | str) -> Path:

@@ -1,0 +1,195 @@
+"""GitOps benchmark: from a pushed commit to the new revision serving; prints one JSON object.
+
+    .venv/bin/python bench/gitops.py [--rounds N] [--capsules N] [--quick]
+
+A bare repository on disk (reached as a `file://` URL) holds a config.yaml and N capsules
+(WAT modules whose tool `version` outputs a constant). An `Orchestrator` follows its main
+branch (a `GitFollower` with an interval of an hour: the fetch interval is excluded) and
+serves the control API on its socket. Each round changes ONE capsule's module, commits and
+pushes (timed apart: `push_ms`), then asks `POST /v1/reconcile` (an aiohttp client over the
+unix socket) and calls the tool until it answers the new constant: that is
+`commit_to_serving_ms` (fetch, check out into a fresh folder, validate every capsule of the
+revision strictly, apply the plan: one reload), median and p95 over the rounds. The parts
+are timed separately on the follower after the runs (`fetch_ms`, `checkout_ms`,
+`validate_ms`: medians over the same number of rounds on fresh commits), to show where the
+time goes.
+
+- `capsules_1` and `capsules_N`: the same with 1 and with N capsules in the revision (each
+  revision re-reads and hashes every capsule: they live in the new checkout).
+- `via_cli_ms`: the same trigger through `orch reconcile --state-dir` as a subprocess
+  (adds the CLI's start-up), median over a few rounds.
+
+No target is set by the brief; one figure per round is shown in `rounds_ms` for the 1-capsule
+case. The machine is shared (2 cores): compare ratios, not absolute numbers. `--quick`: 5
+rounds, 10 capsules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from orchestrator.api.client import Client  # noqa: E402
+from orchestrator.api.server import ControlServer  # noqa: E402
+from orchestrator.control.follow import GitFollower, load_revision  # noqa: E402
+from orchestrator.control.gitsource import GitRef  # noqa: E402
+from orchestrator.control.runtime import Orchestrator  # noqa: E402
+
+TOOL = "version"
+
+
+def module_wat(value: str) -> str:
+    data = value.encode("ascii")
+    stores = "\n    ".join(
+        f"(call $store_u8 (i64.add (local.get $p) (i64.const {i})) (i32.const {byte}))" for i, byte in enumerate(data)
+    )
+    return f"""(module
+  (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
+  (import "extism:host/env" "store_u8" (func $store_u8 (param i64 i32)))
+  (import "extism:host/env" "output_set" (func $output_set (param i64 i64)))
+  (func (export "{TOOL}") (result i32) (local $p i64)
+    (local.set $p (call $alloc (i64.const {len(data)})))
+    {stores}
+    (call $output_set (local.get $p) (i64.const {len(data)}))
+    (i32.const 0)))
+"""
+
+
+def manifest(name: str) -> str:
+    return (
+        f'[package]\nname = "{name}"\nversion = "1.0.0"\n[[component]]\nfile = "v.wat"\n'
+        f'[[tool]]\nname = "{TOOL}"\ninput_schema = {{ type = "object" }}\n'
+    )
+
+
+class Repo:
+    """A bare repository and a working clone that commits and pushes to it."""
+
+    def __init__(self, root: Path) -> None:
+        self.bare, self.work = root / "origin.git", root / "work"
+        subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(self.bare)], check=True)
+        subprocess.run(["git", "init", "-q", "-b", "main", str(self.work)], check=True)
+
+    def git(self, *args: str) -> str:
+        command = ["git", "-C", str(self.work), "-c", "user.name=b", "-c", "user.email=b@example.com", *args]
+        return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+
+    def commit(self, files: dict[str, str]) -> float:
+        """Write, commit and push; the seconds the push took."""
+        for name, text in files.items():
+            (self.work / name).parent.mkdir(parents=True, exist_ok=True)
+            (self.work / name).write_text(text)
+        self.git("add", ".")
+        self.git("commit", "-q", "-m", "bench")
+        started = time.perf_counter()
+        self.git("push", "-q", str(self.bare), "HEAD:main")
+        return time.perf_counter() - started
+
+
+def ms(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {
+        "median": round(statistics.median(ordered) * 1000, 2),
+        "p95": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] * 1000, 2),
+        "min": round(ordered[0] * 1000, 2),
+    }
+
+
+async def one_size(root: Path, *, capsules: int, rounds: int, cli_rounds: int) -> dict[str, Any]:
+    repo = Repo(root)
+    names = [f"c{i}" for i in range(capsules)]
+    files = {"config.yaml": "version: 1\ncapsules:\n" + "".join(f"  {n}:\n    path: caps/{n}\n" for n in names)}
+    for name in names:
+        files[f"caps/{name}/Capsule.toml"] = manifest(name)
+        files[f"caps/{name}/v.wat"] = module_wat(f"{name}-0")
+    repo.commit(files)
+    follower = GitFollower(
+        GitRef.parse(f"git+file://{repo.bare}#main"), state_dir=root / "state", workspace=root, interval=3600
+    )
+    orchestrator = Orchestrator(follow=follower, builds=False)
+    await orchestrator.prepare()
+    assert orchestrator.state is not None
+    server = ControlServer(orchestrator, state_dir=orchestrator.state.path)
+    await server.start()
+    await orchestrator.run()
+    serving: list[float] = []
+    pushes: list[float] = []
+    via_cli: list[float] = []
+    try:
+        async with Client(server.path) as api:
+            for round_ in range(1, rounds + cli_rounds + 1):
+                wanted = f"c0-{round_}"
+                pushes.append(repo.commit({"caps/c0/v.wat": module_wat(wanted)}))
+                started = time.perf_counter()
+                if round_ <= rounds:
+                    await api.reconcile()
+                else:  # `orch reconcile` from a terminal
+                    await asyncio.to_thread(
+                        subprocess.run,
+                        [sys.executable, "-m", "orchestrator", "reconcile", "--state-dir", str(root / "state")],
+                        check=True,
+                        capture_output=True,
+                    )
+                while (await api.call("c0", TOOL, b"{}"))[0].decode() != wanted:
+                    await asyncio.sleep(0)
+                (serving if round_ <= rounds else via_cli).append(time.perf_counter() - started)
+        parts = await time_parts(repo, follower, rounds)
+    finally:
+        await server.stop()
+        await orchestrator.stop(10)
+    return {
+        "capsules": capsules,
+        "rounds": rounds,
+        "commit_to_serving_ms": ms(serving),
+        "push_ms": ms(pushes),
+        **parts,
+        "via_cli_ms": ms(via_cli) if via_cli else None,
+        "rounds_ms": [round(s * 1000, 1) for s in serving],
+    }
+
+
+async def time_parts(repo: Repo, follower: GitFollower, rounds: int) -> dict[str, Any]:
+    """The pipeline's steps, each on its own (fresh commits: nothing cached)."""
+    fetches, checkouts, validations = [], [], []
+    for round_ in range(rounds):
+        repo.commit({"caps/c0/v.wat": module_wat(f"parts-{round_}")})
+        started = time.perf_counter()
+        commit = await asyncio.to_thread(follower.source.fetch)
+        fetched = time.perf_counter()
+        checkout = await asyncio.to_thread(follower.source.checkout, commit)
+        checked_out = time.perf_counter()
+        await asyncio.to_thread(load_revision, checkout, state_dir=follower.state_dir, workspace=follower.workspace)
+        validated = time.perf_counter()
+        fetches.append(fetched - started)
+        checkouts.append(checked_out - fetched)
+        validations.append(validated - checked_out)
+    return {"fetch_ms": ms(fetches), "checkout_ms": ms(checkouts), "validate_ms": ms(validations)}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--capsules", type=int, default=50)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    rounds, capsules = (5, 10) if args.quick else (args.rounds, args.capsules)
+    result: dict[str, Any] = {"benchmark": "gitops", "fetch_interval": "excluded (POST /v1/reconcile)"}
+    for size, key in ((1, "capsules_1"), (capsules, f"capsules_{capsules}")):
+        with tempfile.TemporaryDirectory(prefix="orch-bench-gitops-") as folder:
+            result[key] = await one_size(Path(folder), capsules=size, rounds=rounds, cli_rounds=3)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
