@@ -89,3 +89,32 @@ def test_host_refuses_bad_options_a_busy_state_dir_and_an_absent_lattice(
     assert busy.returncode == 1 and "in use by another orchestrator" in busy.stderr
     away = orch("host", "--lattice", f"nats://127.0.0.1:{free_port()}", "--state-dir", str(tmp_path / "s"))
     assert away.returncode == 1 and "cannot reach the lattice" in away.stderr
+
+
+def test_apply_a_git_revision(tmp_path: Path, nats_server: NatsServers) -> None:
+    from tests.test_gitops_follow import CONFIG, capsule
+    from tests.test_gitsource import Repo
+
+    repo = Repo(tmp_path / "origin")
+    first = repo.commit({"config.yaml": CONFIG, **capsule("caps/ver", 1)})
+    applied = orch("apply", f"git+{repo.url}#main:config.yaml", "--lattice", nats_server.urls)
+    assert applied.returncode == 0, applied.stderr
+    assert f"revision {first[:12]}: valid (1 capsules" in applied.stdout and "applied to lattice" in applied.stdout
+    desired = json.loads(orch("status", "--lattice", nats_server.urls, "--json").stdout)["desired"]
+    assert desired["source"] == f"git+{repo.url}#main:config.yaml @ {first[:12]}"
+
+    bad = repo.commit({"config.yaml": "version: 1\ncapsules:\n  ver:\n    path: caps/nowhere\n"})
+    refused = orch("apply", f"git+{repo.url}#main", "--lattice", nats_server.urls)
+    assert refused.returncode == 1 and f"{bad[:12]}:config.yaml" in refused.stderr, refused.stderr
+    assert "caps/nowhere" in refused.stderr and "nothing was published" in refused.stderr
+    after = json.loads(orch("status", "--lattice", nats_server.urls, "--json").stdout)["desired"]
+    assert after["revision"] == desired["revision"] and after["source"] == desired["source"]
+
+    planned = orch("plan", f"git+{repo.url}#{first}", "--lattice", nats_server.urls, "--exit-code")
+    assert planned.returncode == 0 and "no changes" in planned.stdout, planned.stderr
+    pinned = orch("apply", f"git+{repo.url}#{first}", "--lattice", nats_server.urls)
+    assert pinned.returncode == 0 and "unchanged" in pinned.stdout, pinned.stderr
+    missing = orch("apply", f"git+file://{tmp_path}/missing.git#main", "--lattice", nats_server.urls)
+    assert missing.returncode == 1 and "cannot fetch" in missing.stderr
+    usage = orch("apply", "git+file:///r.git#main:../up.yaml", "--lattice", nats_server.urls)
+    assert usage.returncode == 2 and "without '..'" in usage.stderr

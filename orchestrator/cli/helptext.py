@@ -182,10 +182,13 @@ exit status:
 examples:
   orch apply config.yaml --lattice nats://127.0.0.1:4222
   orch apply config.yaml --lattice nats://a:4222,nats://b:4222 --lattice-creds host.creds
+  orch apply 'git+https://git.example/ops.git#main:prod/config.yaml' --lattice nats://a:4222
+      a git revision (a branch, tag or commit): fetched into a temporary clone, validated
+      strictly, its modules uploaded; `orch status --lattice` shows its commit as the source
 
 exit status:
   0  the lattice accepted the new revision (or it was already the current one)
-  1  a problem in the config, its capsules or the lattice: nothing was published
+  1  a problem in the config, its capsules, the repository or the lattice: nothing was published
   2  bad usage""",
     "host": """\
 examples:

@@ -64,7 +64,9 @@ def address_of(args: argparse.Namespace) -> Any:
 def add_commands(verbs: Any) -> None:
     """Register `apply` and `host` on the `orch` sub-parser set."""
     apply = verbs.add_parser("apply", help="validate a config.yaml and publish it to a lattice", **verb_help("apply"))
-    apply.add_argument("config", nargs="?", type=Path, default=Path("config.yaml"), help="default: ./config.yaml")
+    apply.add_argument(
+        "config", nargs="?", default="config.yaml", metavar="CONFIG", help="default: ./config.yaml; or git+URL#REV:PATH"
+    )
     add_lattice_options(apply, required=True)
     apply.set_defaults(run=run_apply)
 
@@ -79,28 +81,47 @@ def add_commands(verbs: Any) -> None:
 
 # -- orch apply --------------------------------------------------------------------------
 def run_apply(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from ..desired.load import load_desired
-    from ..lattice.desiredstate import manifest_texts
+    from ..control.gitsource import is_git_source
 
     try:
         address = address_of(args)
     except OrchestratorError as error:
         return fail(one_line(error), EXIT_USAGE)
     try:
-        desired = load_desired(args.config)
-        manifests = manifest_texts(desired)
+        if is_git_source(args.config):
+            from ..control.gitsource import GitRef
+            from .plan import git_revision
+
+            try:
+                GitRef.parse(args.config)
+            except OrchestratorError as error:
+                return fail(one_line(error), EXIT_USAGE)
+
+            # a temporary clone: the lattice keeps the artifacts, not the checkout
+            with git_revision(args.config, state_dir=Path(DEFAULT_STATE_DIR)) as (desired, commit):
+                source = f"{args.config} @ {commit[:12]}"
+                return _apply(args, address, desired, shown=f"{args.config}: revision {commit[:12]}", source=source)
+        from ..desired.load import load_desired
+
+        return _apply(args, address, load_desired(Path(args.config)), shown=args.config, source=None)
     except ConfigError as error:
         print_problems(args.config, [str(p) for p in error.problems])
         print("orch: nothing was published", file=sys.stderr)
         return EXIT_FAILED
-    enabled = sum(1 for s in desired.specs.values() if s.enabled)
-    print(f"{args.config}: valid ({len(desired.specs)} capsules, {enabled} enabled)")
-    try:
-        published = asyncio.run(_publish(address, desired, manifests))
-    except OrchestratorError as error:
+    except OrchestratorError as error:  # the repository cannot be fetched, or the lattice refused
         return fail(one_line(error), EXIT_FAILED)
+
+
+def _apply(args: argparse.Namespace, address: Any, desired: Any, *, shown: str, source: str | None) -> int:
+    """Publish one validated desired state (ConfigError, OrchestratorError go to the caller)."""
+    import asyncio
+
+    from ..lattice.desiredstate import manifest_texts
+
+    manifests = manifest_texts(desired)
+    enabled = sum(1 for s in desired.specs.values() if s.enabled)
+    print(f"{shown}: valid ({len(desired.specs)} capsules, {enabled} enabled)")
+    published = asyncio.run(_publish(address, desired, manifests, source=source))
     where = f"lattice {address.name} at {address.shown}"
     if published.unchanged:
         print(f"unchanged: {where} has this desired state already (revision {published.revision})")
@@ -112,13 +133,13 @@ def run_apply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _publish(address: Any, desired: Any, manifests: dict[str, bytes]) -> Any:
+async def _publish(address: Any, desired: Any, manifests: dict[str, bytes], *, source: str | None) -> Any:
     from ..lattice.connection import Lattice
     from ..lattice.desiredstate import publish
 
     lattice = await Lattice.connect(address)
     try:
-        return await publish(lattice, desired, manifests)
+        return await publish(lattice, desired, manifests, source=source)
     finally:
         await lattice.close()
 
@@ -266,6 +287,7 @@ def run_plan(args: argparse.Namespace) -> int:
     change against the lattice's current desired revision."""
     import asyncio
 
+    from ..control.gitsource import is_git_source
     from ..desired.load import load_desired
 
     try:
@@ -273,11 +295,15 @@ def run_plan(args: argparse.Namespace) -> int:
     except OrchestratorError as error:
         return fail(one_line(error), EXIT_USAGE)
     try:
-        desired = load_desired(args.config)
+        if is_git_source(args.config):
+            from .plan import git_revision
+
+            with git_revision(args.config, state_dir=DEFAULT_STATE_DIR) as (desired, _commit):
+                result = asyncio.run(lattice_plan(address, desired))
+        else:
+            result = asyncio.run(lattice_plan(address, load_desired(Path(args.config))))
     except ConfigError as error:
         return print_problems(args.config, [str(p) for p in error.problems])
-    try:
-        result = asyncio.run(lattice_plan(address, desired))
     except OrchestratorError as error:
         return fail(one_line(error), EXIT_FAILED)
     if getattr(args, "json", False):

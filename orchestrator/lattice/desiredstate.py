@@ -201,8 +201,11 @@ def manifest_texts(desired: DesiredState) -> dict[str, bytes]:
     return texts
 
 
-def document(desired: DesiredState, manifests: Mapping[str, bytes], *, now_ms: int) -> dict[str, Any]:
-    """The JSON document of one revision (format 1)."""
+def document(
+    desired: DesiredState, manifests: Mapping[str, bytes], *, now_ms: int, source: str | None = None
+) -> dict[str, Any]:
+    """The JSON document of one revision (format 1). `source` says where the config came
+    from (default: its path), e.g. `git+URL#main:config.yaml @ 3fa1c2d4e5f6`."""
     deployments = {}
     for name, spec in sorted(desired.specs.items()):
         deployments[name] = {
@@ -214,7 +217,7 @@ def document(desired: DesiredState, manifests: Mapping[str, bytes], *, now_ms: i
     return {
         "format": FORMAT,
         "config_sha256": desired.config.text_sha256,
-        "source": str(desired.config.path),
+        "source": source if source is not None else str(desired.config.path),
         "applied_at_ms": now_ms,
         "applied_by": f"{_user()}@{socket.gethostname()}",
         "replicas": desired.config.model.lattice.replicas,
@@ -241,8 +244,11 @@ async def desired_bucket(lattice: Lattice) -> KeyValue:
     return await lattice.bucket(lattice.names.desired, history=DESIRED_HISTORY)
 
 
-async def publish(lattice: Lattice, desired: DesiredState, manifests: Mapping[str, bytes]) -> Published:
-    """Publish a validated desired state (see the module docstring). Raises LatticeError."""
+async def publish(
+    lattice: Lattice, desired: DesiredState, manifests: Mapping[str, bytes], *, source: str | None = None
+) -> Published:
+    """Publish a validated desired state (see the module docstring); `source` as `document`'s.
+    Raises LatticeError."""
     blobs = {sha256_hex(text): text for text in manifests.values()}
     for spec in desired.specs.values():
         assert spec.source is not None
@@ -252,7 +258,7 @@ async def publish(lattice: Lattice, desired: DesiredState, manifests: Mapping[st
         bucket = await desired_bucket(lattice)
         await scale(lattice, replicas)
         uploaded, present = await upload(lattice, blobs)
-        new = document(desired, manifests, now_ms=int(time.time() * 1000))
+        new = document(desired, manifests, now_ms=int(time.time() * 1000), source=source)
         try:
             old = await current(lattice)
         except LatticeDataError as error:  # a new revision replaces it
@@ -277,15 +283,28 @@ async def publish(lattice: Lattice, desired: DesiredState, manifests: Mapping[st
 
 
 def _same(old: DesiredDoc, new: Mapping[str, Any]) -> bool:
-    """Whether `new` says what `old` says (ignoring when, where and by whom)."""
-    said = {
+    """Whether `new` says what `old` says (ignoring when, where and by whom, and the folder a
+    capsule was read from: a git revision is read from a temporary checkout each time)."""
+
+    def said(deployments: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            name: {
+                "record": {k: v for k, v in d["record"].items() if k != "folder"},
+                "secrets": d["secrets"],
+                "wasm": d["wasm"],
+                "manifest": d["manifest"],
+            }
+            for name, d in deployments.items()
+        }
+
+    before = {
         name: {"record": d.record, "secrets": d.secrets, "wasm": d.wasm, "manifest": d.manifest}
         for name, d in old.deployments.items()
     }
     return bool(
         old.config_sha256 == new["config_sha256"]
         and old.replicas == new["replicas"]
-        and said == json.loads(json.dumps(new["deployments"]))
+        and said(before) == said(json.loads(json.dumps(new["deployments"])))
     )
 
 
