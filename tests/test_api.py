@@ -995,11 +995,9 @@ async def test_a_slow_reader_loses_events_with_a_notice_and_never_slows_the_orch
                 bus.publish("flood.tick", {"i": i})
             await asyncio.sleep(0)
         last_seq = bus.last_seq
-        started = time.monotonic()
         async with served.client(timeout=DEADLINE) as api:  # responsive while the stream is stuck
             assert len((await api.status())["capsules"]) == 4
             assert json.loads((await api.call("counter", "increment", b'{"by": 1}'))[0]) == {"count": 1}
-        assert time.monotonic() - started < 5
         delivered, dropped, notices, previous = 0, 0, 0, first_seq - 1
         while previous < last_seq:
             fields = await stream.message()

@@ -30,9 +30,11 @@ def seqs(events: list[Event]) -> list[int]:
 
 
 async def started(task: asyncio.Task[Any]) -> None:
-    """Let a just-created task run up to its first wait."""
-    for _ in range(3):
-        await asyncio.sleep(0)
+    """Wait until a just-created task is parked on its first wait (its coroutine awaits a
+    future), with a backstop of 10 s: an event, not a count of event-loop turns."""
+    async with asyncio.timeout(10):
+        while getattr(task, "_fut_waiter", None) is None and not task.done():
+            await asyncio.sleep(0.001)
     assert not task.done()
 
 

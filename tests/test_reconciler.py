@@ -43,10 +43,15 @@ class FakeHandle:
         self.gate: asyncio.Event | None = None
         self.interceptors_from: int | str | None = "off"
         self.observer: Callable[[CallOutcome], None] | None = None
+        self.waiting = 0  # calls held at `gate`
 
     async def call_tool(self, tool: str, arguments: Any = None) -> str:
         if self.gate is not None:
-            await self.gate.wait()
+            self.waiting += 1
+            try:
+                await self.gate.wait()
+            finally:
+                self.waiting -= 1
         if self.closed:
             raise AssertionError("called a closed version")
         if self.observer is not None:  # as the real capsule reports every call
@@ -68,6 +73,19 @@ class FakeHandle:
     async def close(self) -> None:
         self.log.append(f"close {self.spec.name}@{self.spec.wasm_sha256[:1]}")
         self.closed = True
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait for `condition` (a backstop of 10 s, never a count of event-loop turns)."""
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.001)
+    assert condition(), what
+
+
+async def settle() -> None:
+    """Give scheduled work a chance to run before checking that something did NOT happen."""
+    await asyncio.sleep(0.01)
 
 
 class FakeLauncher:
@@ -177,15 +195,14 @@ async def test_reload_swaps_only_after_the_new_version_loaded() -> None:
     old = launcher.handles["a"]
     launcher.release = asyncio.Event()
     applying = asyncio.create_task(reconciler.apply(desired(spec("a", "2" * 64))))
-    await asyncio.sleep(0)
+    await until(lambda: launcher.concurrent == 1, "the new version is loading")
     assert await reconciler.call_tool("a", "t") == "a@1"  # still served by the old version
     launcher.release.set()
     await applying
     assert await reconciler.call_tool("a", "t") == "a@2"
     slot = reconciler.slot("a")
     assert slot is not None and slot.reload_count == 1 and slot.phase == "Running"
-    await asyncio.sleep(0)
-    assert old.closed
+    await until(lambda: old.closed, "the old version closed")
     assert "reloaded" in phases(bus, "a")
     new = launcher.handles["a"]
     assert new.interceptors_from == 41  # interceptors resume after the old version's last event
@@ -216,16 +233,14 @@ async def test_calls_in_flight_finish_on_the_old_version() -> None:
     old = launcher.handles["a"]
     old.gate = asyncio.Event()
     in_flight = asyncio.create_task(reconciler.call_tool("a", "t"))
-    await asyncio.sleep(0)
+    await until(lambda: old.waiting == 1, "the call is running")
     await reconciler.apply(desired(replace(spec("a", "2" * 64), **two)))
     assert await reconciler.call_tool("a", "t") == "a@2"  # a second instance's worth of room
-    await asyncio.sleep(0)
+    await settle()
     assert not old.closed  # its call is still running
     old.gate.set()
     assert await in_flight == "a@1"
-    for _ in range(3):
-        await asyncio.sleep(0)
-    assert old.closed
+    await until(lambda: old.closed, "the old version closed after its last call")
 
 
 async def test_one_instance_means_one_call_at_a_time_even_across_a_reload() -> None:
@@ -234,11 +249,10 @@ async def test_one_instance_means_one_call_at_a_time_even_across_a_reload() -> N
     old = launcher.handles["a"]
     old.gate = asyncio.Event()
     in_flight = asyncio.create_task(reconciler.call_tool("a", "t"))
-    await asyncio.sleep(0)
+    await until(lambda: old.waiting == 1, "the call is running")
     await reconciler.apply(desired(spec("a", "2" * 64)))
     queued = asyncio.create_task(reconciler.call_tool("a", "t"))
-    for _ in range(5):
-        await asyncio.sleep(0)
+    await settle()
     assert not queued.done()  # waits for the call still running on the old version
     old.gate.set()
     assert await in_flight == "a@1"
@@ -329,7 +343,7 @@ async def test_removed_failed_capsule_stops_retrying() -> None:
     assert slot is not None and slot.retry_task is not None
     task = slot.retry_task
     await reconciler.apply({})
-    await asyncio.sleep(0)
+    await until(task.done, "the retry was cancelled")
     assert task.cancelled() and reconciler.slot("a") is None
 
 
@@ -357,7 +371,7 @@ async def test_shutdown_waits_for_calls_in_flight_but_not_forever() -> None:
     await reconciler.apply(desired(spec("a")))
     launcher.handles["a"].gate = asyncio.Event()  # a call that never finishes
     hung = asyncio.create_task(reconciler.call_tool("a", "t"))
-    await asyncio.sleep(0)
+    await until(lambda: launcher.handles["a"].waiting == 1, "the call is running")
     await asyncio.wait_for(reconciler.shutdown(timeout=0.05), 5)
     assert launcher.handles["a"].closed
     hung.cancel()
@@ -372,8 +386,7 @@ async def test_restart_swaps_to_a_fresh_version_or_starts_a_failed_one() -> None
     first = launcher.handles["a"]
     status = await reconciler.restart("a")
     assert status["reload_count"] == 1 and launcher.handles["a"] is not first
-    await asyncio.sleep(0)
-    assert first.closed
+    await until(lambda: first.closed, "the first version closed")
     launcher.fail.add("c")
     await reconciler.apply(desired(spec("a"), spec("b"), spec("c")))
     launcher.fail.clear()
