@@ -9,6 +9,11 @@ and the problems are published as `orch.reconcile.rejected`. After every apply t
 dir's `applied.json` records what runs (without secret values), for `orch plan`. Reading
 files and writing the record happen on worker threads: the event loop never waits on disk.
 
+The escalation gate (control.approvals) judges each start and reload by the approval
+policy in force: the one of the config applied before (the first config applied in a state
+dir: its own). Once a config is applied, its policy is in force; `approve` and `reject`
+are the operator's answers (`orch approve|reject NAME`).
+
 `stop()` shuts down in phases with a deadline: stop watching and building, stop capsules
 (dependents first; calls in flight get a bounded wait), close the store, the engine and
 the bus.
@@ -32,12 +37,14 @@ from ..desired import DesiredState, Plan, load_desired
 from ..desired.manifest import Manifest, load_manifest
 from ..engine import WasmEngine, load_or_create_key
 from ..errors import ConfigError, ManifestError, Problem
+from . import approvals
+from .approvals import ApprovalGate
 from .builds import Builder
 from .builds import sources as build_sources
 from .gitrev import GitRevision
 from .health import DesiredHealth
 from .reconciler import Reconciler
-from .statedir import CACHE, CACHE_KEY, KV_DATABASE, StateDir, write_applied
+from .statedir import CACHE, CACHE_KEY, KV_DATABASE, StateDir, read_applied, write_applied
 from .watcher import Watcher
 
 logger = logging.getLogger(__name__)
@@ -75,6 +82,7 @@ class Orchestrator:
         self._first: DesiredState | None = None
         self.ready = False  # the first plan has been applied
         self.state: StateDir | None = None
+        self.approvals: ApprovalGate | None = None
 
     async def load(self, *, previous: DesiredState | None = None, only: list[str] | None = None) -> DesiredState:
         """Read the desired state on a worker thread. Raises ConfigError."""
@@ -119,7 +127,12 @@ class Orchestrator:
             workspace=desired.config.workspace,
             protected=self.protected,
         )
-        self.reconciler = Reconciler(launcher=launcher, bus=self.bus)
+        policy = desired.config.model.approvals  # in force only if nothing was ever applied in this state dir
+        ran = await asyncio.to_thread(read_applied, state_dir)
+        self.approvals = await asyncio.to_thread(
+            ApprovalGate.open, state_dir, bus=self.bus, policy=policy, recorded=ran
+        )
+        self.reconciler = Reconciler(launcher=launcher, bus=self.bus, approvals=self.approvals)
         self._first = desired
         return desired
 
@@ -182,9 +195,35 @@ class Orchestrator:
         plan = await self.reconciler.apply(desired.specs, broken=broken)
         self.last_plan = plan
         self._accepted(desired)
+        assert self.approvals is not None
+        self.approvals.adopt(desired.config.model.approvals)  # applied: its policy judges the next change
+        await self._record(desired)
+        return plan
+
+    async def _record(self, desired: DesiredState) -> None:
+        """applied.json (what runs) and approvals.json (the policy in force, rejections)."""
+        assert self.reconciler is not None and self.approvals is not None
         running = {name: spec.record() for name, spec in self.reconciler.actual().items()}
         await asyncio.to_thread(self._record_applied, desired, running)
-        return plan
+        if (changes := self.approvals.changes()) is not None:
+            await asyncio.to_thread(approvals.write, desired.config.state_dir, changes)
+
+    async def approve(self, name: str, spec_hash: str | None = None) -> dict[str, Any]:
+        """The operator grants what `name` waits for; it starts or reloads now (the control
+        API's `POST /v1/capsules/{name}/approve`). Returns its status."""
+        assert self.reconciler is not None and self.desired is not None
+        async with self._changes:
+            status = await self.reconciler.approve(name, spec_hash)
+            await self._record(self.desired)
+        return status
+
+    async def reject(self, name: str, spec_hash: str | None = None) -> dict[str, Any]:
+        """The operator refuses what `name` waits for (`POST /v1/capsules/{name}/reject`)."""
+        assert self.reconciler is not None and self.desired is not None
+        async with self._changes:
+            status = await self.reconciler.reject(name, spec_hash)
+            await self._record(self.desired)
+        return status
 
     async def reconcile(self) -> Plan:
         """Re-read every file now and apply (the control API's `POST /v1/reconcile`).
@@ -324,6 +363,7 @@ class Orchestrator:
             "ready": self.ready,
             "desired": self.health.to_dict(),
             "state_dir": str(desired.config.state_dir) if desired else None,
+            "approvals": self.approvals.info() if self.approvals else None,
         }
 
 
