@@ -325,6 +325,33 @@ async def test_a_change_cannot_approve_its_own_escalations(tmp_path: Path) -> No
         await gate.orchestrator.stop(2)
 
 
+async def test_a_tightened_policy_judges_its_own_change(tmp_path: Path) -> None:
+    """The change's own policy can only make the judgement stricter: tightening takes effect
+    at once, also across a restart (while the persisted policy in force is looser)."""
+    wat_capsule(tmp_path, "keeper", "kv = true")
+    wat_capsule(tmp_path, "later", "kv = true")
+    gate = await started(wat_config(tmp_path, None, "keeper"))
+    try:
+        assert gate.status("keeper")["phase"] == "Running"
+        wat_config(tmp_path, "{escalations: ask, allow: [fs_read]}", "keeper", "later")
+        await gate.orchestrator.reconcile()
+        assert gate.status("later")["phase"] == "AwaitingApproval"
+        assert gate.status("keeper")["phase"] == "Running"  # what runs is not judged again
+    finally:
+        await gate.orchestrator.stop(2)
+    wat_config(tmp_path, None, "keeper")  # back to allow, applied: allow is in force
+    gate = await started(tmp_path / "config.yaml")
+    await gate.orchestrator.stop(2)
+    assert json.loads((tmp_path / ".orch" / APPROVALS).read_text())["policy"]["escalations"] == "allow"
+    wat_config(tmp_path, "{escalations: ask}", "keeper", "later")  # tightened while it was down
+    gate = await started(tmp_path / "config.yaml")
+    try:
+        assert gate.status("later")["phase"] == "AwaitingApproval"
+        assert gate.status("keeper")["phase"] == "Running"  # what ran before the restart runs again
+    finally:
+        await gate.orchestrator.stop(2)
+
+
 async def test_a_reload_that_grants_nothing_new_never_waits(watched: Gate) -> None:
     gate = watched
     manifest = gate.root / "capsules" / "notes" / "Capsule.toml"
@@ -445,18 +472,37 @@ async def test_a_restart_does_not_ask_again_for_what_ran(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     "content",
-    [b"", b"{not json", b'{"version": 2}', b'{"version": 1, "policy": {"escalations": "never"}}', b"\xff\xfe" * 40],
+    [
+        b"",
+        b"{not json",
+        b"[]",
+        b'{"version": 2}',
+        b'{"version": 1}',
+        b'{"version": 1, "policy": {"escalations": "never"}}',
+        b'{"version": 1, "policy": {"escalations": "allow"}, "rejected": {"notes": {"spec_hash": "x"}}}',
+        b'{"version": 1, "policy": {"escalations": "allow"}, "rejected": 7}',
+        b"\xff\xfe" * 40,
+        b"[" * 100_000,
+        b'{"version": 1, "pad": "' + b"x" * (5 << 20) + b'"}',  # over the 4 MiB a record may take
+        None,  # a folder where the record should be
+    ],
+    ids=lambda content: "folder" if content is None else repr(content[:24]),
 )
-async def test_an_unreadable_approvals_record_asks_for_everything(tmp_path: Path, content: bytes) -> None:
+async def test_an_unreadable_approvals_record_asks_for_everything(tmp_path: Path, content: bytes | None) -> None:
     config = notes_deployment(tmp_path, policy=None)  # the default policy: allow
     state = tmp_path / ".orch"
     state.mkdir(mode=0o700)
-    (state / APPROVALS).write_bytes(content)
+    if content is None:
+        (state / APPROVALS).mkdir()
+    else:
+        (state / APPROVALS).write_bytes(content)
     gate = await started(config)
     try:
         assert gate.status()["phase"] == "AwaitingApproval"
         assert gate.orchestrator.info()["approvals"]["policy"] == {"escalations": "allow", "allow": []}  # adopted
-        assert json.loads((state / APPROVALS).read_text())["policy"]["escalations"] == "allow"  # rewritten
+        if content is not None:  # rewritten, private
+            assert json.loads((state / APPROVALS).read_text())["policy"]["escalations"] == "allow"
+            assert (state / APPROVALS).stat().st_mode & 0o777 == 0o600
     finally:
         await gate.orchestrator.stop(2)
 

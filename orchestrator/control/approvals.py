@@ -9,12 +9,14 @@ never waits and makes no audit event, so a capsule without [capabilities] never 
 approval.
 
 The policy in force (config.yaml `approvals:`) is the one of the config applied last, never
-the one of the change being judged: a change cannot approve its own escalations. Only the
-very first config applied in a state dir (nothing has run there) is judged by its own
-policy. The policy in force and the operator's rejections are kept in the state dir
-(`approvals.json`), so restarting the orchestrator neither relaxes the policy nor forgets a
-rejection; and what ran before a restart (`applied.json`) is the baseline of each capsule's
-first start after it, so a restart does not ask again for grants that were already running.
+the one of the change being judged: a change cannot approve its own escalations. The change's
+own policy (`propose`) can only make the judgement stricter: a relaxed policy takes effect
+for the changes after it, a tightened one at once. Only the very first config applied in a
+state dir (nothing has run there) is judged by its own policy alone. The policy in force
+and the operator's rejections are kept in the state dir (`approvals.json`), so restarting
+the orchestrator neither relaxes the policy nor forgets a rejection; and what ran before a
+restart (`applied.json`) is the baseline of each capsule's first start after it, so a
+restart does not ask again for grants that were already running.
 
 Verdicts, per capsule and spec hash (`judge`):
 - go: nothing new; or the policy allows every escalation (audited, `granted_by: "policy"`);
@@ -149,6 +151,7 @@ class ApprovalGate:
     ) -> None:
         self._bus = bus
         self.policy = policy  # in force: the running config's
+        self.proposed: ApprovalPolicy | None = None  # the policy of the config being applied
         self._wall_ms = wall_ms
         self._recorded = dict(recorded or {})  # what ran before this process: the first start's baseline
         self._pending: dict[str, Pending] = {}
@@ -183,7 +186,7 @@ class ApprovalGate:
             if error.errno != errno.ENOENT:  # missing: nothing was applied here yet; the first config's own policy
                 logger.warning("%s; asking for every escalation until a config is applied", error)
                 policy = STRICTEST
-        except (ValueError, KeyError, TypeError, ValidationError) as error:
+        except (ValueError, KeyError, TypeError, RecursionError, ValidationError) as error:
             logger.warning(
                 "ignoring %s (%s): asking for every escalation until a config is applied; "
                 "rejections it held are forgotten",
@@ -212,8 +215,14 @@ class ApprovalGate:
         }
 
     # -- the policy in force -----------------------------------------------------------------
+    def propose(self, policy: ApprovalPolicy) -> None:
+        """A config carrying `policy` is being applied: until `adopt`, a change must satisfy it
+        as well as the policy in force (it can tighten the judgement, never relax it)."""
+        self.proposed = policy
+
     def adopt(self, policy: ApprovalPolicy) -> None:
         """The config that carries `policy` has been applied: its policy is in force from now on."""
+        self.proposed = None
         if policy != self.policy:
             logger.info("approval policy in force from now on: %s (was %s)", describe(policy), describe(self.policy))
             self.policy, self._dirty = policy, True
@@ -231,7 +240,7 @@ class ApprovalGate:
         if (pending := self._pending.get(name)) is not None:
             return Verdict(go=False, pending=pending)
         escalations = escalations_of(spec, running if running is not None else recorded)
-        if escalations and not allowed(self.policy, escalations):
+        if escalations and not self._allows(escalations):
             pending = self._pending[name] = Pending(digest, escalations, self._wall_ms())
             logger.warning(
                 "capsule %s: the change to %s waits for approval: it would grant %s (policy in force: %s); "
@@ -239,7 +248,7 @@ class ApprovalGate:
                 name,
                 digest[:12],
                 ", ".join(escalations),
-                describe(self.policy),
+                self._describe(),
                 name,
                 name,
             )
@@ -250,6 +259,15 @@ class ApprovalGate:
             self._audit(name, digest, escalations, "policy")
         self._granted[name] = digest
         return GO
+
+    def _allows(self, escalations: tuple[str, ...]) -> bool:
+        proposed = self.proposed
+        return allowed(self.policy, escalations) and (proposed is None or allowed(proposed, escalations))
+
+    def _describe(self) -> str:
+        if self.proposed is None or self.proposed == self.policy:
+            return describe(self.policy)
+        return f"{describe(self.policy)}, and the new config's {describe(self.proposed)}"
 
     def approve(self, name: str, spec: CapsuleSpec, expected: str | None = None) -> Pending:
         """The operator grants what `name` waits for (`expected`: the spec hash, or a prefix

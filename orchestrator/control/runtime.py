@@ -10,9 +10,10 @@ dir's `applied.json` records what runs (without secret values), for `orch plan`.
 files and writing the record happen on worker threads: the event loop never waits on disk.
 
 The escalation gate (control.approvals) judges each start and reload by the approval
-policy in force: the one of the config applied before (the first config applied in a state
-dir: its own). Once a config is applied, its policy is in force; `approve` and `reject`
-are the operator's answers (`orch approve|reject NAME`).
+policy in force, the one of the config applied before (the first config applied in a state
+dir: its own), made no more permissive by the new config's. Once a config is applied, its
+policy is in force; `approve` and `reject` are the operator's answers (`orch approve|reject
+NAME`).
 
 `stop()` shuts down in phases with a deadline: stop watching and building, stop capsules
 (dependents first; calls in flight get a bounded wait), close the store, the engine and
@@ -192,10 +193,11 @@ class Orchestrator:
         self.desired = desired  # what is being applied: the API names its deployments from here on
         self.protected.current = await asyncio.to_thread(self._protected_paths, desired)  # resolves paths
         broken = {name: _why_broken(problems) for name, problems in desired.broken.items()}
+        assert self.approvals is not None
+        self.approvals.propose(desired.config.model.approvals)  # may tighten, never relax, the judgement
         plan = await self.reconciler.apply(desired.specs, broken=broken)
         self.last_plan = plan
         self._accepted(desired)
-        assert self.approvals is not None
         self.approvals.adopt(desired.config.model.approvals)  # applied: its policy judges the next change
         await self._record(desired)
         return plan
