@@ -199,8 +199,9 @@ async def test_reject_keeps_the_old_version_until_the_files_change_again(watched
     await gate.orchestrator.reconcile()
     assert assert_still_rejected(gate, old)
     assert gate.orchestrator.reconciler is not None
-    await gate.orchestrator.reconciler.restart("notes")  # a fresh copy of what runs: the old version
-    assert gate.status()["spec_hash"] == old["spec_hash"] and gate.status()["reload_count"] == 1
+    restarted = await gate.orchestrator.reconciler.restart("notes")  # a fresh copy of what runs: the old version
+    assert restarted["spec_hash"] == old["spec_hash"] and restarted["reload_count"] == 1
+    assert restarted["phase"] == "Degraded" and "operator rejected" in restarted["last_error"]
     with pytest.raises(CapabilityDenied):
         await gate.call("write", {"name": "a.txt", "text": "A"})
     with pytest.raises(NotAwaitingApproval):  # a rejected change cannot be approved after all
@@ -391,6 +392,9 @@ async def test_restart_and_reconcile_do_not_bypass_the_gate(tmp_path: Path) -> N
 async def test_a_capsule_removed_or_disabled_while_waiting_leaves_nothing_behind(watched: Gate) -> None:
     gate = watched
     await escalate(gate)
+    assert gate.orchestrator.reconciler is not None
+    restarted = await gate.orchestrator.reconciler.restart("notes")  # the old version, afresh: still waiting
+    assert restarted["phase"] == "AwaitingApproval" and restarted["awaiting"] is not None
     config = gate.root / "config.yaml"
     text = config.read_text()
     replace_atomically(config, text + "    enabled: false\n")

@@ -397,6 +397,7 @@ class Reconciler:
                 await self._start(slot, spec)
             else:
                 await self._reload(slot, slot.spec or spec)
+                self._still_held(slot)  # a fresh copy of what runs answers nothing the gate asked
             return slot.status()
 
     # -- the escalation gate ---------------------------------------------------------------
@@ -416,6 +417,12 @@ class Reconciler:
         else:
             self._set_phase(slot, AWAITING_APPROVAL)
         return False
+
+    def _still_held(self, slot: Slot) -> None:
+        if slot.awaiting is not None:
+            self._set_phase(slot, AWAITING_APPROVAL)
+        elif slot.rejected is not None:
+            self._mark_broken(slot.name, _rejected(slot.name, slot.rejected, serving=slot.handle is not None))
 
     def _show_approval(self, slot: Slot) -> None:
         assert self._approvals is not None
