@@ -307,10 +307,15 @@ def test_text_sha256_changes_with_the_bytes(root: Path) -> None:
             "version: 1\ncapsule: {}\n",
             2,
             "capsule",
-            "(did you mean 'capsules'?); allowed here: builds, capsules, defaults, engine, history, lattice, "
-            "state_dir, version, workspace",
+            "(did you mean 'capsules'?); allowed here: approvals, builds, capsules, defaults, engine, history, "
+            "lattice, state_dir, version, workspace",
         ),
-        ("version: 1\nfrobnicate: 3\n", 2, "frobnicate", "unknown key 'frobnicate'; allowed here: builds, capsules,"),
+        (
+            "version: 1\nfrobnicate: 3\n",
+            2,
+            "frobnicate",
+            "unknown key 'frobnicate'; allowed here: approvals, builds, capsules,",
+        ),
         (
             capsule("dependson: [counter]"),
             5,

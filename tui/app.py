@@ -35,7 +35,7 @@ from .capsules import CapsulesScreen
 from .dialogs import HelpScreen, PlanScreen, ProblemsScreen
 from .events import EventsScreen
 from .feed import EventFeed
-from .format import Clock
+from .format import Clock, phase_word
 from .health import read_health
 from .link import Connect, Link
 
@@ -200,6 +200,6 @@ class Dashboard(App[None]):
 
     def restart(self, name: str) -> None:
         def done(status: Any) -> None:
-            self.notify(f"{name}: {str(status.get('phase', '?')).lower()} version {status.get('version')}")
+            self.notify(f"{name}: {phase_word(str(status.get('phase', '?')))} version {status.get('version')}")
 
         self.request(f"restart {name}", lambda api: api.restart(name), done)

@@ -1,7 +1,9 @@
 """The home screen: every capsule in a table keyed by its name, updated cell by cell in
 place as the status changes (no clear-and-refill), with the counts by phase, a `/` filter,
 an unhealthy-only toggle, sorting, and the selected capsule's details (its last error in
-full) beside or below the table.
+full, or what it would be granted while it awaits approval) beside or below the table; `a`
+and `x` approve or reject the selected capsule's change while it awaits approval
+(tui.approvals).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import DataTable, Footer, Input, Static
 
+from .approvals import AnswerDialog, awaiting_of, awaiting_text, rejected_text
 from .format import Clock, compact, counters, error_origin, is_healthy, phase_counts, phase_rank, phase_text
 from .widgets import COMMON_KEYS, DashScreen, TopBar, dash
 
@@ -51,7 +54,7 @@ def row_cells(capsule: dict[str, Any], clock: Clock, last_reload_ms: int | None)
     if last_reload_ms:
         reloaded = clock.ago(last_reload_ms).removesuffix(" ago")
     errors = int(capsule.get("errors", 0))
-    phase = phase_text(capsule["phase"])
+    phase = phase_text(capsule["phase"], short=True)
     phase.end = ""
     return {
         "name": cell(capsule["name"]),
@@ -88,6 +91,8 @@ class CapsulesScreen(DashScreen):
         Binding("p", "app.plan", "Plan"),
         Binding("r", "app.reconcile", "Reconcile"),
         Binding("R", "restart", "Restart"),
+        Binding("a", "approve", "Approve"),  # only while the selected capsule awaits approval
+        Binding("x", "reject", "Reject"),
         Binding("slash", "filter", "Filter"),
         Binding("u", "unhealthy", "Unhealthy"),
         Binding("s", "sort", "Sort"),
@@ -103,6 +108,7 @@ class CapsulesScreen(DashScreen):
         self.unhealthy_only = False
         self.sort_column = "name"
         self.sort_reverse = False
+        self.answerable = False  # the selected capsule awaits approval: `a` and `x` work
 
     def compose(self) -> ComposeResult:
         yield TopBar()
@@ -222,6 +228,13 @@ class CapsulesScreen(DashScreen):
             text.append("  ")
             text.append_text(phase_text(capsule["phase"]))
             text.append(f" {app.clock.ago(capsule.get('since_ms'))}\n", style="dim")
+            awaiting, rejected = awaiting_of(capsule), capsule.get("rejected")
+            if awaiting is not None:  # first: it is what the operator must answer
+                text.append_text(awaiting_text(awaiting, app.clock))
+                text.append("\n")
+            elif isinstance(rejected, dict):
+                text.append_text(rejected_text(rejected, app.clock))
+                text.append("\n")
             text.append(f"version {capsule.get('version') or '-'}  ·  {capsule.get('reload_count', 0)} reload(s)\n")
             text.append(
                 f"{capsule.get('calls', 0)} call(s), {capsule.get('errors', 0)} error(s), "
@@ -239,6 +252,14 @@ class CapsulesScreen(DashScreen):
             else:
                 text.append("no error", style="dim")
         self.query_one("#preview-text", Static).update(text)
+        answerable = awaiting_of(capsule) is not None
+        if answerable != self.answerable:
+            self.answerable = answerable
+            self.refresh_bindings()
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """`a` and `x` only while the selected capsule awaits approval (else not in the footer)."""
+        return self.answerable if action in ("approve", "reject") else True
 
     # -- actions ---------------------------------------------------------------------------
     def _open(self, name: str | None) -> None:
@@ -261,6 +282,18 @@ class CapsulesScreen(DashScreen):
         name = self._selected()
         if name:
             dash(self).restart(name)
+
+    def action_approve(self) -> None:
+        self._answer(approve=True)
+
+    def action_reject(self) -> None:
+        self._answer(approve=False)
+
+    def _answer(self, *, approve: bool) -> None:
+        name = self._selected()
+        awaiting = awaiting_of(self.capsules.get(name or ""))
+        if name and awaiting is not None:
+            self.app.push_screen(AnswerDialog(name, awaiting, approve=approve))
 
     def action_filter(self) -> None:
         field = self.query_one("#filter", Input)

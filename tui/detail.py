@@ -11,7 +11,9 @@ time and always for the newest text; `enter` waits for the check of what is in t
 and sends only arguments that pass it.
 
 The overview refreshes itself whenever the capsule's status changes (a reload shows up in
-its history as it happens).
+its history as it happens). While the capsule awaits approval, the overview says what its
+change would grant, and `a` / `x` (out of the arguments field) approve or reject it
+(tui.approvals).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from textual.widgets.option_list import Option
 
 from orchestrator.api.client import RemoteError
 
+from .approvals import AnswerDialog, awaiting_of, awaiting_text, rejected_text
 from .arguments import ArgumentsField, check_arguments
 from .format import Clock, compact, counters, error_origin, hexdump, is_text, phase_text
 from .widgets import COMMON_KEYS, DashScreen, TopBar, dash
@@ -61,6 +64,11 @@ def overview(detail: dict[str, Any], clock: Clock) -> RenderableType:
     phase = phase_text(status.get("phase", "?"))
     phase.append(f"  since {clock.ago(status.get('since_ms'))}", style="dim")
     grid.add_row("phase", phase)
+    awaiting = awaiting_of(status)
+    if awaiting is not None:
+        grid.add_row(Text("awaiting", style="bold yellow"), awaiting_text(awaiting, clock))
+    elif isinstance(status.get("rejected"), dict):
+        grid.add_row(Text("rejected", style="bold red"), rejected_text(status["rejected"], clock))
     grid.add_row("about", package.get("description") or "-")
     grid.add_row("package", f"{package.get('name', '?')} {package.get('version', '')}")
     grid.add_row("version", f"{status.get('version') or '-'}  ({status.get('reload_count', 0)} reloads)")
@@ -149,6 +157,8 @@ class CapsuleScreen(DashScreen):
         Binding("k", "kv", "KV"),
         Binding("R", "restart", "Restart"),
         Binding("e", "app.events", "Events"),
+        Binding("a", "approve", "Approve"),  # only while the capsule awaits approval
+        Binding("x", "reject", "Reject"),
     ]
 
     def __init__(self, name: str) -> None:
@@ -161,6 +171,7 @@ class CapsuleScreen(DashScreen):
         self._wanted: tuple[str, dict[str, Any] | None] = ("", None)  # what should be checked
         self.checking = False
         self._run_when_checked = False
+        self.answerable = False  # it awaits approval: `a` and `x` work
 
     def compose(self) -> ComposeResult:
         yield TopBar()
@@ -199,6 +210,10 @@ class CapsuleScreen(DashScreen):
         title.append_text(phase_text((detail.get("status") or {}).get("phase", "?")))
         self.query_one("#title", Static).update(title)
         self.query_one("#overview-text", Static).update(overview(detail, app.clock))
+        answerable = awaiting_of(detail.get("status")) is not None
+        if answerable != self.answerable:
+            self.answerable = answerable
+            self.refresh_bindings()
         tools = detail.get("tools", [])
         names = [str(t.get("name")) for t in tools]
         options = self.query_one(OptionList)
@@ -357,6 +372,21 @@ class CapsuleScreen(DashScreen):
 
     def action_restart(self) -> None:
         dash(self).restart(self.capsule)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """`a` and `x` only while the capsule awaits approval (else not in the footer)."""
+        return self.answerable if action in ("approve", "reject") else True
+
+    def action_approve(self) -> None:
+        self._answer(approve=True)
+
+    def action_reject(self) -> None:
+        self._answer(approve=False)
+
+    def _answer(self, *, approve: bool) -> None:
+        awaiting = awaiting_of((self.detail or {}).get("status"))
+        if awaiting is not None:
+            self.app.push_screen(AnswerDialog(self.capsule, awaiting, approve=approve))
 
 
 def tool_result(name: str, data: bytes, headers: dict[str, str]) -> RenderableType:

@@ -17,7 +17,7 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Static
 
-from .format import PHASE_ORDER, PHASES
+from .format import PHASE_ORDER, PHASES, phase_word
 from .health import read_health, report
 from .widgets import dash
 
@@ -132,7 +132,7 @@ class HelpScreen(ModalScreen[None]):
         legend = Text()
         for phase in PHASE_ORDER:
             symbol, style = PHASES[phase]
-            legend.append(f"{symbol} {phase.lower()}  ", style=style)
+            legend.append(f"{symbol} {phase_word(phase)}  ", style=style)
         with Vertical(id="dialog"):
             yield Static(Text(f"Keys: {self.below.__class__.__name__.removesuffix('Screen').lower()}", style="bold"))
             yield Static(legend, id="legend")

@@ -26,13 +26,17 @@ RESTART_TOPIC = "(restarted)"
 
 def severity(topic: str, payload: Any) -> int:
     """ERROR for failures, denials and rejected configs; WARNING for degraded capsules, a
-    reconcile that left capsules failing, and loss notices; INFO otherwise."""
+    reconcile that left capsules failing, changes waiting for approval or rejected by the
+    operator, and loss notices; INFO otherwise."""
     if topic in _ERROR_TOPICS or (topic.startswith("orch.") and topic.endswith(_ERROR_ENDINGS)):
         return ERROR
     if topic.startswith("orch."):
-        if topic.endswith(".degraded"):
+        if topic.endswith((".degraded", ".awaitingapproval")) or topic == "orch.audit.rejected":
             return WARNING
-        if topic == "orch.reconcile.finished" and isinstance(payload, dict) and payload.get("failing"):
+        if topic == "orch.audit.escalation" and isinstance(payload, dict) and payload.get("granted_by") is None:
+            return WARNING  # a change waits for the operator
+        finished = topic == "orch.reconcile.finished" and isinstance(payload, dict)
+        if finished and (payload.get("failing") or payload.get("awaiting")):
             return WARNING
     if topic in (LOST_TOPIC, RESTART_TOPIC):
         return WARNING

@@ -21,17 +21,25 @@ PHASES: dict[str, tuple[str, str]] = {
     "Pending": ("○", "cyan"),
     "Stopping": ("◌", "magenta"),
     "Stopped": ("■", "dim"),
+    "AwaitingApproval": ("◇", "bold yellow"),
 }
 UNKNOWN_PHASE = ("?", "dim")
+WORDS = {"AwaitingApproval": "awaiting approval"}  # phases whose word is not just the lowercase name
+SHORT_WORDS = {"AwaitingApproval": "awaiting"}  # in a table column
 # the order phases are counted in and sorted by: the ones needing attention first
-PHASE_ORDER = ("Failed", "Degraded", "Pending", "Starting", "Stopping", "Running", "Stopped")
+PHASE_ORDER = ("AwaitingApproval", "Failed", "Degraded", "Pending", "Starting", "Stopping", "Running", "Stopped")
 HEALTHY = frozenset({"Running", "Stopped"})
 
 
-def phase_text(phase: str) -> Text:
-    """`● running` in the phase's colour."""
+def phase_word(phase: str, *, short: bool = False) -> str:
+    """`running`, `awaiting approval` (`awaiting` when `short`): the phase as a word."""
+    return (short and SHORT_WORDS.get(phase)) or WORDS.get(phase, phase.lower())
+
+
+def phase_text(phase: str, *, short: bool = False) -> Text:
+    """`● running` in the phase's colour (`short`: a word that fits a table column)."""
     symbol, style = PHASES.get(phase, UNKNOWN_PHASE)
-    return Text(f"{symbol} {phase.lower()}", style=style)
+    return Text(f"{symbol} {phase_word(phase, short=short)}", style=style)
 
 
 def phase_rank(phase: str) -> int:
@@ -50,7 +58,7 @@ def phase_counts(phases: list[str]) -> Text:
         symbol, style = PHASES.get(phase, UNKNOWN_PHASE)
         if text:
             text.append("  ")
-        text.append(f"{symbol} {phases.count(phase)} {phase.lower()}", style=style)
+        text.append(f"{symbol} {phases.count(phase)} {phase_word(phase)}", style=style)
     return text or Text("no capsules", style="dim")
 
 

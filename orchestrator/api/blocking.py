@@ -118,6 +118,12 @@ class SyncClient(Endpoints):
     def unpin(self, name: str) -> Any:
         return self.json("POST", self._capsule(name, "unpin"))
 
+    def approve(self, name: str, spec_hash: str | None = None) -> Any:
+        return self.json("POST", self._capsule(name, "approve"), data=_change(spec_hash))
+
+    def reject(self, name: str, spec_hash: str | None = None) -> Any:
+        return self.json("POST", self._capsule(name, "reject"), data=_change(spec_hash))
+
     def reconcile(self) -> Any:
         return self.json("POST", "/v1/reconcile")
 
@@ -270,3 +276,7 @@ class _Response:
                 raise ValueError(f"an event from the orchestrator is longer than {limit} bytes")
         if pending:
             yield bytes(pending)
+
+
+def _change(spec_hash: str | None) -> bytes | None:
+    return _json.dumps({"spec_hash": spec_hash}).encode() if spec_hash is not None else None

@@ -208,6 +208,15 @@ class Client(Endpoints):
     async def unpin(self, name: str) -> Any:
         return await self.json("POST", f"/v1/capsules/{quote(name, safe='')}/unpin")
 
+    async def approve(self, name: str, spec_hash: str | None = None) -> Any:
+        """Grant the escalations `name` waits for (`spec_hash`: only if that is the change
+        waiting). Returns its status; RemoteError 409 when it awaits no approval."""
+        return await self.json("POST", self._capsule(name, "approve"), data=_change(spec_hash))
+
+    async def reject(self, name: str, spec_hash: str | None = None) -> Any:
+        """Refuse the change `name` waits for. Returns its status."""
+        return await self.json("POST", self._capsule(name, "reject"), data=_change(spec_hash))
+
     async def reconcile(self) -> Any:
         return await self.json("POST", "/v1/reconcile")
 
@@ -265,3 +274,7 @@ async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
             raise RemoteError(0, "TooLarge", f"an event from the orchestrator is longer than {MAX_EVENT_BYTES} bytes")
     if buffer:
         yield bytes(buffer)
+
+
+def _change(spec_hash: str | None) -> bytes | None:
+    return json.dumps({"spec_hash": spec_hash}).encode() if spec_hash is not None else None

@@ -11,6 +11,8 @@ write (refused otherwise), so only the user who runs the orchestrator gets in. W
     GET    /v1/capsules/{name}/history        the versions it ran, newest first, and its pin
     POST   /v1/capsules/{name}/rollback       body: {"to": VERSION|null, "with_data": bool}
     POST   /v1/capsules/{name}/unpin          end a rollback's pin: the desired spec runs
+    POST   /v1/capsules/{name}/approve        body (optional): {"spec_hash": H} -> status
+    POST   /v1/capsules/{name}/reject         the same; 409 when it awaits no approval
     GET    /v1/events?topic=P&history=N       server-sent events: history, then live
     GET    /v1/kv/{name}?prefix=P             {"keys": [...]}
     GET|PUT|DELETE /v1/kv/{name}/{key}        the raw value
@@ -39,6 +41,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import stat
 from collections.abc import Awaitable
@@ -50,6 +53,7 @@ from aiohttp import web
 
 from ..capsule.gate import check_key
 from ..control import Orchestrator
+from ..control.approvals import NotAwaitingApproval
 from ..control.history import RollbackRefused
 from ..control.statedir import SOCKET
 from ..desired.manifest import SECRET_MASK
@@ -66,6 +70,7 @@ logger = logging.getLogger(__name__)
 MAX_HISTORY = 10_000
 MAX_REQUEST_LINE = 16384  # a 4096-byte key, percent-encoded, fits
 MAX_PREFIX_BYTES = 4096  # a key's length
+APPROVED_HASH = re.compile(r"[0-9a-f]{6,64}")  # the change an approve or reject is about: its spec hash, or a prefix
 LINGERING_SECONDS = 2.0  # after answering a request whose body was not read (404, 408, 413), read the rest this long
 
 __all__ = ["MAX_BODY", "MAX_HISTORY", "ApiError", "ControlApi", "ControlServer", "ServerLimits"]
@@ -90,6 +95,8 @@ class ControlApi:
             web.get("/v1/capsules/{name}/history", self.history),
             web.post("/v1/capsules/{name}/rollback", self.rollback),
             web.post("/v1/capsules/{name}/unpin", self.unpin),
+            web.post("/v1/capsules/{name}/approve", self.approve),
+            web.post("/v1/capsules/{name}/reject", self.reject),
             web.get("/v1/events", self.events),
             web.get("/v1/kv/{name}", self.kv_list),
             web.get("/v1/kv/{name}/{key:.+}", self.kv_get),
@@ -193,6 +200,40 @@ class ControlApi:
         name = request.match_info["name"]
         self.deployment(name)
         return web.json_response(await _refusal(self.orchestrator.unpin(name)))
+
+    # -- the escalation gate ---------------------------------------------------------------
+    async def approve(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.deployment(name)
+        expected = await self._change_named(request)
+        try:
+            return web.json_response(await self.orchestrator.approve(name, expected))
+        except NotAwaitingApproval as error:
+            raise ApiError(409, "NotAwaitingApproval", str(error)) from None
+
+    async def reject(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.deployment(name)
+        expected = await self._change_named(request)
+        try:
+            return web.json_response(await self.orchestrator.reject(name, expected))
+        except NotAwaitingApproval as error:
+            raise ApiError(409, "NotAwaitingApproval", str(error)) from None
+
+    async def _change_named(self, request: web.Request) -> str | None:
+        """The spec hash (or a prefix of it) the body names, if any: `{"spec_hash": "3fa1c2..."}`."""
+        body = await read_body(request, timeout=self.limits.body_timeout)
+        if not body.strip():
+            return None
+        value = parse_json(body)
+        if not isinstance(value, dict) or not set(value) <= {"spec_hash"}:
+            raise ApiError(400, "BadRequest", 'the body is {"spec_hash": HASH} (or empty): nothing else')
+        spec_hash = value.get("spec_hash")
+        if spec_hash is None:
+            return None
+        if not isinstance(spec_hash, str) or not APPROVED_HASH.fullmatch(spec_hash):
+            raise ApiError(400, "BadRequest", "spec_hash must be 6 to 64 lowercase hex digits (the change's spec hash)")
+        return spec_hash
 
     # -- events ----------------------------------------------------------------------------
     async def events(self, request: web.Request) -> web.StreamResponse:

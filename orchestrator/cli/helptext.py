@@ -178,6 +178,27 @@ examples:
 
 exit status:
 {REMOTE_EXITS}""",
+    "approve": """\
+examples:
+  orch status                               # AWAITING: which capsules wait, and for what
+  orch approve notes                        # grant it and run the change now
+  orch approve notes --spec-hash 3fa1c2d4   # only if that is still the change waiting
+
+exit status:
+  0  approved, and the change runs
+  1  refused (it awaits nothing, or another change), or the approved version failed to load
+  2  bad usage, or the config file cannot be read
+  3  no orchestrator is running for that state dir""",
+    "reject": """\
+examples:
+  orch reject notes                         # what runs keeps running; the change stays refused
+  orch reject notes --spec-hash 3fa1c2d4
+
+exit status:
+  0  rejected (until the capsule's files or config change again)
+  1  refused (it awaits nothing, or another change)
+  2  bad usage, or the config file cannot be read
+  3  no orchestrator is running for that state dir""",
     "apply": """\
 examples:
   orch apply config.yaml --lattice nats://127.0.0.1:4222

@@ -41,7 +41,7 @@ from .. import __version__
 from .helptext import verb_help
 from .output import COLOR_MODES, EXIT_BROKEN_PIPE, EXIT_USAGE, Colors
 
-VERB_MODULES = ("remote", "history", "lattice", "scaffold", "schema", "completion")
+VERB_MODULES = ("remote", "history", "approvals", "lattice", "scaffold", "schema", "completion")
 """Modules under orchestrator.cli whose `add_commands(verbs)` registers their verbs, in the
 order `orch --help` lists them. They must stay light to import (the parser is built for
 every command)."""

@@ -37,6 +37,7 @@ CODES = {
 PHASE_COLORS = {
     "Running": "green",
     "Degraded": "yellow",
+    "AwaitingApproval": "yellow",
     "Failed": "red",
     "Pending": "cyan",
     "Starting": "cyan",

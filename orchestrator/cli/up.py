@@ -201,14 +201,33 @@ def describe(event: Event) -> str:
                 detail += f" (retry in {wait:.1f} s)"
         elif what == "build_failed":
             detail = f" (exit {payload.get('exit_code')}):\n{payload.get('output', '')}"
+        elif what == "awaitingapproval":
+            awaiting = payload.get("awaiting")
+            grants = (_listed(awaiting.get("escalations")) if isinstance(awaiting, dict) else "") or "more"
+            what = "awaiting approval"
+            detail = f": it would grant {grants}; `orch approve {name}` or `orch reject {name}`"
         return f"{clock} {name:<16} {what}{detail}"
+    if event.topic.startswith("orch.audit.") and isinstance(payload, dict):
+        grants = _listed(payload.get("escalations"))
+        capsule = str(payload.get("capsule"))
+        if event.topic == "orch.audit.rejected":
+            return f"{clock} {capsule:<16} rejected: {grants} (by the operator)"
+        by = payload.get("granted_by")
+        return f"{clock} {capsule:<16} " + (f"granted {grants} (by the {by})" if by else f"asks for {grants}")
     if event.topic == "orch.reconcile.started" and isinstance(payload, dict):
         actions = ", ".join(f"{a['action']} {a['capsule']}" for a in payload.get("actions", []))
         return f"{clock} reconcile        {actions}"
     if event.topic == "orch.reconcile.finished" and isinstance(payload, dict):
-        failing = payload.get("failing") or []
-        return f"{clock} reconciled       " + (f"failing: {', '.join(failing)}" if failing else "all healthy")
+        failing, awaiting = payload.get("failing") or [], payload.get("awaiting") or []
+        said = [f"failing: {', '.join(failing)}"] if failing else []
+        said += [f"awaiting approval: {', '.join(awaiting)}"] if awaiting else []
+        return f"{clock} reconciled       " + ("; ".join(said) or "all healthy")
     if event.topic == "orch.reconcile.rejected" and isinstance(payload, dict):
         return f"{clock} rejected         " + "\n    ".join(payload.get("problems", []))
     text = json.dumps(payload, ensure_ascii=False, default=str)
     return f"{clock} {event.topic} {clip(text, PAYLOAD_CHARS)} (from {event.source})"
+
+
+def _listed(items: Any) -> str:
+    """A list from an event's payload, comma-separated ("" when it is not a list)."""
+    return ", ".join(str(item) for item in items) if isinstance(items, list) else ""

@@ -18,6 +18,10 @@ reloads (dependencies first); the capsules of one wave in parallel.
 
 A `VersionLog` (orchestrator.control.history) is told before a version serves instead of
 another (it snapshots the data the old one leaves) and once it serves (the history).
+- a start or reload that grants more than runs now, beyond what the approval policy allows
+  (control.approvals), is held: `AwaitingApproval` (the old version, if any, keeps serving)
+  until `approve` runs it or `reject` refuses it (then `Degraded`, or `Failed` when nothing
+  runs, until the capsule's desired spec changes again).
 
 Every phase change is published as `orch.capsule.<name>.<phase>` with the slot's status;
 a successful swap as `orch.capsule.<name>.reloaded`; each apply as
@@ -45,6 +49,7 @@ from ..desired.plan import Action, Plan, plan
 from ..desired.spec import CapsuleSpec
 from ..errors import CapsuleNotRunning, OrchestratorError, StaleSpec, UnknownCapsule
 from ..throttle import Throttle
+from .approvals import ApprovalGate, NotAwaitingApproval, Pending, Rejection
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +62,8 @@ PENDING, STARTING, RUNNING, DEGRADED, FAILED, STOPPING, STOPPED = (
     "Stopping",
     "Stopped",
 )
-PHASES = (PENDING, STARTING, RUNNING, DEGRADED, FAILED, STOPPING, STOPPED)
+AWAITING_APPROVAL = "AwaitingApproval"
+PHASES = (PENDING, STARTING, RUNNING, DEGRADED, FAILED, STOPPING, STOPPED, AWAITING_APPROVAL)
 DRAIN_SECONDS = 30.0
 FAILURE_LOG_SECONDS = 10.0  # a failing call is logged at most this often per capsule and tool
 
@@ -117,6 +123,8 @@ class Slot:
     gate: asyncio.Semaphore | None = None
     gate_size: int = 0
     pinned: dict[str, Any] | None = None  # a rollback's pin: {version, spec_hash, since_ms}
+    awaiting: Pending | None = None  # a change waiting for the operator's approval
+    rejected: Rejection | None = None  # a change the operator rejected
 
     def counters(self) -> dict[str, int]:
         """KV conflicts and lost interceptor events, over every version of this deployment."""
@@ -143,6 +151,8 @@ class Slot:
             "next_retry_ms": self.next_retry_ms,
             "reload_count": self.reload_count,
             "pinned": self.pinned,
+            "awaiting": self.awaiting.to_dict() if self.awaiting else None,
+            "rejected": self.rejected.to_dict() if self.rejected else None,
         }
 
 
@@ -161,10 +171,12 @@ class Reconciler:
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
         versions: VersionLog | None = None,
+        approvals: ApprovalGate | None = None,
     ) -> None:
         self._launcher = launcher
         self._versions = versions
         self._pins: dict[str, Pin] = {}  # deployments a rollback holds at an earlier version
+        self._approvals = approvals  # None: every escalation goes ahead (unit tests)
         self._bus = bus
         self._wall_ms = wall_ms
         self._monotonic = monotonic
@@ -226,11 +238,17 @@ class Reconciler:
                 if action.action == "keep":
                     self._keep(action.capsule)
             self._forget_unwanted(desired, keep=set(broken))
+            if self._approvals is not None:  # nothing waits for a capsule removed, disabled or changed
+                for name in self._approvals.settle(desired, keep=set(broken)) & set(self._slots):
+                    self._show_approval(self._slots[name])
             for name, why in broken.items():
                 self._mark_broken(name, why)
             if changes:
                 failed = [n for n, s in self._slots.items() if s.phase in (FAILED, DEGRADED)]
-                self._bus.publish("orch.reconcile.finished", {"actions": changes, "failing": sorted(failed)})
+                awaiting = sorted(n for n, s in self._slots.items() if s.phase == AWAITING_APPROVAL)
+                self._bus.publish(
+                    "orch.reconcile.finished", {"actions": changes, "failing": sorted(failed), "awaiting": awaiting}
+                )
             return current
 
     def _mark_broken(self, name: str, why: str) -> None:
@@ -270,6 +288,8 @@ class Reconciler:
 
     async def _execute(self, action: Action) -> None:
         name = action.capsule
+        if action.action in ("start", "reload") and not self._admitted(self._slots[name], self._desired[name]):
+            return
         if action.action == "start":
             await self._start(self._slots[name], self._desired[name], reasons=action.reasons)
         elif action.action == "reload":
@@ -403,10 +423,13 @@ class Reconciler:
             if not spec.enabled:
                 raise CapsuleNotRunning(f"capsule {name!r} is disabled in the config (enabled: false)")
             if slot.handle is None:
+                if not self._admitted(slot, spec):
+                    raise CapsuleNotRunning(f"capsule {name!r} cannot be restarted" + _why(slot))
                 slot.failed_hash, slot.retry_at, slot.attempts = None, 0.0, 0
                 await self._start(slot, spec)
             else:
                 await self._reload(slot, slot.spec or spec)
+                self._still_held(slot)  # a fresh copy of what runs answers nothing the gate asked
             return slot.status()
 
     # -- pins: a rollback overrides the desired state ------------------------------------
@@ -510,6 +533,79 @@ class Reconciler:
             for _ in range(taken):
                 gate.release()
 
+    # -- the escalation gate ---------------------------------------------------------------
+    def _admitted(self, slot: Slot, spec: CapsuleSpec) -> bool:
+        """Whether `spec` may start or replace what `slot` runs (control.approvals); if not,
+        the slot shows why and keeps what it runs."""
+        if self._approvals is None:
+            return True
+        verdict = self._approvals.judge(slot.name, spec, slot.spec if slot.handle is not None else None)
+        self._show_approval(slot)
+        if verdict.go:
+            return True
+        self._cancel_retry(slot)
+        slot.next_retry_ms = None
+        if verdict.rejection is not None:
+            self._mark_broken(slot.name, _rejected(slot.name, verdict.rejection, serving=slot.handle is not None))
+        else:
+            self._set_phase(slot, AWAITING_APPROVAL)
+        return False
+
+    def _still_held(self, slot: Slot) -> None:
+        if slot.awaiting is not None:
+            self._set_phase(slot, AWAITING_APPROVAL)
+        elif slot.rejected is not None:
+            self._mark_broken(slot.name, _rejected(slot.name, slot.rejected, serving=slot.handle is not None))
+
+    def _show_approval(self, slot: Slot) -> None:
+        assert self._approvals is not None
+        was_rejected = slot.rejected is not None
+        slot.awaiting, slot.rejected = self._approvals.pending(slot.name), self._approvals.rejection(slot.name)
+        if was_rejected and slot.rejected is None:  # the rejected change is no longer wanted
+            self._clear_error(slot)
+        if slot.awaiting is None and slot.phase == AWAITING_APPROVAL:  # removed, disabled or changed meanwhile
+            self._set_phase(slot, RUNNING if slot.handle is not None else PENDING)
+
+    async def approve(self, name: str, spec_hash: str | None = None) -> dict[str, Any]:
+        """Grant what `name` waits for (`spec_hash`: the change the operator looked at, or a
+        prefix of its hash) and start or reload it now. Returns its status, with what was
+        `approved`. Raises UnknownCapsule, NotAwaitingApproval."""
+        async with self._lock:
+            slot, spec = self._awaiting(name)
+            assert self._approvals is not None
+            approved = self._approvals.approve(name, spec, spec_hash)
+            self._show_approval(slot)
+            if slot.handle is None:
+                slot.failed_hash, slot.retry_at, slot.attempts = None, 0.0, 0
+                await self._start(slot, spec)
+            else:
+                await self._reload(slot, spec)
+            if slot.phase == AWAITING_APPROVAL:  # its files were caught mid-write: the next change retries
+                self._set_phase(slot, RUNNING if slot.handle is not None else PENDING)
+            return {**slot.status(), "approved": approved.to_dict()}
+
+    async def reject(self, name: str, spec_hash: str | None = None) -> dict[str, Any]:
+        """Refuse what `name` waits for: what runs keeps running, and this change stays
+        refused until the capsule's desired spec changes. Returns its status."""
+        async with self._lock:
+            slot, spec = self._awaiting(name)
+            assert self._approvals is not None
+            rejection = self._approvals.reject(name, spec, spec_hash)
+            self._show_approval(slot)
+            self._mark_broken(name, _rejected(name, rejection, serving=slot.handle is not None))
+            return slot.status()
+
+    def _awaiting(self, name: str) -> tuple[Slot, CapsuleSpec]:
+        slot, spec = self._slots.get(name), self._desired.get(name)
+        if slot is None or spec is None:
+            raise UnknownCapsule(f"no capsule {name!r} (deployed: {', '.join(sorted(self._slots)) or 'none'})")
+        if self._approvals is None or slot.awaiting is None:
+            why = f"it is {slot.phase.lower()}"
+            if slot.rejected is not None:
+                why = f"its change to {slot.rejected.spec_hash[:12]} was rejected; change its files to propose another"
+            raise NotAwaitingApproval(f"capsule {name!r} is not awaiting approval: {why}")
+        return slot, spec
+
     # -- calls ---------------------------------------------------------------------------
     async def call_tool(self, name: str, tool: str, arguments: Any = None) -> Any:
         """Call `tool` on the version of `name` serving now. Raises UnknownCapsule,
@@ -602,6 +698,16 @@ class Reconciler:
 
 
 def _why(slot: Slot) -> str:
+    if slot.awaiting is not None:
+        return f": it waits for approval of {', '.join(slot.awaiting.escalations)} (`orch approve {slot.name}`)"
     if slot.last_error:
         return f": {slot.last_error}"
     return ""
+
+
+def _rejected(name: str, rejection: Rejection, *, serving: bool) -> str:
+    keeps = "the last approved version keeps serving" if serving else "nothing runs"
+    return (
+        f"the operator rejected the change to {rejection.spec_hash[:12]}, which would grant "
+        f"{', '.join(rejection.escalations)}; {keeps}. Change the capsule's files or config to propose another"
+    )

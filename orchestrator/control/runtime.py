@@ -13,6 +13,12 @@ Every start, reload and rollback is recorded in the version history (orchestrato
 .history: entries, modules, KV snapshots); `rollback` runs an earlier version, pinned, and
 `unpin` ends a pin (orchestrator.control.rollback).
 
+The escalation gate (control.approvals) judges each start and reload by the approval
+policy in force, the one of the config applied before (the first config applied in a state
+dir: its own), made no more permissive by the new config's. Once a config is applied, its
+policy is in force; `approve` and `reject` are the operator's answers (`orch approve|reject
+NAME`).
+
 `stop()` shuts down in phases with a deadline: stop watching and building, stop capsules
 (dependents first; calls in flight get a bounded wait), close the store, the engine and
 the bus.
@@ -37,6 +43,8 @@ from ..desired.config import HistorySettings
 from ..desired.manifest import Manifest, load_manifest
 from ..engine import WasmEngine, load_or_create_key
 from ..errors import ConfigError, ManifestError, Problem, UnknownCapsule
+from . import approvals
+from .approvals import ApprovalGate
 from .builds import Builder
 from .builds import sources as build_sources
 from .follow import GitFollower, RevisionRejected
@@ -45,7 +53,7 @@ from .health import DesiredHealth
 from .history import NotPinned, VersionHistory
 from .reconciler import Reconciler
 from .rollback import restored_pins, roll_back
-from .statedir import CACHE, CACHE_KEY, KV_DATABASE, StateDir, write_applied
+from .statedir import CACHE, CACHE_KEY, KV_DATABASE, StateDir, read_applied, write_applied
 from .watcher import Watcher
 
 logger = logging.getLogger(__name__)
@@ -98,6 +106,7 @@ class Orchestrator:
         self.history: VersionHistory | None = None
         self._describing: asyncio.Future[str | None] | None = None  # the local revision, re-read
         self._rejected_first: RevisionRejected | None = None
+        self.approvals: ApprovalGate | None = None
 
     async def load(self, *, previous: DesiredState | None = None, only: list[str] | None = None) -> DesiredState:
         """Read the desired state on a worker thread. Raises ConfigError. Following git: fetch,
@@ -160,7 +169,12 @@ class Orchestrator:
             workspace=desired.config.workspace,
             protected=self.protected,
         )
-        self.reconciler = Reconciler(launcher=launcher, bus=self.bus, versions=self.history)
+        policy = desired.config.model.approvals  # in force only if nothing was ever applied in this state dir
+        ran = await asyncio.to_thread(read_applied, state_dir)
+        self.approvals = await asyncio.to_thread(
+            ApprovalGate.open, state_dir, bus=self.bus, policy=policy, recorded=ran
+        )
+        self.reconciler = Reconciler(launcher=launcher, bus=self.bus, versions=self.history, approvals=self.approvals)
         self._first = desired
         return desired
 
@@ -246,11 +260,20 @@ class Orchestrator:
         self.protected.current = await asyncio.to_thread(self._protected_paths, desired)  # resolves paths
         broken = {name: _why_broken(problems) for name, problems in desired.broken.items()}
         await asyncio.to_thread(self.revision.describe)  # the revision the history's entries record
+        assert self.approvals is not None
+        self.approvals.propose(desired.config.model.approvals)  # may tighten, never relax, the judgement
         plan = await self.reconciler.apply(desired.specs, broken=broken)
         self.last_plan = plan
         if self.history is not None:
             await self.history.save_pins(self.reconciler.pins)
         self._accepted(desired)
+        self.approvals.adopt(desired.config.model.approvals)  # applied: its policy judges the next change
+        await self._record(desired)
+        return plan
+
+    async def _record(self, desired: DesiredState) -> None:
+        """applied.json (what runs) and approvals.json (the policy in force, rejections)."""
+        assert self.reconciler is not None and self.approvals is not None
         running = {name: spec.record() for name, spec in self.reconciler.actual().items()}
         if self.follow is not None and (commit := self.follow.revision_of(desired)) is not None:
             self.follow.applied(commit)
@@ -259,7 +282,25 @@ class Orchestrator:
         # (`stop` waits for it); `orch plan` reads it once this orchestrator is gone.
         self._recording = asyncio.ensure_future(asyncio.to_thread(self._record_applied, desired, running))
         await asyncio.shield(self._recording)
-        return plan
+        if (changes := self.approvals.changes()) is not None:
+            await asyncio.to_thread(approvals.write, desired.config.state_dir, changes)
+
+    async def approve(self, name: str, spec_hash: str | None = None) -> dict[str, Any]:
+        """The operator grants what `name` waits for; it starts or reloads now (the control
+        API's `POST /v1/capsules/{name}/approve`). Returns its status."""
+        assert self.reconciler is not None and self.desired is not None
+        async with self._changes:
+            status = await self.reconciler.approve(name, spec_hash)
+            await self._record(self.desired)
+        return status
+
+    async def reject(self, name: str, spec_hash: str | None = None) -> dict[str, Any]:
+        """The operator refuses what `name` waits for (`POST /v1/capsules/{name}/reject`)."""
+        assert self.reconciler is not None and self.desired is not None
+        async with self._changes:
+            status = await self.reconciler.reject(name, spec_hash)
+            await self._record(self.desired)
+        return status
 
     async def reconcile(self) -> Plan:
         """Re-read every file now and apply (the control API's `POST /v1/reconcile`).
@@ -454,6 +495,7 @@ class Orchestrator:
             "desired": self.health.to_dict(),
             "state_dir": str(desired.config.state_dir) if desired else None,
             "git": self.follow.to_dict() if self.follow is not None else None,
+            "approvals": self.approvals.info() if self.approvals else None,
         }
 
     def _revision_now(self) -> str | None:

@@ -27,7 +27,16 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import ConfigError, Problem
 from ..files import FileReadError, read_regular
@@ -141,6 +150,37 @@ class HistorySettings(_Model):
     )
 
 
+CapabilityName = Literal["kv", "fs_read", "fs_write", "ipc_publish", "ipc_subscribe", "net"]
+
+
+class ApprovalPolicy(_Model):
+    """approvals: whether a start or reload that grants a capsule more than it runs with goes
+    ahead by itself (every grant is still audited) or waits for `orch approve`. The policy in
+    force is the one of the config that runs, never the one of the change that asks."""
+
+    escalations: Literal["allow", "ask"] = Field(
+        "allow", description="allow (the local dev loop) or ask (wait for `orch approve`, unless listed in allow)"
+    )
+    allow: Annotated[list[CapabilityName], EmptyList] = Field(
+        default_factory=list,
+        max_length=6,
+        description="a list of capabilities granted without asking under `escalations: ask` "
+        "(kv, fs_read, fs_write, ipc_publish, ipc_subscribe, net)",
+    )
+
+    @model_validator(mode="after")
+    def _allow_needs_ask(self) -> ApprovalPolicy:
+        if self.allow and self.escalations != "ask":
+            raise ValueError(
+                "allow lists the capabilities granted without asking, which only means something with "
+                "`escalations: ask` (`allow`, the default, grants every capability): add `escalations: ask`"
+            )
+        if len(set(self.allow)) != len(self.allow):
+            twice = sorted({c for c in self.allow if self.allow.count(c) > 1})
+            raise ValueError(f"allow lists {', '.join(twice)} more than once: list each capability once")
+        return self
+
+
 class OrchestratorConfig(_Model):
     """A whole config.yaml."""
 
@@ -159,6 +199,9 @@ class OrchestratorConfig(_Model):
     )
     history: Annotated[HistorySettings, EmptyDict] = Field(
         default_factory=HistorySettings, description="a mapping of versions, snapshots, snapshot_max_mib"
+    )
+    approvals: Annotated[ApprovalPolicy, EmptyDict] = Field(
+        default_factory=ApprovalPolicy, description="a mapping of escalations (allow or ask) and allow (capabilities)"
     )
     capsules: Annotated[dict[DeploymentName, Deployment], EmptyDict] = Field(
         default_factory=dict, description="a mapping of deployment names to deployments"
@@ -372,6 +415,8 @@ def _model_at(loc: Loc) -> type[BaseModel] | None:
             return EngineSettings
         case ("lattice",):
             return LatticeSettings
+        case ("approvals",):
+            return ApprovalPolicy
         case ("defaults", "limits") | ("capsules", _, "limits"):
             return LimitsOverride
         case ("capsules", _):

@@ -9,7 +9,8 @@ Reasons of a reload, in this order (each group sorted by key):
   wasm, config.*, capabilities, limits.*, instances, manifest.* (other manifest fields),
   env, tools, interceptors, depends_on.
 
-Pure. Used by orchestrator.desired.plan.
+Pure. Used by orchestrator.desired.plan, and by the escalation gate (orchestrator.control.approvals:
+`capability_grants`, what a start grants).
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ def _capability_reasons(old: Any, new: Any) -> tuple[list[str], tuple[str, ...]]
     if not reasons and not _same(old, new):  # a list reordered, `[]` written out, …
         reasons = ["capabilities rewritten (same grants)"]
     return reasons, escalations
+
+
+def capability_grants(spec: CapsuleSpec) -> tuple[str, ...]:
+    """Everything `spec` grants, labelled as escalations are (`kv`, `fs_write cwd://out`),
+    sorted: what a start grants a capsule that runs nothing yet."""
+    return tuple(sorted(_grants(_plain(spec.manifest).get("capabilities", _UNSET))))
 
 
 def _grants(capabilities: Any) -> set[str]:
