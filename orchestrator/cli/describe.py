@@ -57,6 +57,23 @@ def describe(name: str, summary: Mapping[str, Any], *, style: Style, now_ms: int
         retry = status.get("next_retry_ms")
         if isinstance(retry, int):
             field("Next retry", _when(retry, now))
+        pinned = _mapping(status.get("pinned"))
+        if pinned:
+            since = pinned.get("since_ms")
+            field(
+                "Pinned",
+                f"version {pinned.get('version', '-')} by a rollback"
+                + (f" since {_when(since, now)}" if isinstance(since, int) else "")
+                + f" (`orch unpin {name}` runs the desired spec)",
+            )
+        awaiting = _mapping(status.get("awaiting"))
+        if awaiting:
+            grants = ", ".join(map(str, _list(awaiting.get("escalations")))) or "more"
+            field(
+                "Awaiting",
+                style(f"approval of {str(awaiting.get('spec_hash', '-'))[:12]}, which would grant {grants}", "yellow")
+                + f" (`orch approve {name}` or `orch reject {name}`)",
+            )
 
     section("Tools")
     tools = [_mapping(t) for t in _list(summary.get("tools"))]

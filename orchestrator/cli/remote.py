@@ -184,12 +184,12 @@ def _status(args: argparse.Namespace, client: SyncClient) -> int:
             (
                 str(c["name"]),
                 str(c["phase"]),
-                str(c["version"] or "-")[:12],
+                str(c["version"] or "-")[:12] + (" (pinned)" if isinstance(c.get("pinned"), dict) else ""),
                 str(c["instances"]),
                 str(c["calls"]),
                 str(c["errors"]),
                 f"{c['fuel_mean']:,}",
-                cell(str(c["last_error"] or ""), ERROR_CELL),
+                cell(_attention(c), ERROR_CELL),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -203,6 +203,15 @@ def _status(args: argparse.Namespace, client: SyncClient) -> int:
                 cells[7] = style(cells[7], "red")
         print("  ".join(cells).rstrip())
     return EXIT_OK
+
+
+def _attention(capsule: dict[str, Any]) -> str:
+    """The LAST ERROR cell: the error, or what a change awaiting approval would grant."""
+    awaiting = capsule.get("awaiting")
+    if isinstance(awaiting, dict) and isinstance(awaiting.get("escalations"), list):
+        grants = ", ".join(map(str, awaiting["escalations"]))
+        return f"awaits `orch approve {capsule['name']}`: would grant {grants}"
+    return str(capsule["last_error"] or "")
 
 
 def _describe(args: argparse.Namespace, client: SyncClient) -> int:
