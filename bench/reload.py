@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -388,6 +389,8 @@ async def reload_among(config: Path, name: str, module: Path, reloads: int) -> d
     orchestrator = Orchestrator(config, watch=True, environ={})
     await orchestrator.start()
     start_s = time.perf_counter() - started
+    gc.collect()  # as `orch up` does once the first plan is applied
+    gc.freeze()
     try:
         poller = Poller(orchestrator, name)
         first = await until_watching(module, poller)

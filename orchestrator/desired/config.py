@@ -16,7 +16,9 @@ desired-state loader and the CLI (`validate`, `plan`).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import functools
 import hashlib
 import os
 import re
@@ -39,7 +41,7 @@ from pydantic import (
 )
 
 from ..errors import ConfigError, Problem
-from ..files import FileReadError, read_regular
+from ..files import FileReadError, FileStamp, read_regular
 from .common import MANIFEST, NAME, LimitsOverride, Loc, capped, dotted, line_at, listed, suggest, surrogate_line
 from .yamlsource import YamlReader
 
@@ -225,10 +227,17 @@ class LoadedConfig:
     state_dir: Path
     text_sha256: str
     lines: Mapping[Loc, int] = field(default_factory=dict, repr=False, compare=False)
+    stamp: FileStamp | None = field(default=None, repr=False, compare=False)  # of the file read (load_config)
 
     def folder(self, name: str) -> Path:
         """The absolute capsule folder of deployment `name` (KeyError if there is none)."""
-        return _resolve(self.path.parent, self.model.capsules[name].path)
+        return self.folders[name]
+
+    @functools.cached_property
+    def folders(self) -> Mapping[str, Path]:
+        """Every deployment's absolute capsule folder (resolved once per config read)."""
+        base = self.path.parent
+        return MappingProxyType({name: _resolve(base, d.path) for name, d in self.model.capsules.items()})
 
     def line_of(self, *loc: str | int) -> int | None:
         """The line of key path `loc` (e.g. "capsules", "hello", "config", "greeting"); for a
@@ -242,7 +251,7 @@ def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -
     if path.is_dir():
         path = path / CONFIG_FILE
     try:
-        data, _ = read_regular(path, limit=MAX_CONFIG_BYTES, what="config file")
+        data, stamp = read_regular(path, limit=MAX_CONFIG_BYTES, what="config file")
     except FileReadError as error:
         if error.errno == errno.ENOENT:
             reason = f"no {path.name} here: create one or pass the path of an existing one"
@@ -259,7 +268,7 @@ def load_config(path: Path | str, *, environ: Mapping[str, str] | None = None) -
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise ConfigError([Problem("not UTF-8 text: save the file as UTF-8", file=str(path), line=line)]) from None
-    return parse_config(text, path=path, environ=environ)
+    return dataclasses.replace(parse_config(text, path=path, environ=environ), stamp=stamp)
 
 
 def _over_limit(path: Path) -> bool:

@@ -71,6 +71,13 @@ def load_desired(
     """
     config_problems: list[Problem] = []
     broken: dict[str, list[Problem]] = {}
+    if only is not None and previous is not None and _config_unchanged(previous):
+        # Some capsule folders changed, config.yaml did not: its parse (and every other
+        # deployment's spec) stands. Tens of milliseconds for a config of 1,000 capsules.
+        desired = _reread(previous, set(only))
+        if strict and desired.broken:
+            raise ConfigError([p for name in sorted(desired.broken) for p in desired.broken[name]])
+        return desired
     try:
         loaded = load_config(path, environ=environ)
     except ConfigError as error:
@@ -100,6 +107,30 @@ def load_desired(
     if config_problems or (strict and broken):
         raise ConfigError(config_problems + [p for name in sorted(broken) for p in broken[name]])
     return DesiredState(config=loaded, specs=specs, broken=broken)
+
+
+def _config_unchanged(previous: DesiredState) -> bool:
+    """Whether config.yaml is still the file `previous` was read from (same stamp), and
+    `previous` had no problems (a broken deployment is checked against the config again)."""
+    stamp = previous.config.stamp
+    return stamp is not None and not previous.broken and FileStamp.at(previous.config.path) == stamp
+
+
+def _reread(previous: DesiredState, names: set[str]) -> DesiredState:
+    """`previous` with the deployments `names` read again from their folders (a problem of
+    one makes it broken, as in `load_desired(strict=False)`)."""
+    specs = dict(previous.specs)
+    broken: dict[str, list[Problem]] = {}
+    for name in previous.config.model.capsules:
+        if name not in names:
+            continue
+        old = previous.specs.get(name)
+        try:
+            specs[name] = load_spec(previous.config, name, previous=old.source if old is not None else None)
+        except (ConfigError, ManifestError) as error:
+            specs.pop(name, None)
+            broken[name] = list(error.problems)
+    return DesiredState(config=previous.config, specs=specs, broken=broken)
 
 
 def _deployment_of(problem: Problem) -> str | None:
