@@ -40,30 +40,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from reload import TOOL, module_wat  # noqa: E402  (bench/ is on the path: a sibling script)
+
 from orchestrator.api.client import Client  # noqa: E402
 from orchestrator.api.server import ControlServer  # noqa: E402
 from orchestrator.control.follow import GitFollower, load_revision  # noqa: E402
 from orchestrator.control.gitsource import GitRef  # noqa: E402
 from orchestrator.control.runtime import Orchestrator  # noqa: E402
-
-TOOL = "version"
-
-
-def module_wat(value: str) -> str:
-    data = value.encode("ascii")
-    stores = "\n    ".join(
-        f"(call $store_u8 (i64.add (local.get $p) (i64.const {i})) (i32.const {byte}))" for i, byte in enumerate(data)
-    )
-    return f"""(module
-  (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
-  (import "extism:host/env" "store_u8" (func $store_u8 (param i64 i32)))
-  (import "extism:host/env" "output_set" (func $output_set (param i64 i64)))
-  (func (export "{TOOL}") (result i32) (local $p i64)
-    (local.set $p (call $alloc (i64.const {len(data)})))
-    {stores}
-    (call $output_set (local.get $p) (i64.const {len(data)}))
-    (i32.const 0)))
-"""
 
 
 def manifest(name: str) -> str:

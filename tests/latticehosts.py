@@ -21,24 +21,11 @@ from typing import Any
 from orchestrator.lattice.connection import Lattice, LatticeAddress
 from orchestrator.lattice.status import lattice_status
 from orchestrator.lattice.wiring import call_tool
+from tests.test_orchestrate import module
 
 REPO = Path(__file__).resolve().parent.parent
 ORCH = [sys.executable, "-m", "orchestrator"]
 DEADLINE = 30.0
-
-
-def module(value: int) -> str:
-    """A module whose `version` tool outputs `value` (one digit)."""
-    return f"""(module
-  (import "extism:host/env" "alloc" (func $alloc (param i64) (result i64)))
-  (import "extism:host/env" "store_u8" (func $store (param i64 i32)))
-  (import "extism:host/env" "output_set" (func $output (param i64 i64)))
-  (func (export "version") (result i32) (local $p i64)
-    (local.set $p (call $alloc (i64.const 1)))
-    (call $store (local.get $p) (i32.const {48 + value}))
-    (call $output (local.get $p) (i64.const 1))
-    (i32.const 0)))
-"""
 
 
 MANIFEST = """[package]

@@ -29,6 +29,7 @@ from orchestrator.control.gitsource import KEEP_CHECKOUTS, GitRef
 from orchestrator.control.runtime import Orchestrator
 from orchestrator.control.statedir import read_applied
 from orchestrator.errors import SourceError
+from tests.awaiting import first_match
 from tests.test_gitsource import Repo
 from tests.test_orchestrate import MANIFEST, module
 
@@ -75,16 +76,7 @@ class Following:
         return str((await self.orchestrator.reconciler.call_tool(name, "version", {})).output.decode())
 
     async def wait_for(self, predicate: Callable[[Event], bool], what: str) -> Event:
-        async def scan() -> Event:
-            async for event in self.events:
-                if predicate(event):
-                    return event
-            raise AssertionError("the bus closed")
-
-        try:
-            return await asyncio.wait_for(scan(), DEADLINE)
-        except TimeoutError:
-            raise AssertionError(f"no event: {what}") from None
+        return await first_match(aiter(self.events), predicate, f"an event: {what}", deadline=DEADLINE)
 
 
 async def start(root: Path, repo: Repo, *, interval: float = 3600.0, builds: bool = False) -> Following:

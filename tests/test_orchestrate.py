@@ -20,6 +20,7 @@ from orchestrator.capsule.bus import Event, Subscription
 from orchestrator.control.runtime import Orchestrator
 from orchestrator.control.statedir import read_applied
 from orchestrator.errors import CapsuleNotRunning
+from tests.awaiting import first_match
 from tests.conftest import CAPSULES
 
 DEADLINE = 15.0
@@ -76,16 +77,7 @@ class Running:
         return str(result.output.decode())
 
     async def wait_for(self, predicate: Callable[[Event], bool], what: str) -> Event:
-        async def scan() -> Event:
-            async for event in self.events:
-                if predicate(event):
-                    return event
-            raise AssertionError("the bus closed")
-
-        try:
-            return await asyncio.wait_for(scan(), DEADLINE)
-        except TimeoutError:
-            raise AssertionError(f"no event: {what}") from None
+        return await first_match(aiter(self.events), predicate, f"an event: {what}", deadline=DEADLINE)
 
     async def wait_topic(self, topic: str) -> Event:
         return await self.wait_for(lambda e: e.topic == topic, topic)

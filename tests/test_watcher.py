@@ -18,6 +18,7 @@ import pytest
 
 from orchestrator.control.runtime import Orchestrator
 from orchestrator.control.watcher import Changes, Watcher
+from tests.awaiting import first_match
 from tests.test_orchestrate import CONFIG, Running, write_capsule
 
 DEADLINE = 15.0
@@ -31,16 +32,7 @@ class Stream:
         self._batches = watcher.changes()
 
     async def until(self, predicate: Callable[[Changes], bool], what: str) -> Changes:
-        async def scan() -> Changes:
-            async for changes in self._batches:
-                if predicate(changes):
-                    return changes
-            raise AssertionError("the watcher closed")
-
-        try:
-            return await asyncio.wait_for(scan(), DEADLINE)
-        except TimeoutError:
-            raise AssertionError(f"no batch: {what}") from None
+        return await first_match(self._batches, predicate, f"a batch: {what}", deadline=DEADLINE)
 
     async def close(self) -> None:
         await self.watcher.close()
