@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import asyncio
 
-from ..errors import ConfigError, OrchestratorError
+from ..errors import ConfigError, GateError, OrchestratorError
 from .helptext import verb_help
 from .output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail, one_line, print_problems
 
@@ -52,13 +52,34 @@ def add_lattice_options(parser: argparse.ArgumentParser, *, required: bool = Fal
     )
     parser.add_argument("--lattice-name", default="default", metavar="N", help="the lattice's name (default: default)")
     parser.add_argument("--lattice-creds", type=Path, metavar="FILE", help="NATS credentials file (.creds)")
+    add_tls_options(parser)
+
+
+def add_tls_options(parser: argparse.ArgumentParser) -> None:
+    """`--lattice-tls-ca|cert|key FILE`: TLS to the NATS servers (a CA to trust, a client
+    certificate and its key). A `tls://` URL, or a CA alone, turns TLS on."""
+    parser.add_argument("--lattice-tls-ca", type=Path, metavar="FILE", help="CA certificate(s) to trust (PEM)")
+    parser.add_argument("--lattice-tls-cert", type=Path, metavar="FILE", help="client certificate (PEM), for mTLS")
+    parser.add_argument("--lattice-tls-key", type=Path, metavar="FILE", help="the client certificate's key (PEM)")
 
 
 def address_of(args: argparse.Namespace) -> Any:
     """The LatticeAddress the options name. Raises OrchestratorError (GateError) when malformed."""
     from ..lattice.connection import LatticeAddress
 
-    return LatticeAddress.parse(args.lattice, name=args.lattice_name, creds=args.lattice_creds)
+    files = {
+        "creds": args.lattice_creds,
+        "tls_ca": getattr(args, "lattice_tls_ca", None),
+        "tls_cert": getattr(args, "lattice_tls_cert", None),
+        "tls_key": getattr(args, "lattice_tls_key", None),
+    }
+    for option, path in files.items():
+        if path is not None and not path.is_file():
+            flag = "--lattice-" + option.replace("_", "-")
+            raise GateError(f"{flag} {path}: no such file; give the path of an existing file")
+    if files["tls_key"] is not None and files["tls_cert"] is None:
+        raise GateError("--lattice-tls-key needs --lattice-tls-cert (the certificate the key belongs to)")
+    return LatticeAddress.parse(args.lattice, name=args.lattice_name, **files)
 
 
 def add_commands(verbs: Any) -> None:
@@ -233,6 +254,9 @@ def run_status(args: argparse.Namespace) -> int:
 
     try:
         address = address_of(args)
+    except OrchestratorError as error:
+        return fail(one_line(error), EXIT_USAGE)
+    try:
         status = asyncio.run(lattice_status(address))
     except OrchestratorError as error:
         return fail(one_line(error), EXIT_FAILED)

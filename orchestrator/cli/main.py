@@ -206,6 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--lattice", metavar="URL", help="compare with the lattice's current revision")
     plan.add_argument("--lattice-name", default="default", metavar="N", help="the lattice's name (default: default)")
     plan.add_argument("--lattice-creds", type=Path, metavar="FILE", help="NATS credentials file (.creds)")
+    importlib.import_module(f"{__package__}.lattice").add_tls_options(plan)
     plan.add_argument(
         "--state-dir", type=Path, metavar="DIR", help="for git+...: the state dir compared with (default: ./.orch)"
     )

@@ -146,9 +146,13 @@ def _on_lattice(args: argparse.Namespace, run: Verb, colors: Colors) -> int:
     if run is _status:
         return run_status(args)  # the lattice's own view: hosts, and where each capsule runs
     try:
+        address = address_of(args)
+    except OrchestratorError as error:
+        return fail(one_line(error), EXIT_USAGE, colors=colors)
+    try:
         from ..lattice.client import LatticeClient
 
-        with LatticeClient(address_of(args)) as client:
+        with LatticeClient(address) as client:
             return run(args, client)  # type: ignore[arg-type]
     except OrchestratorError as error:
         return fail(one_line(error), EXIT_FAILED, colors=colors)

@@ -111,7 +111,14 @@ class Lattice:
         }
         if address.creds is not None:
             options["user_credentials"] = str(address.creds)
-        if (context := address.tls()) is not None:
+        try:
+            context = address.tls()
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            raise LatticeError(
+                f"cannot use the TLS files for the lattice ({type(error).__name__}: {error}): "
+                "give PEM files (--lattice-tls-ca, --lattice-tls-cert with its --lattice-tls-key)"
+            ) from None
+        if context is not None:
             options["tls"] = context
         try:
             nc = await asyncio.wait_for(nats.connect(**options), timeout)
