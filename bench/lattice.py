@@ -17,15 +17,14 @@ modules whose `version` tool answers a digit (tests/latticehosts.py).
   answered by another host (what a client sees; the heartbeat TTL is 3 s). The killed
   host is restarted (same id) between rounds. Target: <= 5 s.
 - call_latency: sequential calls to a deployment on another process, through
-  `orchestrator.lattice.wiring.call_tool` (the interim call server until calls.py is
-  wired in): p50 / p99. Target (for calls.py): p50 <= 2 ms, p99 <= 10 ms.
+  `orchestrator.lattice.wiring.call_tool` (NATS request/reply to the deployment's queue
+  group, served by orchestrator.lattice.calls): p50 / p99. Target: p50 <= 2 ms, p99 <= 10 ms.
 - kv: the example counter (one KV write per `increment`), 32 calls in flight for 3 s:
   `counter_calls_per_s` (every call writes the same key, so concurrent calls conflict and
   run again: a worst case; the >= 2,000 calls/s target is for distinct keys, measured by
   the KV's own bench); then its host is SIGKILLed and the count read on the next host is
-  compared with the increments acknowledged: `writes_lost`. With the interim local store
-  (each host its own SQLite) every write is "lost" to the next host; with the lattice KV
-  (kvstore.py wired into wiring.open_store) the target is 0.
+  compared with the increments acknowledged: `writes_lost` (the KV lives in JetStream,
+  orchestrator.lattice.kvstore: the target is 0).
 
 Figures are medians over rounds; the machine is shared, so treat single figures with care.
 """
@@ -182,7 +181,7 @@ async def call_latency(urls: str, count: int) -> dict[str, Any]:
 async def kv_figures(root: Path, urls: str, hosts: Hosts, seconds: float) -> dict[str, Any]:
     """The example counter (a KV write per increment): calls/s with 32 in flight, then the
     increments acknowledged before a SIGKILL of its host against the count the next host
-    reads (writes lost: 0 with the lattice KV; all of them with the interim local store)."""
+    reads (writes lost: 0 with the lattice KV)."""
     shutil.copytree(ROOT / "capsules" / "counter", root / "counter", ignore=shutil.ignore_patterns("assembly"))
     config = write_config(root, {"counter": {"path": "counter", "instances": 4}})
     assert apply(config, urls).returncode == 0
