@@ -69,9 +69,7 @@ def make_pki(folder: Path) -> None:
         issued = (
             certificate(name, private.public_key(), ca_name)
             .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), False
-            )
+            .add_extension(both, False)
             .sign(ca_key, hashes.SHA256())
         )
         (folder / f"{name}.pem").write_bytes(issued.public_bytes(Encoding.PEM))
