@@ -124,7 +124,7 @@ def dash_status(doc: Any, reports: Any, *, lattice: str, servers: str) -> dict[s
     desired = doc.get("desired") if isinstance(doc.get("desired"), Mapping) else {}
     applied_at = _opt_int(desired.get("applied_at_ms"))
     info: dict[str, Any] = {
-        "config_path": _text(desired.get("source")) or "",
+        "config_path": _text(desired.get("source")) or servers,  # where it was applied from, else where it is
         "config_sha256": _text(desired.get("config_sha256")),
         "lattice": {
             "name": lattice,
