@@ -78,14 +78,22 @@ exit status:
   2  bad usage (a malformed git+ source, git options with a config file)
   130  a second signal: exited at once""",
     "dash": """\
+With --lattice, the dashboard shows a whole lattice: every capsule with the hosts it serves
+on (a host column), calls, KV and events over NATS. Restart, reconcile and plan are not
+available there: hosts converge on the applied revision, `orch apply` changes it. Calls,
+errors and fuel add up the hosts' reports, which may be a few seconds old.
+
 examples:
   orch dash                     attach to the orchestrator of ./config.yaml (else of ./.orch)
   orch dash --state-dir /srv/orch
   orch dash --socket .orch/orch.sock
+  orch dash --lattice nats://127.0.0.1:4222
+  orch dash --lattice nats://a:4222,nats://b:4222 --lattice-name prod --lattice-creds ops.creds
 
 exit status:
   0  the dashboard was closed
-  2  the config file cannot be read""",
+  2  the config file cannot be read, or bad usage (a malformed --lattice, or --lattice
+     with CONFIG, --state-dir or --socket)""",
     "validate": """\
 examples:
   orch validate

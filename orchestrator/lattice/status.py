@@ -68,8 +68,19 @@ def parse_report(data: bytes, *, key: str) -> dict[str, Any] | None:
         value = json.loads(data)
         if not isinstance(value, dict) or value.get("host") != key or not isinstance(value.get("capsules"), list):
             raise ValueError("not a status report of this host")
-        rows = [row for row in value["capsules"] if isinstance(row, dict) and isinstance(row.get("name"), str)]
-        return {**value, "capsules": rows}
+        rows = [
+            {**row, "phase": None} if not isinstance(row.get("phase", ""), str) else row  # hashable, comparable
+            for row in value["capsules"]
+            if isinstance(row, dict) and isinstance(row.get("name"), str)
+        ]
+        report = {**value, "capsules": rows}
+        if not isinstance(report.get("labels", {}), dict) or not all(
+            isinstance(v, str) for v in report.get("labels", {}).values()
+        ):
+            report["labels"] = {}
+        if not isinstance(report.get("problems", {}), dict):
+            report["problems"] = {}
+        return report
     except (ValueError, RecursionError) as error:
         logger.warning("status bucket key %s: %s; ignored", key, error)
         return None
