@@ -9,7 +9,9 @@ own (a background thread), so its methods are plain blocking calls:
   (orchestrator.lattice.calls), telling an unknown capsule from one no host runs;
 - `kv_list|kv_get|kv_set|kv_delete`: the lattice's KV bucket (orchestrator.lattice.kvstore);
 - `events(topic, history)`: the lattice's event history, then live events
-  (orchestrator.lattice.history), as dicts shaped like the control API's SSE events.
+  (orchestrator.lattice.history), as dicts shaped like the control API's SSE events;
+- `reconcile()`: the lease holder fetches the followed git branch now
+  (orchestrator.lattice.follow), answering with what came of it.
 
 Errors are the lattice's (`LatticeCallError` has the status, kind and message a local
 call would have); the CLI prints them as one line. Used by orchestrator.cli.remote.
@@ -78,6 +80,16 @@ class LatticeClient:
             return await call_tool(lattice, name, tool, arguments, deployed=lambda: deployment_names(lattice))
 
         return self._run(call())
+
+    # -- following git --------------------------------------------------------------------
+    def reconcile(self) -> dict[str, Any]:
+        """Ask the host holding the scheduler lease to fetch the followed branch now
+        (orchestrator.lattice.follow): `{"outcome", "message", "git", "revision"}`, where
+        `outcome` is `published` or `applied` when the branch's revision is the lattice's
+        desired state. Raises LatticeError when no host answers."""
+        from .follow import request_reconcile
+
+        return self._run(request_reconcile(self.lattice)).to_dict()
 
     # -- KV ------------------------------------------------------------------------------
     def _store(self) -> Any:

@@ -15,7 +15,12 @@ what `orch status --lattice URL --json` prints (contract):
                    "on": [{"host", "phase", "version", "last_error"}], "problem"}],
      "desired": {"revision", "config_sha256", "source", "applied_at_ms", "applied_by",
                  "deployments"} | null,
-     "scheduler": HOST | null, "assignments_revision": N, "problems": [...]}
+     "scheduler": HOST | null, "assignments_revision": N, "problems": [...],
+     "git": null | {"source", "applied_revision", "applied_at_ms", "fetched_revision",
+                    "fetched_at_ms", "rejected", "error", "error_at_ms", "interval_s", "host"}}
+
+`git` is the followed branch (`orch apply git+... --follow`), as the lease holder last
+recorded it (orchestrator.lattice.followrecord): null when no branch is followed.
 
 A capsule's `hosts` are the live hosts where a version of it serves (phase Running, or
 Degraded: the last good version serving while a newer one failed). Its `phase` over the
@@ -36,6 +41,7 @@ from typing import Any
 
 from .connection import Lattice, LatticeAddress
 from .desiredstate import DesiredDoc, latest_good
+from .followrecord import read_record, read_status, view
 from .lease import holder
 from .membership import HostInfo, latest_values, live_hosts
 from .scheduler import Assignments, read_assignments
@@ -104,6 +110,7 @@ def summarize(
     assignments: Assignments | None,
     scheduler: str | None = None,
     problems: list[str] | None = None,
+    git: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The lattice's status (see the module docstring). Pure."""
     placed = assignments.deployments if assignments else {}
@@ -133,6 +140,7 @@ def summarize(
         "scheduler": scheduler,
         "assignments_revision": assignments.revision if assignments else 0,
         "problems": list(problems or []),
+        "git": dict(git) if git is not None else None,
     }
 
 
@@ -210,6 +218,9 @@ async def status_of(lattice: Lattice) -> dict[str, Any]:
             problems += [f"{host}: {name}: {why}" for name, why in sorted((report.get("problems") or {}).items())]
     if assignments is not None:
         problems += [f"{name}: {why}" for name, why in sorted(assignments.problems.items())]
+    _, record, record_problem = await read_record(lattice)
+    _, followed, status_problem = await read_status(lattice)
+    problems += [p for p in (record_problem, status_problem if record is not None else None) if p]
     return summarize(
         live=live,
         reports=reports,
@@ -217,4 +228,5 @@ async def status_of(lattice: Lattice) -> dict[str, Any]:
         assignments=assignments,
         scheduler=await holder(lattice),
         problems=problems,
+        git=view(record, followed),
     )
