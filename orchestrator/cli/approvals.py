@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
 
 from .helptext import verb_help
 from .output import EXIT_FAILED, EXIT_OK
-from .remote import _connect
+from .remote import _connect, add_socket_options
 
 
 def add_commands(verbs: Any) -> None:
@@ -45,8 +44,7 @@ def add_commands(verbs: Any) -> None:
         parser.add_argument(
             "--spec-hash", metavar="HASH", help="only if this is the change waiting (its spec hash, or a prefix)"
         )
-        parser.add_argument("--config", type=Path, default=Path("config.yaml"), help="find the socket from this config")
-        parser.add_argument("--socket", type=Path, help="the control socket (instead of --config)")
+        add_socket_options(parser)
         parser.set_defaults(run=lambda args, run=run: _connect(args, run))
 
 

@@ -53,19 +53,25 @@ ERROR_CELL = 60  # the LAST ERROR column of `status` (`describe` shows it whole)
 Verb = Callable[[argparse.Namespace, "SyncClient"], int]
 
 
+def add_socket_options(parser: argparse.ArgumentParser) -> None:
+    """`--config`, `--state-dir` and `--socket`: how every verb that talks to a running
+    orchestrator finds its control socket (see `socket_path`)."""
+    parser.add_argument("--config", type=Path, help="find the socket from this config (default: ./config.yaml)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="the orchestrator's state dir (default: --config's, else ./.orch)",
+    )
+    parser.add_argument("--socket", type=Path, help="the control socket (instead of --config or --state-dir)")
+
+
 def add_commands(verbs: Any) -> None:
     """Register the verbs on the `orch` sub-parser set."""
 
     def verb(name: str, help_text: str, run: Verb) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = verbs.add_parser(name, help=help_text, **verb_help(name))
-        parser.add_argument("--config", type=Path, help="find the socket from this config (default: ./config.yaml)")
-        parser.add_argument(
-            "--state-dir",
-            type=Path,
-            metavar="DIR",
-            help="the orchestrator's state dir (default: --config's, else ./.orch)",
-        )
-        parser.add_argument("--socket", type=Path, help="the control socket (instead of --config or --state-dir)")
+        add_socket_options(parser)
         parser.set_defaults(run=lambda args: _connect(args, run))
         return parser
 
