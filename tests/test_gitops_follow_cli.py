@@ -84,7 +84,8 @@ def test_orch_up_follows_a_branch_and_the_operator_verbs_find_it(tmp_path: Path,
         history = orch("history", "ver", "--json", "--state-dir", "st", cwd=run)
         assert history.returncode == 0, text(history)
         entries = json.loads(history.stdout)["entries"]
-        assert [(e["event"], e["revision"]) for e in entries] == [("reload", second[:12]), ("start", first[:12])]  # newest first
+        newest_first = [("reload", second[:12]), ("start", first[:12])]
+        assert [(e["event"], e["revision"]) for e in entries] == newest_first
         rolled = orch("rollback", "ver", "--state-dir", "st", cwd=run)
         assert rolled.returncode == 0, text(rolled)
         assert orch("call", "ver", "version", "--state-dir", "st", cwd=run).stdout == b"1"
