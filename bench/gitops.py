@@ -171,6 +171,8 @@ async def time_parts(repo: Repo, follower: GitFollower, rounds: int) -> dict[str
 
 async def on_lattice(root: Path, urls: str, *, rounds: int, cli_rounds: int) -> dict[str, Any]:
     """The lattice variant (see the module docstring)."""
+    from lattice import all_hosts_serve  # a sibling script
+
     from orchestrator.lattice.connection import Lattice, LatticeAddress
     from orchestrator.lattice.follow import request_reconcile
     from orchestrator.lattice.status import lattice_status
@@ -192,7 +194,9 @@ async def on_lattice(root: Path, urls: str, *, rounds: int, cli_rounds: int) -> 
         for round_ in range(1, rounds + cli_rounds + 1):
             repo.commit({"caps/ver/v.wat": module_wat(str(round_))})
             old = (await lattice_status(LatticeAddress.parse(urls)))["capsules"][0]["version"]
-            watching = asyncio.get_running_loop().create_task(all_hosts_serve_other(lattice, old, 3))
+            watching = asyncio.get_running_loop().create_task(
+                all_hosts_serve(lattice, 3, lambda v, old=old: v not in (None, old))
+            )
             await asyncio.sleep(0.05)  # the watcher is in place (its initial values arrive first)
             started = time.perf_counter()
             if round_ <= rounds:
@@ -214,28 +218,6 @@ async def on_lattice(root: Path, urls: str, *, rounds: int, cli_rounds: int) -> 
         "reconcile_answer_ms": ms(answers),
         "via_cli_ms": ms(via_cli) if via_cli else None,
     }
-
-
-async def all_hosts_serve_other(lattice: Any, old: str, count: int) -> float:
-    """Watch the status bucket until `count` hosts report `ver` Running at a version other
-    than `old`; the perf_counter time when the last one did."""
-    bucket = await lattice.bucket(lattice.names.status, history=1)
-    watcher: Any = await bucket.watchall()
-    serving: set[str] = set()
-    try:
-        while True:
-            entry = await watcher.updates(timeout=30)
-            if entry is None or not entry.value:
-                continue
-            rows = [r for r in json.loads(entry.value).get("capsules", []) if r.get("name") == "ver"]
-            if any(r.get("phase") == "Running" and r.get("version") not in (None, old) for r in rows):
-                serving.add(entry.key)
-            else:
-                serving.discard(entry.key)
-            if len(serving) >= count:
-                return time.perf_counter()
-    finally:
-        await watcher.stop()
 
 
 async def single_host(rounds: int, capsules: int) -> dict[str, Any]:

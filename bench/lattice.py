@@ -39,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def all_hosts_serve(lattice: Lattice, version: str, count: int) -> float:
-    """Watch the status bucket until `count` hosts report `ver` Running at `version`;
-    the monotonic time when the last one did."""
+async def all_hosts_serve(lattice: Lattice, count: int, serves: Callable[[str | None], bool]) -> float:
+    """Watch the status bucket until `count` hosts report `ver` Running at a version for
+    which `serves(version)` holds; the time.perf_counter() when the last one did."""
     bucket = await lattice.bucket(lattice.names.status, history=1)
     watcher: Any = await bucket.watchall()
     serving: set[str] = set()
@@ -71,12 +72,12 @@ async def all_hosts_serve(lattice: Lattice, version: str, count: int) -> float:
                 continue
             report = json.loads(entry.value)
             rows = [r for r in report.get("capsules", []) if r.get("name") == "ver"]
-            if any(r.get("phase") == "Running" and r.get("version") == version for r in rows):
+            if any(r.get("phase") == "Running" and serves(r.get("version")) for r in rows):
                 serving.add(entry.key)
             else:
                 serving.discard(entry.key)
             if len(serving) >= count:
-                return time.monotonic()
+                return time.perf_counter()
     finally:
         await watcher.stop()
 
@@ -94,11 +95,11 @@ async def convergence(root: Path, urls: str, rounds: int) -> dict[str, Any]:
             write_capsule(root / "ver", 2 + round_ % 7)
             desired = load_desired(config)
             version = desired.specs["ver"].version
-            watching = asyncio.get_running_loop().create_task(all_hosts_serve(lattice, version, 3))
+            watching = asyncio.get_running_loop().create_task(all_hosts_serve(lattice, 3, version.__eq__))
             await asyncio.sleep(0.05)  # the watcher is in place (its initial values arrive first)
-            started = time.monotonic()
+            started = time.perf_counter()
             await publish(lattice, desired, manifest_texts(desired))
-            accepted = time.monotonic()
+            accepted = time.perf_counter()
             done = await watching
             publish_ms.append((accepted - started) * 1000)
             converge_ms.append((done - accepted) * 1000)
