@@ -197,3 +197,12 @@ def test_binary_garbage_is_not_quoted(engine: WasmEngine) -> None:
     with pytest.raises(InvalidModule) as caught:
         engine.load(b"PK\x03\x04 secret archive contents", name="zip")
     assert "secret" not in str(caught.value) and "PK" not in str(caught.value)
+
+
+def test_webassembly_text_may_start_with_a_comment(tmp_path: Path) -> None:
+    engine = WasmEngine(cache_dir=tmp_path / "cache")
+    text = b';; a module with a comment first\n(module (func (export "f") (result i32) (i32.const 7)))'
+    module = engine.compile(text, name="commented.wat")
+    assert [export.name for export in module.exports] == ["f"]
+    with pytest.raises(InvalidModule, match="neither binary WebAssembly"):
+        engine.compile(b"# not a module", name="hash.wat")

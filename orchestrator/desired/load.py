@@ -184,6 +184,17 @@ def read_component(
             raise ManifestError(
                 [Problem(f"cannot read {wasm_path}: {error.reason}", file=manifest_file, field="component.file")]
             ) from None
+        if not _looks_like_a_module(wasm):  # never quoted: it may be any file (a link to /etc/passwd)
+            raise ManifestError(
+                [
+                    Problem(
+                        f"{wasm_path} is not a WebAssembly module: neither binary WebAssembly (no \\0asm header) "
+                        "nor WebAssembly text; point component.file at the build's .wasm output",
+                        file=manifest_file,
+                        field="component.file",
+                    )
+                ]
+            )
         digest = hashlib.sha256(wasm).hexdigest()
     if component.hash is not None and component.hash != f"sha256:{digest}":
         raise ManifestError(
@@ -197,6 +208,12 @@ def read_component(
             ]
         )
     return wasm, digest, str(wasm_path), wasm_stamp
+
+
+def _looks_like_a_module(data: bytes) -> bool:
+    """Binary WebAssembly or WebAssembly text, by its first bytes: the cheap check that lets
+    `orch validate` refuse a file that is no module at all (the engine checks the rest)."""
+    return data.startswith(b"\0asm") or data.lstrip()[:1] in (b"(", b";")
 
 
 def load_spec(loaded: LoadedConfig, name: str, *, previous: CapsuleSource | None = None) -> CapsuleSpec:

@@ -342,7 +342,7 @@ def compile_module(
     if not wasm:
         raise InvalidModule(f"{name}: empty file, not a WebAssembly module")
     if not wasm.startswith(WASM_MAGIC):
-        if not wasm.lstrip().startswith(b"("):
+        if wasm.lstrip()[:1] not in (b"(", b";"):  # text starts with a form or a comment
             raise InvalidModule(
                 f"{name}: not a WebAssembly module: neither binary WebAssembly (no \\0asm header) nor WebAssembly text"
             )
