@@ -74,9 +74,16 @@ def test_verbs_reach_the_running_orchestrator_whatever_the_config_holds(running:
     for breakage, edit in BREAKAGES.items():
         config.write_text(edit(good))
         assert orch("validate", cwd=root).returncode == 1, breakage  # it really is broken
+        refused = orch("reconcile", cwd=root)  # the orchestrator reads it (it does not watch files here)
+        assert refused.returncode == 1, (breakage, refused.stdout, refused.stderr)
         table = orch("status", cwd=root)
         assert table.returncode == 0, (breakage, table.stderr)
-        assert [line.split()[:2] for line in text(table).splitlines()[2:]] == [
+        lines = text(table).splitlines()
+        assert lines[1].startswith("rejected config.yaml: ") and lines[1].endswith("what runs keeps running"), lines
+        assert lines[2].startswith(f"  {config}:"), lines  # the problem itself, under it
+        assert [
+            line.split()[:2] for line in lines[lines.index(next(x for x in lines if x.startswith("NAME"))) + 1 :]
+        ] == [
             ["counter", "Running"],
             ["milestones", "Running"],
             ["notes", "Running"],
@@ -92,6 +99,8 @@ def test_verbs_reach_the_running_orchestrator_whatever_the_config_holds(running:
         assert orch("kv", "ls", "counter", cwd=root).returncode == 0, breakage
     assert orch("status", "--socket", str(sock), cwd=root).returncode == 0  # the same socket, named
     config.write_text(good)
+    assert orch("reconcile", cwd=root).returncode == 0
+    assert "rejected" not in text(orch("status", cwd=root))  # fixed: the lines go
 
 
 def test_a_missing_config_is_a_usage_error_naming_it(tmp_path: Path) -> None:

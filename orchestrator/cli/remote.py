@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 PAYLOAD_CHARS = 300  # an event's payload in a text line (`--full`: all of it)
 ERROR_CELL = 60  # the LAST ERROR column of `status` (`describe` shows it whole)
+BUILD_LINES = 10  # the end of a failed build's output shown by `status`
 Verb = Callable[[argparse.Namespace, "SyncClient"], int]
 
 
@@ -188,9 +189,11 @@ def _status(args: argparse.Namespace, client: SyncClient) -> int:
     git = info.get("git") if isinstance(info.get("git"), dict) else None
     where = git["source"] if git and git.get("source") else info["config_path"]
     print(f"{where}{revision}  config {str(info.get('config_sha256'))[:12]}  up {info['uptime_s']:.0f} s")
-    if git:
-        for line in git_lines(git):
-            print(style(line, "red") if line.startswith(("rejected", "fetch failed")) else line)
+    lines = git_lines(git) if git else []
+    desired = info.get("desired") if isinstance(info.get("desired"), dict) else None
+    lines += desired_lines(desired, config=None if git else Path(str(info["config_path"])).name) if desired else []
+    for line in lines:
+        print(style(line, "red") if line.startswith(REPORTED) else line)
     rows = [("NAME", "PHASE", "VERSION", "INST", "CALLS", "ERRORS", "FUEL/CALL", "LAST ERROR")]
     for c in status["capsules"]:
         rows.append(
@@ -336,6 +339,31 @@ def _restart(args: argparse.Namespace, client: SyncClient) -> int:
     phase = args.colors.out.phase(str(status["phase"]))
     print(f"{status['name']}: {phase} version {status['version']} (reloads: {status['reload_count']})")
     return EXIT_OK
+
+
+REPORTED = ("rejected", "fetch failed", "broken", "build failed")  # status lines shown in red
+
+
+def desired_lines(desired: dict[str, Any], *, config: str | None) -> list[str]:
+    """What `orch status` says of the files: a rejected config (`config`: its file name;
+    None when following git, whose lines say it already), capsules whose own files are
+    broken, failed builds. Each with its problems: the capsules' rows show only a summary."""
+    lines = []
+    rejected = desired.get("rejected")
+    if config is not None and isinstance(rejected, dict):
+        count = rejected.get("count", len(rejected.get("problems") or []))
+        lines.append(f"rejected {config}: {count} problem(s); what runs keeps running")
+        lines += [f"  {problem}" for problem in rejected.get("problems") or []]
+    for name, broken in sorted((desired.get("broken") or {}).items()):
+        problems = broken.get("problems") or [] if isinstance(broken, dict) else []
+        lines.append(f"broken {name}: its files cannot be used; the last good version keeps serving")
+        lines += [f"  {problem}" for problem in problems]
+    for name, failed in sorted((desired.get("builds_failed") or {}).items()):
+        if isinstance(failed, dict):
+            output = str(failed.get("output") or "").strip().splitlines()
+            lines.append(f"build failed {name}: exit status {failed.get('exit_code')}")
+            lines += [f"  {line}" for line in output[-BUILD_LINES:]]
+    return lines
 
 
 def git_lines(git: dict[str, Any]) -> list[str]:
