@@ -151,6 +151,8 @@ def _apply(args: argparse.Namespace, address: Any, desired: Any, *, shown: str, 
             f"applied to {where}: revision {published.revision} "
             f"({published.uploaded} artifact(s) uploaded, {published.present} already there)"
         )
+    for name, grants in sorted(published.waiting.items()):
+        print(f"{name}: awaits `orch approve {name} --lattice ...`: would grant {', '.join(grants)}")
     return EXIT_OK
 
 
@@ -290,9 +292,16 @@ def print_status(status: dict[str, Any], *, where: str) -> None:
     )
     print()
     _table(
-        [("CAPSULE", "PHASE", "HOSTS", "WANT", "VERSION")]
+        [("CAPSULE", "PHASE", "HOSTS", "WANT", "VERSION", "NOTE")]
         + [
-            (c["name"], c["phase"], ",".join(c["hosts"]) or "-", str(c["wanted"]), (c["version"] or "-")[:12])
+            (
+                c["name"],
+                c["phase"],
+                ",".join(c["hosts"]) or "-",
+                str(c["wanted"]),
+                (c["version"] or "-")[:12] + (" (pinned)" if c.get("pinned") else ""),
+                " ".join(str(c.get("message") or "").split())[:100],
+            )
             for c in status["capsules"]
         ]
     )
