@@ -1,6 +1,6 @@
 """GitOps benchmark: from a pushed commit to the new revision serving; prints one JSON object.
 
-    .venv/bin/python bench/gitops.py [--rounds N] [--capsules N] [--quick]
+    .venv/bin/python bench/gitops.py [--rounds N] [--capsules N] [--quick] [--lattice]
 
 A bare repository on disk (reached as a `file://` URL) holds a config.yaml and N capsules
 (WAT modules whose tool `version` outputs a constant). An `Orchestrator` follows its main
@@ -18,6 +18,15 @@ time goes.
   revision re-reads and hashes every capsule: they live in the new checkout).
 - `via_cli_ms`: the same trigger through `orch reconcile --state-dir` as a subprocess
   (adds the CLI's start-up), median over a few rounds.
+
+`--lattice` adds `lattice`: the same on a lattice. A nats-server and three `orch host`
+processes; `orch apply git+... --lattice URL --follow --interval 3600` (the interval
+excluded again) with one capsule on all 3 hosts (`hosts: 3`). Each round commits a new
+module, asks the lease holder to fetch (`request_reconcile`, what `orch reconcile
+--lattice` sends) and watches the status bucket until every host reports the new version
+Running: `commit_to_serving_all_hosts_ms`, from the request; `reconcile_answer_ms` is the
+holder's answer alone (fetch, check out, validate, upload, publish); `via_cli_ms` the same
+through an `orch reconcile --lattice` process.
 
 No target is set by the brief; one figure per round is shown in `rounds_ms` for the 1-capsule
 case. The machine is shared (2 cores): compare ratios, not absolute numbers. `--quick`: 5
@@ -160,19 +169,85 @@ async def time_parts(repo: Repo, follower: GitFollower, rounds: int) -> dict[str
     return {"fetch_ms": ms(fetches), "checkout_ms": ms(checkouts), "validate_ms": ms(validations)}
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--capsules", type=int, default=50)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    rounds, capsules = (5, 10) if args.quick else (args.rounds, args.capsules)
+async def on_lattice(root: Path, urls: str, *, rounds: int, cli_rounds: int) -> dict[str, Any]:
+    """The lattice variant (see the module docstring)."""
+    from lattice import all_hosts_serve  # a sibling script
+
+    from orchestrator.lattice.connection import Lattice, LatticeAddress
+    from orchestrator.lattice.follow import request_reconcile
+    from orchestrator.lattice.status import lattice_status
+    from tests.latticehosts import Hosts, orch, wait_status
+
+    repo = Repo(root / "repo")
+    config = "version: 1\ncapsules:\n  ver:\n    path: caps/ver\n    hosts: 3\n"
+    repo.commit({"config.yaml": config, "caps/ver/Capsule.toml": manifest("ver"), "caps/ver/v.wat": module_wat("0")})
+    hosts = Hosts(root / "hosts", urls)
+    lattice = await Lattice.connect(LatticeAddress.parse(urls))
+    serving, answers, via_cli = [], [], []
+    try:
+        for name in ("h1", "h2", "h3"):
+            hosts.start(name)
+        source = f"git+file://{repo.bare}#main:config.yaml"
+        done = orch("apply", source, "--lattice", urls, "--follow", "--interval", "3600")
+        assert done.returncode == 0, done.stderr
+        await wait_status(urls, lambda s: len(s["capsules"][0]["hosts"]) == 3, "ver on 3 hosts", hosts=hosts)
+        for round_ in range(1, rounds + cli_rounds + 1):
+            repo.commit({"caps/ver/v.wat": module_wat(str(round_))})
+            old = (await lattice_status(LatticeAddress.parse(urls)))["capsules"][0]["version"]
+            watching = asyncio.get_running_loop().create_task(
+                all_hosts_serve(lattice, 3, lambda v, old=old: v not in (None, old))
+            )
+            await asyncio.sleep(0.05)  # the watcher is in place (its initial values arrive first)
+            started = time.perf_counter()
+            if round_ <= rounds:
+                outcome = await request_reconcile(lattice)
+                assert outcome.outcome == "published", outcome
+                answers.append(time.perf_counter() - started)
+            else:
+                done = await asyncio.to_thread(orch, "reconcile", "--lattice", urls)
+                assert done.returncode == 0, done.stderr
+            finished = await watching
+            (serving if round_ <= rounds else via_cli).append(finished - started)
+    finally:
+        await lattice.close()
+        hosts.stop()
+    return {
+        "hosts": 3,
+        "rounds": rounds,
+        "commit_to_serving_all_hosts_ms": ms(serving),
+        "reconcile_answer_ms": ms(answers),
+        "via_cli_ms": ms(via_cli) if via_cli else None,
+    }
+
+
+async def single_host(rounds: int, capsules: int) -> dict[str, Any]:
     result: dict[str, Any] = {"benchmark": "gitops", "fetch_interval": "excluded (POST /v1/reconcile)"}
     for size, key in ((1, "capsules_1"), (capsules, f"capsules_{capsules}")):
         with tempfile.TemporaryDirectory(prefix="orch-bench-gitops-") as folder:
             result[key] = await one_size(Path(folder), capsules=size, rounds=rounds, cli_rounds=3)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--capsules", type=int, default=50)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--lattice", action="store_true", help="also the lattice variant (nats-server, 3 hosts)")
+    args = parser.parse_args()
+    rounds, capsules = (5, 10) if args.quick else (args.rounds, args.capsules)
+    result = asyncio.run(single_host(rounds, capsules))
+    if args.lattice:
+        from tests.natsserver import nats_servers
+
+        with (
+            tempfile.TemporaryDirectory(prefix="orch-bench-gitops-lattice-") as folder,
+            nats_servers(Path(folder) / "nats") as servers,
+        ):
+            figures = on_lattice(Path(folder), servers.urls, rounds=min(rounds, 10), cli_rounds=3)
+            result["lattice"] = asyncio.run(figures)
     print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

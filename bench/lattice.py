@@ -17,15 +17,14 @@ modules whose `version` tool answers a digit (tests/latticehosts.py).
   answered by another host (what a client sees; the heartbeat TTL is 3 s). The killed
   host is restarted (same id) between rounds. Target: <= 5 s.
 - call_latency: sequential calls to a deployment on another process, through
-  `orchestrator.lattice.wiring.call_tool` (the interim call server until calls.py is
-  wired in): p50 / p99. Target (for calls.py): p50 <= 2 ms, p99 <= 10 ms.
+  `orchestrator.lattice.wiring.call_tool` (NATS request/reply to the deployment's queue
+  group, served by orchestrator.lattice.calls): p50 / p99. Target: p50 <= 2 ms, p99 <= 10 ms.
 - kv: the example counter (one KV write per `increment`), 32 calls in flight for 3 s:
   `counter_calls_per_s` (every call writes the same key, so concurrent calls conflict and
   run again: a worst case; the >= 2,000 calls/s target is for distinct keys, measured by
   the KV's own bench); then its host is SIGKILLed and the count read on the next host is
-  compared with the increments acknowledged: `writes_lost`. With the interim local store
-  (each host its own SQLite) every write is "lost" to the next host; with the lattice KV
-  (kvstore.py wired into wiring.open_store) the target is 0.
+  compared with the increments acknowledged: `writes_lost` (the KV lives in JetStream,
+  orchestrator.lattice.kvstore: the target is 0).
 
 Figures are medians over rounds; the machine is shared, so treat single figures with care.
 """
@@ -40,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +59,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def all_hosts_serve(lattice: Lattice, version: str, count: int) -> float:
-    """Watch the status bucket until `count` hosts report `ver` Running at `version`;
-    the monotonic time when the last one did."""
+async def all_hosts_serve(lattice: Lattice, count: int, serves: Callable[[str | None], bool]) -> float:
+    """Watch the status bucket until `count` hosts report `ver` Running at a version for
+    which `serves(version)` holds; the time.perf_counter() when the last one did."""
     bucket = await lattice.bucket(lattice.names.status, history=1)
     watcher: Any = await bucket.watchall()
     serving: set[str] = set()
@@ -72,12 +72,12 @@ async def all_hosts_serve(lattice: Lattice, version: str, count: int) -> float:
                 continue
             report = json.loads(entry.value)
             rows = [r for r in report.get("capsules", []) if r.get("name") == "ver"]
-            if any(r.get("phase") == "Running" and r.get("version") == version for r in rows):
+            if any(r.get("phase") == "Running" and serves(r.get("version")) for r in rows):
                 serving.add(entry.key)
             else:
                 serving.discard(entry.key)
             if len(serving) >= count:
-                return time.monotonic()
+                return time.perf_counter()
     finally:
         await watcher.stop()
 
@@ -95,11 +95,11 @@ async def convergence(root: Path, urls: str, rounds: int) -> dict[str, Any]:
             write_capsule(root / "ver", 2 + round_ % 7)
             desired = load_desired(config)
             version = desired.specs["ver"].version
-            watching = asyncio.get_running_loop().create_task(all_hosts_serve(lattice, version, 3))
+            watching = asyncio.get_running_loop().create_task(all_hosts_serve(lattice, 3, version.__eq__))
             await asyncio.sleep(0.05)  # the watcher is in place (its initial values arrive first)
-            started = time.monotonic()
+            started = time.perf_counter()
             await publish(lattice, desired, manifest_texts(desired))
-            accepted = time.monotonic()
+            accepted = time.perf_counter()
             done = await watching
             publish_ms.append((accepted - started) * 1000)
             converge_ms.append((done - accepted) * 1000)
@@ -182,7 +182,7 @@ async def call_latency(urls: str, count: int) -> dict[str, Any]:
 async def kv_figures(root: Path, urls: str, hosts: Hosts, seconds: float) -> dict[str, Any]:
     """The example counter (a KV write per increment): calls/s with 32 in flight, then the
     increments acknowledged before a SIGKILL of its host against the count the next host
-    reads (writes lost: 0 with the lattice KV; all of them with the interim local store)."""
+    reads (writes lost: 0 with the lattice KV)."""
     shutil.copytree(ROOT / "capsules" / "counter", root / "counter", ignore=shutil.ignore_patterns("assembly"))
     config = write_config(root, {"counter": {"path": "counter", "instances": 4}})
     assert apply(config, urls).returncode == 0

@@ -173,6 +173,8 @@ async def test_a_manifest_edit_adding_fs_write_waits_while_the_old_version_serve
     assert gate.audits()[-1]["granted_by"] == "operator" and gate.audits()[-1]["spec_hash"] == new_hash
     assert await gate.call("write", {"name": "a.txt", "text": "A"}) == {"written": "a.txt", "bytes": 1}
     assert (gate.root / "notes" / "a.txt").read_text() == "A"
+    history = await gate.orchestrator.version_history("notes")
+    assert history["entries"][0]["reasons"] == ["approved by the operator: fs_write cwd://notes"]  # newest first
     with pytest.raises(NotAwaitingApproval):  # answered once
         await gate.orchestrator.approve("notes")
     assert gate.orchestrator.info()["approvals"]["awaiting"] == []

@@ -79,6 +79,18 @@ def test_orch_up_follows_a_branch_and_the_operator_verbs_find_it(tmp_path: Path,
         assert orch("call", "ver", "version", "--state-dir", "st", cwd=run).stdout == b"2"  # the last good serves
 
         assert info["state_dir"] == str(run / "st") and (run / "st" / "git" / "checkouts" / second).is_dir()
+
+        # The history names the commit each version came from; the state-dir verbs find it too.
+        history = orch("history", "ver", "--json", "--state-dir", "st", cwd=run)
+        assert history.returncode == 0, text(history)
+        entries = json.loads(history.stdout)["entries"]
+        newest_first = [("reload", second[:12]), ("start", first[:12])]
+        assert [(e["event"], e["revision"]) for e in entries] == newest_first
+        rolled = orch("rollback", "ver", "--state-dir", "st", cwd=run)
+        assert rolled.returncode == 0, text(rolled)
+        assert orch("call", "ver", "version", "--state-dir", "st", cwd=run).stdout == b"1"
+        assert orch("unpin", "ver", "--state-dir", "st", cwd=run).returncode == 0
+        assert orch("call", "ver", "version", "--state-dir", "st", cwd=run).stdout == b"2"
     finally:
         stop_up(process)
     assert process.returncode == 0, log.read_text()[-2000:]

@@ -4,6 +4,8 @@ missing, unreadable or untrusted certificate is a clear one-line error, never a 
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import subprocess
 import time
 from collections.abc import Iterator
@@ -11,6 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.latticehosts import apply, orch, write_capsule, write_config
 from tests.natsserver import free_port, server_binary
@@ -24,20 +31,49 @@ class TlsServer:
     client_key: Path
 
 
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 def make_pki(folder: Path) -> None:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by it."""
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-            "-keyout", "ca-key.pem", "-out", "ca.pem", cwd=folder)  # fmt: skip
-    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by it
+    (PEM files: ca.pem, server.pem, server-key.pem, client.pem, client-key.pem)."""
+    now = datetime.datetime.now(datetime.UTC)
+
+    def key() -> ec.EllipticCurvePrivateKey:
+        return ec.generate_private_key(ec.SECP256R1())
+
+    def write_key(name: str, private: ec.EllipticCurvePrivateKey) -> None:
+        pem = private.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+        (folder / f"{name}-key.pem").write_bytes(pem)
+
+    def certificate(name: str, public: ec.EllipticCurvePublicKey, issuer: x509.Name) -> x509.CertificateBuilder:
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+        )
+
+    ca_key = key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-ca")])
+    ca = (
+        certificate("test-ca", ca_key.public_key(), ca_name)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    (folder / "ca.pem").write_bytes(ca.public_bytes(Encoding.PEM))
+    both = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
     for name in ("server", "client"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                "-keyout", f"{name}-key.pem", "-out", f"{name}.csr", cwd=folder)  # fmt: skip
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
-                "-days", "2", "-extfile", "san.ext", "-out", f"{name}.pem", cwd=folder)  # fmt: skip
+        private = key()
+        issued = (
+            certificate(name, private.public_key(), ca_name)
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(both, False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        (folder / f"{name}.pem").write_bytes(issued.public_bytes(Encoding.PEM))
+        write_key(name, private)
 
 
 @pytest.fixture(scope="module")

@@ -29,15 +29,13 @@ from textual.dom import DOMNode
 from textual.reactive import var
 from textual.screen import Screen
 
-from orchestrator.api.client import RemoteError
-
 from .capsules import CapsulesScreen
 from .dialogs import HelpScreen, PlanScreen, ProblemsScreen
 from .events import EventsScreen
 from .feed import EventFeed
 from .format import Clock, phase_word
 from .health import read_health
-from .link import Connect, Link
+from .link import Connect, Link, remote_error
 
 logger = logging.getLogger(__name__)
 
@@ -163,11 +161,10 @@ class Dashboard(App[None]):
                 result = await call(api)
             except asyncio.CancelledError:
                 raise
-            except RemoteError as error:
-                self.notify(f"{label}: {error.kind}: {error}", severity="error", timeout=8)
-                return
             except Exception as error:
-                self.notify(f"{label}: {' '.join(str(error).split())}", severity="error", timeout=8)
+                answer = remote_error(error)
+                shown = f"{answer.kind}: {answer}" if answer is not None else " ".join(str(error).split())
+                self.notify(f"{label}: {shown}", severity="error", timeout=8)
                 return
             if done is not None and self.is_running and (owner is None or owner.is_attached):
                 done(result)

@@ -3,7 +3,8 @@ place as the status changes (no clear-and-refill), with the counts by phase, a `
 an unhealthy-only toggle, sorting, and the selected capsule's details (its last error in
 full, or what it would be granted while it awaits approval) beside or below the table; `a`
 and `x` approve or reject the selected capsule's change while it awaits approval
-(tui.approvals).
+(tui.approvals). On a lattice (`orch dash --lattice`) a `host` column after the phase says
+where each capsule serves.
 """
 
 from __future__ import annotations
@@ -18,7 +19,18 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import DataTable, Footer, Input, Static
 
 from .approvals import AnswerDialog, awaiting_of, awaiting_text, rejected_text
-from .format import Clock, compact, counters, error_origin, is_healthy, phase_counts, phase_rank, phase_text
+from .format import (
+    Clock,
+    compact,
+    counters,
+    error_origin,
+    hosts_cell,
+    is_healthy,
+    lattice_of,
+    phase_counts,
+    phase_rank,
+    phase_text,
+)
 from .widgets import COMMON_KEYS, DashScreen, TopBar, dash
 
 # column key -> label; the sort key of each, over one capsule's status
@@ -43,7 +55,9 @@ SORT_KEYS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "fuel": lambda c: c.get("fuel_mean", 0),
     "reloaded": lambda c: c.get("reload_count", 0),
     "retry": lambda c: c.get("next_retry_ms") or 0,
+    "hosts": hosts_cell,
 }
+HOST_COLUMN = ("hosts", "host")  # on a lattice only, after the phase
 Cells = dict[str, Text]
 
 
@@ -109,6 +123,8 @@ class CapsulesScreen(DashScreen):
         self.sort_column = "name"
         self.sort_reverse = False
         self.answerable = False  # the selected capsule awaits approval: `a` and `x` work
+        self.lattice = False  # the status comes from a lattice: the host column shows
+        self.columns = COLUMNS  # the table's columns now
 
     def compose(self) -> ComposeResult:
         yield TopBar()
@@ -122,8 +138,7 @@ class CapsulesScreen(DashScreen):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        for key, label in COLUMNS:
-            table.add_column(label, key=key)
+        self._set_columns()
         self.query_one("#filter", Input).display = False
         self._show_summary()
         self._show_preview()
@@ -134,8 +149,22 @@ class CapsulesScreen(DashScreen):
     def _on_status(self, status: dict[str, Any] | None) -> None:
         if status is None:
             return
+        if (lattice_of(status) is not None) != self.lattice:
+            self.lattice = not self.lattice
+            self._set_columns()
         self.capsules = {c["name"]: c for c in status.get("capsules", [])}
         self._render_rows()
+
+    def _set_columns(self) -> None:
+        """The columns for one orchestrator, or for a lattice (with `host`): set afresh."""
+        table = self.query_one(DataTable)
+        table.clear(columns=True)
+        self.shown = {}
+        self.columns = [*COLUMNS[:2], HOST_COLUMN, *COLUMNS[2:]] if self.lattice else COLUMNS
+        for key, label in self.columns:
+            table.add_column(label, key=key)
+        if self.sort_column not in dict(self.columns):
+            self.sort_column, self.sort_reverse = "name", False
 
     def _wanted(self, capsule: dict[str, Any]) -> bool:
         if self.unhealthy_only and is_healthy(capsule["phase"]):
@@ -154,9 +183,11 @@ class CapsulesScreen(DashScreen):
                 del self.shown[name]
             for name, capsule in wanted.items():
                 cells = row_cells(capsule, app.clock, app.feed.last_reload_ms.get(name))
+                if self.lattice:
+                    cells["hosts"] = cell(hosts_cell(capsule), "" if capsule.get("hosts") else "yellow")
                 old = self.shown.get(name)
                 if old is None:
-                    table.add_row(*(cells[key] for key, _ in COLUMNS), key=name)
+                    table.add_row(*(cells[key] for key, _ in self.columns), key=name)
                     added = True
                 else:
                     for key, value in cells.items():
@@ -212,7 +243,7 @@ class CapsulesScreen(DashScreen):
         hidden = len(self.capsules) - len(self.shown)
         if hidden:
             notes.append(f"{hidden} hidden")
-        notes.append(f"sort {dict(COLUMNS)[self.sort_column]} {'↑' if self.sort_reverse else '↓'}")
+        notes.append(f"sort {dict(self.columns)[self.sort_column]} {'↑' if self.sort_reverse else '↓'}")
         line.append("   " + " · ".join(notes), style="dim")
         self.query_one("#summary", Static).update(line)
 
@@ -243,6 +274,10 @@ class CapsulesScreen(DashScreen):
             more = counters(capsule)
             if more:
                 text.append(more + "\n", style="yellow")
+            if self.lattice:
+                text.append(f"hosts {', '.join(map(str, capsule.get('hosts') or [])) or 'none'}")
+                wants = f"wants {capsule.get('wanted', '?')}" if capsule.get("enabled") is not False else "disabled"
+                text.append(f" ({wants})\n", style="dim")
             if capsule.get("next_retry_ms"):
                 text.append(f"next retry {app.clock.until(capsule['next_retry_ms'])}\n", style="yellow")
             if capsule.get("last_error"):
@@ -320,7 +355,7 @@ class CapsulesScreen(DashScreen):
         self._render_rows()
 
     def action_sort(self) -> None:
-        keys = [key for key, _ in COLUMNS]
+        keys = [key for key, _ in self.columns]
         self.sort_column = keys[(keys.index(self.sort_column) + 1) % len(keys)]
         self.sort_reverse = False
         self._sort()

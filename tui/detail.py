@@ -34,11 +34,10 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Input, OptionList, Static
 from textual.widgets.option_list import Option
 
-from orchestrator.api.client import RemoteError
-
 from .approvals import AnswerDialog, awaiting_of, awaiting_text, rejected_text
 from .arguments import ArgumentsField, check_arguments
-from .format import Clock, compact, counters, error_origin, hexdump, is_text, phase_text
+from .format import Clock, compact, counters, error_origin, hexdump, hosts_detail, is_text, phase_text
+from .link import remote_error
 from .widgets import COMMON_KEYS, DashScreen, TopBar, dash
 
 logger = logging.getLogger(__name__)
@@ -75,6 +74,8 @@ def overview(detail: dict[str, Any], clock: Clock) -> RenderableType:
     grid.add_row("folder", str(detail.get("folder", "")))
     grid.add_row("wasm", f"sha256:{str(detail.get('wasm_sha256', ''))[:16]}…")
     grid.add_row("instances", f"{detail.get('instances', 1)}  ·  enabled: {'yes' if detail.get('enabled') else 'no'}")
+    if "on" in detail:  # on a lattice: where it runs
+        grid.add_row("hosts", hosts_detail(detail, clock))
     grid.add_row("depends on", ", ".join(detail.get("depends_on", [])) or "-")
     more = counters(status)
     grid.add_row(
@@ -350,9 +351,12 @@ class CapsuleScreen(DashScreen):
         async def call(api: Any) -> tuple[bytes, dict[str, str]] | None:
             try:
                 result: tuple[bytes, dict[str, str]] = await api.call(self.capsule, name, body)
-            except RemoteError as error:  # the tool failed: say so where the output goes
-                message = " ".join(str(error).split())
-                output.update(Text(f"✖ {name} failed ({error.status} {error.kind}): {message}", style="red"))
+            except Exception as error:
+                answer = remote_error(error)
+                if answer is None:
+                    raise
+                message = " ".join(str(answer).split())  # the tool failed: say so where the output goes
+                output.update(Text(f"✖ {name} failed ({answer.status} {answer.kind}): {message}", style="red"))
                 return None
             return result
 
@@ -398,6 +402,8 @@ def tool_result(name: str, data: bytes, headers: dict[str, str]) -> RenderableTy
         head.append(f"  ·  fuel {int(fuel):,}")
     if seconds is not None:
         head.append(f"  ·  {float(seconds) * 1000:.1f} ms", style="dim")
+    if headers.get("X-Host"):  # a lattice call: the host that ran it
+        head.append(f"  ·  on {headers['X-Host']}", style="dim")
     body: RenderableType
     if not data.strip():
         body = Text("(empty output)", style="dim")

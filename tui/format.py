@@ -178,3 +178,74 @@ def preview(value: bytes, width: int = 60) -> str:
     else:
         text = "0x" + value[: width // 2].hex()
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# -- a lattice (`orch dash --lattice`): where capsules run ------------------------------------
+HOSTS_WIDTH = 24  # the host column, at most
+
+
+def lattice_of(status: Any) -> Mapping[str, Any] | None:
+    """`orchestrator.lattice` of a status that comes from a lattice; None for one orchestrator."""
+    info = status.get("orchestrator") if isinstance(status, Mapping) else None
+    lattice = info.get("lattice") if isinstance(info, Mapping) else None
+    return lattice if isinstance(lattice, Mapping) else None
+
+
+def _names(value: Any) -> list[str]:
+    return [str(item) for item in value] if isinstance(value, list | tuple) else []
+
+
+def hosts_cell(capsule: Mapping[str, Any]) -> str:
+    """`host-a,host-b`, `host-a (1/2)` when it wants more hosts than serve it, `-` for none."""
+    hosts = _names(capsule.get("hosts"))
+    wanted = capsule.get("wanted") if capsule.get("enabled") is not False else None
+    text = ",".join(hosts) or "-"
+    if isinstance(wanted, int) and not isinstance(wanted, bool) and len(hosts) < wanted:
+        suffix = f" ({len(hosts)}/{wanted})"
+        room = HOSTS_WIDTH - len(suffix)
+        return (text if len(text) <= room else text[: room - 1] + "…") + suffix
+    return text if len(text) <= HOSTS_WIDTH else text[: HOSTS_WIDTH - 1] + "…"
+
+
+def hosts_detail(detail: Mapping[str, Any], clock: Clock) -> Text:
+    """One line per host reporting the capsule (`host-a  ● running  1f1fc0008875`, its error
+    under it), then what placement wants."""
+    text = Text()
+    for entry in detail.get("on") or []:
+        if not isinstance(entry, Mapping):
+            continue
+        if text:
+            text.append("\n")
+        text.append(str(entry.get("host")), style="bold")
+        text.append("  ")
+        text.append_text(phase_text(str(entry.get("phase") or "?")))
+        if entry.get("version"):
+            text.append(f"  {str(entry['version'])[:12]}", style="dim")
+        if entry.get("last_error"):
+            text.append(f"\n  {entry['last_error']}", style="red")
+    if not text:
+        text.append("no host runs it", style="yellow")
+    wanted = detail.get("wanted")
+    placed = _names(detail.get("placed_on"))
+    if detail.get("enabled") is False:
+        text.append("\ndisabled: placed nowhere", style="dim")
+    elif isinstance(wanted, int) and not isinstance(wanted, bool):
+        text.append(f"\nwants {wanted} host{'s' if wanted != 1 else ''}", style="dim")
+        text.append(f", placed on {', '.join(placed)}" if placed else ", placed nowhere yet", style="dim")
+    return text
+
+
+def lattice_text(lattice: Mapping[str, Any]) -> Text:
+    """`lattice prod r12 · 2/3 hosts · ✖ 1 problem · scheduler host-a` for the top bar."""
+    text = Text(f"lattice {lattice.get('name', '?')}", style="bold")
+    revision = lattice.get("revision")
+    text.append(f" r{revision}" if revision else " (nothing applied)", style="bold" if revision else "yellow")
+    hosts = [h for h in lattice.get("hosts") or [] if isinstance(h, Mapping)]
+    alive = sum(1 for h in hosts if h.get("alive") is True)
+    text.append(f" · {alive}/{len(hosts)} host{'s' if len(hosts) != 1 else ''}", style="dim" if alive else "yellow")
+    problems = lattice.get("problems") or []
+    if problems:
+        text.append(f" · ✖ {len(problems)} problem{'s' if len(problems) != 1 else ''}", style="bold red")
+    if lattice.get("scheduler"):
+        text.append(f" · scheduler {lattice['scheduler']}", style="dim")
+    return text

@@ -1,7 +1,9 @@
 """The dashboard's connection to an orchestrator: the API it needs (what
-`orchestrator.api.client.Client` offers; tests pass a fake with the same methods) and `Link`,
-which opens a client, polls the status, notices when the orchestrator goes away and opens a
-fresh client when it comes back.
+`orchestrator.api.client.Client` offers; tests pass a fake with the same methods, and
+`orch dash --lattice` a client of a whole lattice) and `Link`, which opens a client, polls
+the status, notices when the orchestrator goes away and opens a fresh client when it comes
+back. `remote_error` tells an answer's error (any Api's: status, kind, message) from a
+broken connection.
 
 Used by the app's polling and event-stream workers. No Textual here.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from orchestrator.api.client import Client, NotRunning, RemoteError
+from orchestrator.errors import OrchestratorError
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +46,18 @@ Connect = Callable[[], AbstractAsyncContextManager[Api]]
 def connect_to(socket: Path) -> Connect:
     """A `Connect` that opens a real client of the orchestrator serving `socket`."""
     return lambda: Client(socket)
+
+
+def remote_error(error: BaseException) -> RemoteError | None:
+    """`error` as an answer to a request (status, kind, message), or None when it is not
+    one: a RemoteError, or an error of another Api (a lattice's) carrying an int `status`
+    and a str `kind` as the control API's errors do."""
+    if isinstance(error, RemoteError):
+        return error
+    status, kind = getattr(error, "status", None), getattr(error, "kind", None)
+    if isinstance(error, OrchestratorError) and isinstance(status, int) and isinstance(kind, str):
+        return RemoteError(status, kind, str(error))
+    return None
 
 
 class Link:

@@ -19,7 +19,7 @@ from textual.keys import key_to_character
 from textual.screen import Screen
 from textual.widgets import Input, Static
 
-from .format import duration, short_path
+from .format import duration, lattice_of, lattice_text, short_path
 from .health import header, read_health
 
 if TYPE_CHECKING:
@@ -69,7 +69,8 @@ class DashScreen(Screen[None]):
 
 
 class TopBar(Horizontal):
-    """`◆ orch  …/config.yaml @ 3fa1c2 · config 9b07de… · up 5m   config accepted 12:04:31   ● connected`."""
+    """`◆ orch  …/config.yaml @ 3fa1c2 · config 9b07de… · up 5m   config accepted 12:04:31   ● connected`
+    (on a lattice, first: `lattice prod r12 · 2/3 hosts · scheduler host-a · `)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -110,6 +111,11 @@ class TopBar(Horizontal):
         git = health.git if health is not None else None
         path = git.source if git is not None else str(info.get("config_path") or app.where or "")
         width = max(16, self.size.width - 60) if self.size.width else 40
+        lattice = lattice_of(app.status)
+        if lattice is not None:  # first: which lattice, how many hosts; then where its config came from
+            where.append_text(lattice_text(lattice))
+            where.append(" · ", style="dim")
+            self.where.tooltip = "\n".join(map(str, lattice.get("problems") or [])) or None  # hover: the problems
         where.append(short_path(path, width))
         if info.get("git_revision"):
             where.append(f" @ {info['git_revision']}", style="bold")

@@ -159,18 +159,26 @@ class Client(Endpoints):
         import yarl
 
         assert self._session is not None, "use `async with Client(...)`"
-        try:
-            url = yarl.URL(BASE + path, encoded=True)
-            if params:
-                url = url.with_query(params)
-            async with self._session.request(method, url, data=data) as response:
-                body = await response.read()
-                headers = dict(response.headers)
-                status = response.status
-        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as error:
-            raise self._not_running() from error
-        except (aiohttp.ClientError, ConnectionError) as error:
-            raise ConnectionLost(f"{method} {path}", error) from error
+        url = yarl.URL(BASE + path, encoded=True)
+        if params:
+            url = url.with_query(params)
+        # A GET may go again once when the server closed the kept-alive connection it was
+        # sent on (it evicts idle connections when it is full): nothing ran for it.
+        attempts = 2 if method == "GET" else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self._session.request(method, url, data=data) as response:
+                    body = await response.read()
+                    headers = dict(response.headers)
+                    status = response.status
+                break
+            except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as error:
+                raise self._not_running() from error
+            except aiohttp.ServerDisconnectedError as error:
+                if attempt == attempts:
+                    raise ConnectionLost(f"{method} {path}", error) from error
+            except (aiohttp.ClientError, ConnectionError) as error:
+                raise ConnectionLost(f"{method} {path}", error) from error
         if status >= 400:
             raise remote_error(status, body)
         return status, headers, body

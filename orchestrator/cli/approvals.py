@@ -10,8 +10,8 @@ the capsule's desired spec changes again. `--spec-hash` (the hash shown by `orch
 --json` under `awaiting`, or a prefix of at least 6 digits) answers only if that is still
 the change waiting, so an answer never applies to a change nobody looked at.
 
-Each finds the socket as the other operator verbs do (`--config CONFIG`, default
-./config.yaml, or `--socket PATH`); with `--lattice URL` it answers the lattice's gate
+Each finds the socket as the other operator verbs do (`--config`, `--state-dir` or
+`--socket`: orchestrator.cli.remote); with `--lattice URL` it answers the lattice's gate
 instead (orchestrator.lattice.answers: a new desired revision; `approve` waits until the
 lattice serves the change). Exit 0 when done; 1 when the request failed (a capsule
 awaiting no approval: the server's message, 409) or an approved version failed to load; 3
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -33,7 +32,7 @@ if TYPE_CHECKING:
 from .helptext import verb_help
 from .lattice import add_lattice_options
 from .output import EXIT_FAILED, EXIT_OK
-from .remote import _connect
+from .remote import _connect, add_socket_options
 
 
 def add_commands(verbs: Any) -> None:
@@ -48,8 +47,7 @@ def add_commands(verbs: Any) -> None:
         parser.add_argument(
             "--spec-hash", metavar="HASH", help="only if this is the change waiting (its spec hash, or a prefix)"
         )
-        parser.add_argument("--config", type=Path, default=Path("config.yaml"), help="find the socket from this config")
-        parser.add_argument("--socket", type=Path, help="the control socket (instead of --config)")
+        add_socket_options(parser)
         add_lattice_options(parser)
         parser.set_defaults(run=lambda args, run=run: _connect(args, run))
 

@@ -78,14 +78,22 @@ exit status:
   2  bad usage (a malformed git+ source, git options with a config file)
   130  a second signal: exited at once""",
     "dash": """\
+With --lattice, the dashboard shows a whole lattice: every capsule with the hosts it serves
+on (a host column), calls, KV and events over NATS. Restart, reconcile and plan are not
+available there: hosts converge on the applied revision, `orch apply` changes it. Calls,
+errors and fuel add up the hosts' reports, which may be a few seconds old.
+
 examples:
   orch dash                     attach to the orchestrator of ./config.yaml (else of ./.orch)
   orch dash --state-dir /srv/orch
   orch dash --socket .orch/orch.sock
+  orch dash --lattice nats://127.0.0.1:4222
+  orch dash --lattice nats://a:4222,nats://b:4222 --lattice-name prod --lattice-creds ops.creds
 
 exit status:
   0  the dashboard was closed
-  2  the config file cannot be read""",
+  2  the config file cannot be read, or bad usage (a malformed --lattice, or --lattice
+     with CONFIG, --state-dir or --socket)""",
     "validate": """\
 examples:
   orch validate
@@ -169,9 +177,16 @@ exit status:
     "reconcile": f"""\
 examples:
   orch reconcile           re-read the files now (following git: fetch now); prints the plan applied
+  orch reconcile --lattice nats://127.0.0.1:4222
+                           the lattice's followed branch (orch apply ... --follow): the host
+                           holding the scheduler lease fetches it now and publishes a new
+                           valid revision
 
 exit status:
-{REMOTE_EXITS}""",
+{REMOTE_EXITS}
+  with --lattice: 0 the branch's revision is the lattice's desired state (published now, or
+  already); 1 it is rejected (its problems are printed), the fetch failed, no host holds
+  the lease, or no branch is followed""",
     "restart": f"""\
 examples:
   orch restart notes
@@ -206,11 +221,18 @@ examples:
   orch apply 'git+https://git.example/ops.git#main:prod/config.yaml' --lattice nats://a:4222
       a git revision (a branch, tag or commit): fetched into a temporary clone, validated
       strictly, its modules uploaded; `orch status --lattice` shows its commit as the source
+  orch apply 'git+https://git.example/ops.git#main:prod/config.yaml' --lattice nats://a:4222 --follow --interval 10
+      and keep following the branch: the host holding the scheduler lease fetches it every
+      10 s (and on `orch reconcile --lattice URL`), validates each new revision strictly and
+      publishes it; a rejected one is shown by `orch status --lattice`, and the last good
+      revision keeps running. Revisions must carry their modules (no builds on hosts), and
+      ${VAR} in their config.yaml is not read from any environment (its default applies).
+      An `orch apply` without --follow ends following.
 
 exit status:
   0  the lattice accepted the new revision (or it was already the current one)
   1  a problem in the config, its capsules, the repository or the lattice: nothing was published
-  2  bad usage""",
+  2  bad usage (--follow with a config.yaml, --interval without --follow)""",
     "host": """\
 examples:
   orch host --lattice nats://127.0.0.1:4222 --state-dir .host-a --label zone=eu

@@ -26,7 +26,6 @@ import argparse
 import json
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -35,7 +34,7 @@ if TYPE_CHECKING:
 from .helptext import verb_help
 from .lattice import add_lattice_options
 from .output import EXIT_OK
-from .remote import _connect
+from .remote import _connect, add_socket_options
 
 
 def add_commands(verbs: Any) -> None:
@@ -44,8 +43,7 @@ def add_commands(verbs: Any) -> None:
     def verb(name: str, help_text: str, run: Callable[[argparse.Namespace, SyncClient], int]) -> Any:
         parser = verbs.add_parser(name, help=help_text, **verb_help(name))
         parser.add_argument("name", help="the deployment's name")
-        parser.add_argument("--config", type=Path, default=Path("config.yaml"), help="find the socket from this config")
-        parser.add_argument("--socket", type=Path, help="the control socket (instead of --config)")
+        add_socket_options(parser)
         add_lattice_options(parser)
         parser.set_defaults(run=lambda args: _connect(args, run))
         return parser

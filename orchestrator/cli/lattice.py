@@ -1,6 +1,7 @@
 """The lattice verbs of the `orch` command (DESIGN.md §7, contract).
 
     orch apply CONFIG --lattice URL [--lattice-name N] [--lattice-creds FILE]
+    orch apply git+URL#BRANCH:PATH --lattice URL --follow [--interval SECONDS]
     orch host --lattice URL [--lattice-name N] [--lattice-creds FILE] [--host-id ID]
               [--label KEY=VALUE]... [--state-dir DIR] [--drain-seconds S]
 
@@ -12,7 +13,10 @@ and, for the operator verbs that take `--lattice URL` (`add_lattice_options`):
 `apply` validates CONFIG exactly as `orch validate` does (config, manifests, modules; the
 state dir plays no part in a lattice) and on any problem prints them all, publishes
 nothing and exits 1; otherwise it publishes the artifacts and the desired state and exits
-0 once the lattice has taken it. `host` runs in the foreground until SIGTERM or SIGINT,
+0 once the lattice has taken it. With `--follow` (a git source only) it also records that
+the lattice follows the branch: the host holding the scheduler lease publishes each new
+valid revision from then on (orchestrator.lattice.follow); an `orch apply` without
+`--follow` ends that, and says so. `host` runs in the foreground until SIGTERM or SIGINT,
 then drains (its capsules move to other hosts first) and exits 0; a second signal exits
 at once (130). An unreachable lattice is one line and exit 1.
 
@@ -23,11 +27,13 @@ tests and benches until they are registered in `orch`. Part of the CLI layer: it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +95,14 @@ def add_commands(verbs: Any) -> None:
         "config", nargs="?", default="config.yaml", metavar="CONFIG", help="default: ./config.yaml; or git+URL#REV:PATH"
     )
     add_lattice_options(apply, required=True)
+    apply.add_argument(
+        "--follow",
+        action="store_true",
+        help="git source only: keep following the branch (the lattice publishes each new valid revision)",
+    )
+    apply.add_argument(
+        "--interval", type=_interval, metavar="SECONDS", help="with --follow: seconds between fetches (default: 30)"
+    )
     apply.set_defaults(run=run_apply)
 
     host = verbs.add_parser("host", help="join a lattice and run what it assigns to this host", **verb_help("host"))
@@ -100,10 +114,28 @@ def add_commands(verbs: Any) -> None:
     host.set_defaults(run=run_host)
 
 
+def _interval(text: str) -> float:
+    from ..lattice.followrecord import check_interval
+
+    try:
+        return check_interval(float(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+
+
 # -- orch apply --------------------------------------------------------------------------
 def run_apply(args: argparse.Namespace) -> int:
     from ..control.gitsource import is_git_source
 
+    following = bool(getattr(args, "follow", False))
+    if following and not is_git_source(args.config):
+        return fail(
+            "--follow: for a git source (git+URL#BRANCH:PATH) only; a config.yaml is applied once "
+            "(apply it again after a change)",
+            EXIT_USAGE,
+        )
+    if getattr(args, "interval", None) is not None and not following:
+        return fail("--interval: with --follow only (the seconds between fetches of the followed branch)", EXIT_USAGE)
     try:
         address = address_of(args)
     except OrchestratorError as error:
@@ -114,10 +146,15 @@ def run_apply(args: argparse.Namespace) -> int:
             from .plan import git_revision
 
             try:
-                GitRef.parse(args.config)
+                ref = GitRef.parse(args.config)
+                if following:
+                    from ..lattice.followrecord import check_source
+
+                    check_source(args.config)
             except OrchestratorError as error:
                 return fail(one_line(error), EXIT_USAGE)
-
+            if following:
+                return _apply_following(args, address, ref)
             # a temporary clone: the lattice keeps the artifacts, not the checkout
             with git_revision(args.config, state_dir=Path(DEFAULT_STATE_DIR)) as (desired, commit):
                 source = f"{args.config} @ {commit[:12]}"
@@ -133,8 +170,62 @@ def run_apply(args: argparse.Namespace) -> int:
         return fail(one_line(error), EXIT_FAILED)
 
 
-def _apply(args: argparse.Namespace, address: Any, desired: Any, *, shown: str, source: str | None) -> int:
-    """Publish one validated desired state (ConfigError, OrchestratorError go to the caller)."""
+def _apply_following(args: argparse.Namespace, address: Any, ref: Any) -> int:
+    """`orch apply git+URL#BRANCH:PATH --follow`: the branch's revision, read as the hosts
+    following it will read the next ones (no environment variables), published; then the
+    lattice records that it follows the branch."""
+    import getpass
+    import socket
+
+    from ..lattice.follow import DEFAULT_INTERVAL_S
+    from ..lattice.followrecord import FollowRecord
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    with _followed_revision(ref) as (desired, commit):
+        record = FollowRecord(
+            source=str(ref),
+            interval_s=args.interval or DEFAULT_INTERVAL_S,
+            by=f"{user}@{socket.gethostname()}",
+            at_ms=int(time.time() * 1000),
+        )
+        shown = f"{record.source}: revision {commit[:12]}"
+        return _apply(
+            args, address, desired, shown=shown, source=f"{record.source} @ {commit[:12]}", follow=(record, commit)
+        )
+
+
+@contextlib.contextmanager
+def _followed_revision(ref: Any) -> Iterator[tuple[Any, str]]:
+    """The branch's revision from a temporary clone, validated strictly without environment
+    variables (as the host following it validates each revision: what a revision means must
+    not depend on where it is read). Raises RevisionRejected or GitSourceError."""
+    import tempfile
+
+    from ..control.follow import load_revision
+    from ..control.gitsource import GitSource
+
+    with tempfile.TemporaryDirectory(prefix="orch-apply-") as folder:
+        clone = GitSource(ref, Path(folder))
+        checkout = clone.checkout(clone.fetch())
+        state_dir = Path(DEFAULT_STATE_DIR).absolute()
+        yield load_revision(checkout, state_dir=state_dir, workspace=Path.cwd(), environ={}), checkout.commit
+
+
+def _apply(
+    args: argparse.Namespace,
+    address: Any,
+    desired: Any,
+    *,
+    shown: str,
+    source: str | None,
+    follow: tuple[Any, str] | None = None,
+) -> int:
+    """Publish one validated desired state (ConfigError, OrchestratorError go to the caller);
+    with `follow` (the record and the commit), record that the lattice follows the branch,
+    else end any following."""
     import asyncio
 
     from ..lattice.desiredstate import manifest_texts
@@ -142,8 +233,10 @@ def _apply(args: argparse.Namespace, address: Any, desired: Any, *, shown: str, 
     manifests = manifest_texts(desired)
     enabled = sum(1 for s in desired.specs.values() if s.enabled)
     print(f"{shown}: valid ({len(desired.specs)} capsules, {enabled} enabled)")
-    published = asyncio.run(_publish(address, desired, manifests, source=source))
+    published, ended = asyncio.run(_publish(address, desired, manifests, source=source, follow=follow))
     where = f"lattice {address.name} at {address.shown}"
+    if ended is not None:
+        print(f"no longer following {ended.source}: an apply without --follow ends it")
     if published.unchanged:
         print(f"unchanged: {where} has this desired state already (revision {published.revision})")
     else:
@@ -153,16 +246,30 @@ def _apply(args: argparse.Namespace, address: Any, desired: Any, *, shown: str, 
         )
     for name, grants in sorted(published.waiting.items()):
         print(f"{name}: awaits `orch approve {name} --lattice ...`: would grant {', '.join(grants)}")
+    if follow is not None:
+        record = follow[0]
+        print(
+            f"following {record.source} every {record.interval_s:g} s: the host holding the scheduler lease "
+            "publishes each new valid revision (`orch reconcile --lattice URL` fetches now)"
+        )
     return EXIT_OK
 
 
-async def _publish(address: Any, desired: Any, manifests: dict[str, bytes], *, source: str | None) -> Any:
+async def _publish(
+    address: Any, desired: Any, manifests: dict[str, bytes], *, source: str | None, follow: tuple[Any, str] | None
+) -> tuple[Any, Any]:
+    """(what `publish` says, the follow record this apply ended or None)."""
     from ..lattice.connection import Lattice
     from ..lattice.desiredstate import publish
+    from ..lattice.followrecord import end_following, start_following
 
     lattice = await Lattice.connect(address)
     try:
-        return await publish(lattice, desired, manifests, source=source)
+        ended = await end_following(lattice) if follow is None else None  # first: no fetch publishes after this
+        published = await publish(lattice, desired, manifests, source=source)
+        if follow is not None:
+            await start_following(lattice, *follow)
+        return published, ended
     finally:
         await lattice.close()
 
@@ -277,7 +384,19 @@ def print_status(status: dict[str, Any], *, where: str) -> None:
         head = f"revision {desired['revision']} (config {config}, {applied} by {desired['applied_by']})"
     else:
         head = "nothing applied yet (orch apply CONFIG --lattice URL)"
-    print(f"{where}: {head}; scheduler: {status.get('scheduler') or 'none'}")
+    git = status.get("git") if isinstance(status.get("git"), dict) else None
+    following = ""
+    if git:
+        applied = str(git.get("applied_revision") or "nothing applied yet")[:12]
+        every = git.get("interval_s")
+        every = f"{every:g}" if isinstance(every, int | float) else "?"
+        following = f"; following {git.get('source')} @ {applied} (every {every} s)"
+    print(f"{where}: {head}; scheduler: {status.get('scheduler') or 'none'}{following}")
+    if git:
+        from .remote import git_lines  # (remote imports this module)
+
+        for line in git_lines(git):
+            print(line)
     _table(
         [("HOST", "ALIVE", "LABELS", "CAPSULES")]
         + [

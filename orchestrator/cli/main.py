@@ -10,6 +10,7 @@
     orch up git+URL#BRANCH:PATH [--state-dir DIR] [--workspace DIR] [--interval SECONDS]
             [--allow-builds] [--log-format text|json] [--dash]
     orch dash [CONFIG] [--state-dir DIR] [--socket PATH]
+    orch dash --lattice URL [--lattice-name N] [--lattice-creds FILE]
     orch validate [CONFIG | git+URL#REV:PATH]
     orch plan [CONFIG | git+URL#REV:PATH] [--json] [--exit-code] [--state-dir DIR] [--socket PATH]
     orch status | describe | call | events | kv | reconcile | restart   (cli.remote)
@@ -186,6 +187,9 @@ def _parser() -> argparse.ArgumentParser:
         "--state-dir", type=Path, metavar="DIR", help="the orchestrator's state dir (default: CONFIG's, else ./.orch)"
     )
     dash.add_argument("--socket", type=Path, help="the control socket (instead of CONFIG)")
+    from .lattice import add_lattice_options  # light: argparse and the error types
+
+    add_lattice_options(dash)
     dash.set_defaults(run=_dash)
 
     validate = verbs.add_parser(
@@ -275,6 +279,8 @@ def _dash(args: argparse.Namespace) -> int:
     from .output import fail, one_line
     from .remote import socket_of
 
+    if args.lattice is not None:
+        return _dash_lattice(args)
     try:
         socket = socket_of(args)
     except OrchestratorError as error:
@@ -282,6 +288,33 @@ def _dash(args: argparse.Namespace) -> int:
     from tui import run_dashboard
 
     asyncio.run(run_dashboard(socket))
+    return 0
+
+
+def _dash_lattice(args: argparse.Namespace) -> int:
+    """`orch dash --lattice URL`: the dashboard of a whole lattice (a host column; calls,
+    KV and events over NATS). nats and Textual are imported only here."""
+    import asyncio
+
+    from ..errors import OrchestratorError
+    from .lattice import address_of
+    from .output import fail, one_line
+
+    given = [name for name, value in (("CONFIG", args.config), ("--state-dir", args.state_dir)) if value is not None]
+    if args.socket is not None:
+        given.append("--socket")
+    if given:
+        return fail(f"--lattice shows a lattice: drop {' and '.join(given)}", EXIT_USAGE, colors=args.colors)
+    try:
+        address = address_of(args)
+    except OrchestratorError as error:
+        return fail(one_line(error), EXIT_USAGE, colors=args.colors)
+    from tui import run_dashboard
+
+    from ..lattice.dashapi import connect_lattice
+
+    where = f"lattice {address.name} at {address.shown}"
+    asyncio.run(run_dashboard(connect=connect_lattice(address), where=where))
     return 0
 
 

@@ -5,7 +5,7 @@
     orch call NAME TOOL [JSON | -] [--newline]
     orch events [--follow] [--topic PATTERN] [--history N] [--json] [--full]
     orch kv ls|get|set|del NAME [KEY] [VALUE] [--newline]
-    orch reconcile
+    orch reconcile [--lattice URL]
     orch restart NAME
 
 Each finds the socket in a state dir: `--state-dir DIR`, else the one `--config CONFIG`
@@ -53,19 +53,25 @@ ERROR_CELL = 60  # the LAST ERROR column of `status` (`describe` shows it whole)
 Verb = Callable[[argparse.Namespace, "SyncClient"], int]
 
 
+def add_socket_options(parser: argparse.ArgumentParser) -> None:
+    """`--config`, `--state-dir` and `--socket`: how every verb that talks to a running
+    orchestrator finds its control socket (see `socket_path`)."""
+    parser.add_argument("--config", type=Path, help="find the socket from this config (default: ./config.yaml)")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="the orchestrator's state dir (default: --config's, else ./.orch)",
+    )
+    parser.add_argument("--socket", type=Path, help="the control socket (instead of --config or --state-dir)")
+
+
 def add_commands(verbs: Any) -> None:
     """Register the verbs on the `orch` sub-parser set."""
 
     def verb(name: str, help_text: str, run: Verb) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = verbs.add_parser(name, help=help_text, **verb_help(name))
-        parser.add_argument("--config", type=Path, help="find the socket from this config (default: ./config.yaml)")
-        parser.add_argument(
-            "--state-dir",
-            type=Path,
-            metavar="DIR",
-            help="the orchestrator's state dir (default: --config's, else ./.orch)",
-        )
-        parser.add_argument("--socket", type=Path, help="the control socket (instead of --config or --state-dir)")
+        add_socket_options(parser)
         parser.set_defaults(run=lambda args: _connect(args, run))
         return parser
 
@@ -104,7 +110,8 @@ def add_commands(verbs: Any) -> None:
     kv.add_argument("--newline", action="store_true", help="get: end the value with a newline even in a pipe")
     add_lattice_options(kv)
 
-    verb("reconcile", "re-read the files now and apply; prints the plan", _reconcile)
+    reconcile = verb("reconcile", "re-read the files now and apply; prints the plan", _reconcile)
+    add_lattice_options(reconcile)  # the lattice's followed branch: fetched now by the lease holder
     restart = verb("restart", "build a fresh version of a capsule and swap to it", _restart)
     capsule_name(restart)
 
@@ -145,6 +152,8 @@ def _on_lattice(args: argparse.Namespace, run: Verb, colors: Colors) -> int:
 
     if run is _status:
         return run_status(args)  # the lattice's own view: hosts, and where each capsule runs
+    if run is _reconcile:
+        run = _reconcile_lattice  # the lease holder fetches the followed branch: another answer
     try:
         address = address_of(args)
     except OrchestratorError as error:
@@ -301,6 +310,25 @@ def _reconcile(args: argparse.Namespace, client: SyncClient) -> int:
     plan = client.reconcile()
     print_actions(plan["actions"], colors=args.colors)
     return EXIT_OK
+
+
+def _reconcile_lattice(args: argparse.Namespace, client: Any) -> int:
+    """`orch reconcile --lattice URL`: the host holding the scheduler lease fetches the
+    followed branch now. Exit 0 when the branch's revision is the lattice's desired state
+    (published now, or already), else 1 with the reason (rejected with its problems, the
+    fetch failed, nothing is followed)."""
+    answer = client.reconcile()
+    git = answer.get("git") if isinstance(answer.get("git"), dict) else None
+    source = f"{git['source']}: " if git and git.get("source") else ""
+    if answer["outcome"] in ("published", "applied"):
+        print(f"{source}{answer['message']}")
+        return EXIT_OK
+    fail(f"{source}{answer['message']}", EXIT_FAILED, colors=getattr(args, "colors", PLAIN))
+    rejected = git.get("rejected") if git else None
+    if answer["outcome"] == "rejected" and isinstance(rejected, dict):
+        for problem in rejected.get("problems") or []:
+            print(f"  {problem}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def _restart(args: argparse.Namespace, client: SyncClient) -> int:

@@ -242,7 +242,7 @@ class ApprovalGate:
         escalations = escalations_of(spec, running if running is not None else recorded)
         if escalations and not self._allows(escalations):
             pending = self._pending[name] = Pending(digest, escalations, self._wall_ms())
-            logger.warning(
+            logger.info(
                 "capsule %s: the change to %s waits for approval: it would grant %s (policy in force: %s); "
                 "`orch approve %s` or `orch reject %s`",
                 name,
@@ -275,7 +275,7 @@ class ApprovalGate:
         pending = self._awaiting(name, spec, expected)
         del self._pending[name]
         self._granted[name] = pending.spec_hash
-        logger.warning("capsule %s: the operator granted %s", name, ", ".join(pending.escalations))
+        logger.info("capsule %s: the operator granted %s", name, ", ".join(pending.escalations))
         self._audit(name, pending.spec_hash, pending.escalations, "operator")
         return pending
 
@@ -285,7 +285,7 @@ class ApprovalGate:
         del self._pending[name]
         rejection = self._rejected[name] = Rejection(pending.spec_hash, pending.escalations, self._wall_ms())
         self._dirty = True
-        logger.warning("capsule %s: the operator rejected the change to %s", name, pending.spec_hash[:12])
+        logger.info("capsule %s: the operator rejected the change to %s", name, pending.spec_hash[:12])
         self._bus.publish(
             REJECTED_TOPIC,
             {"capsule": name, "escalations": list(pending.escalations), "spec_hash": pending.spec_hash},

@@ -575,11 +575,12 @@ class Reconciler:
             assert self._approvals is not None
             approved = self._approvals.approve(name, spec, spec_hash)
             self._show_approval(slot)
+            reasons = (f"approved by the operator: {', '.join(approved.escalations)}",)  # the history says why
             if slot.handle is None:
                 slot.failed_hash, slot.retry_at, slot.attempts = None, 0.0, 0
-                await self._start(slot, spec)
+                await self._start(slot, spec, reasons=reasons)
             else:
-                await self._reload(slot, spec)
+                await self._reload(slot, spec, reasons=reasons)
             if slot.phase == AWAITING_APPROVAL:  # its files were caught mid-write: the next change retries
                 self._set_phase(slot, RUNNING if slot.handle is not None else PENDING)
             return {**slot.status(), "approved": approved.to_dict()}

@@ -150,7 +150,7 @@ class Orchestrator:
                 state_dir=state_dir,
                 store=self.store,
                 settings=self._history_settings,
-                revision=lambda: self.revision.last,
+                revision=self._history_revision,
             )
             await self.history.open()
         except BaseException:
@@ -506,6 +506,14 @@ class Orchestrator:
             "git": self.follow.to_dict() if self.follow is not None else None,
             "approvals": self.approvals.info() if self.approvals else None,
         }
+
+    def _history_revision(self) -> str | None:
+        """The revision a history entry records: following git, the commit of the revision
+        being applied (short); else the config's repository as last described."""
+        if self.follow is None:
+            return self.revision.last
+        commit = self.follow.revision_of(self.desired) if self.desired is not None else None
+        return commit[:12] if commit else None
 
     def _revision_now(self) -> str | None:
         """The revision shown: following git, the applied commit (short); else the config's

@@ -13,7 +13,9 @@ own (a background thread), so its methods are plain blocking calls:
 - `approve|reject(name, spec_hash)`: answers to the escalation gate
   (orchestrator.lattice.answers); `history(name)`, `rollback(name, to=, with_data=)`,
   `unpin(name)`: the versions and rollbacks (orchestrator.lattice.versions, .rollback);
-  each answer has the shape of the control API's.
+  each answer has the shape of the control API's;
+- `reconcile()`: the lease holder fetches the followed git branch now
+  (orchestrator.lattice.follow), answering with what came of it.
 
 A call of a deployment no host runs because it is paused (a rollback restoring its data)
 or waits for approval says so (409, with the command that ends it).
@@ -116,6 +118,16 @@ class LatticeClient:
         from .rollback import unpin
 
         return self._run(unpin(self.lattice, name))
+
+    # -- following git --------------------------------------------------------------------
+    def reconcile(self) -> dict[str, Any]:
+        """Ask the host holding the scheduler lease to fetch the followed branch now
+        (orchestrator.lattice.follow): `{"outcome", "message", "git", "revision"}`, where
+        `outcome` is `published` or `applied` when the branch's revision is the lattice's
+        desired state. Raises LatticeError when no host answers."""
+        from .follow import request_reconcile
+
+        return self._run(request_reconcile(self.lattice)).to_dict()
 
     # -- KV ------------------------------------------------------------------------------
     def _store(self) -> Any:

@@ -7,6 +7,8 @@ paths), connects, waits until no other live host uses its id, and starts:
 
 - the heartbeat (orchestrator.lattice.membership), every HEARTBEAT_SECONDS;
 - the scheduler (orchestrator.lattice.scheduler): contends for the lease, places;
+- the git follower (orchestrator.lattice.follow): while this host holds the lease, follows
+  the branch `orch apply ... --follow` recorded (fetched into `<state_dir>/git`);
 - watches of the desired state and the assignments (each checked against a plain read
   every RESYNC_SECONDS: a watch can stall while a cluster elects a leader);
 - the convergence loop: its share (orchestrator.lattice.share) is (assigned to this host)
@@ -56,6 +58,8 @@ from .artifacts import LatticeDataError
 from .connection import Lattice, LatticeAddress
 from .desiredstate import KEY as DESIRED_KEY
 from .desiredstate import DesiredDoc, desired_bucket, latest_good
+from .follow import LatticeFollower
+from .followrecord import RECORD_KEY as FOLLOW_KEY
 from .membership import HEARTBEAT_SECONDS, LATTICE_AWAY, HostInfo, beat, leave, resolve_host_id, wait_event, wait_unused
 from .scheduler import KEY as ASSIGNMENTS_KEY
 from .scheduler import Assignments, Scheduler, assignments_bucket
@@ -99,6 +103,7 @@ class LatticeHost:
         self.lattice: Lattice | None = None
         self.reconciler: Reconciler | None = None
         self.scheduler: Scheduler | None = None
+        self.follower: LatticeFollower | None = None
         self._state: StateDir | None = None
         self._engine: WasmEngine | None = None
         self._closers: list[Callable[[], Awaitable[None]]] = []
@@ -153,7 +158,10 @@ class LatticeHost:
         )
         self.reconciler = Reconciler(launcher=launcher, bus=self.bus)
         self._calls = open_calls(lattice, call=self.reconciler.call_tool, host_id=self.id)
-        self.scheduler = Scheduler(lattice=lattice, host_id=self.id)
+        self.follower = follower = LatticeFollower(
+            lattice=lattice, host_id=self.id, state_dir=state, workspace=workspace, fence=self._fence
+        )
+        self.scheduler = Scheduler(lattice=lattice, host_id=self.id, on_change=follower.lease_changed)
         self._share = Share(
             lattice=lattice,
             host_id=self.id,
@@ -169,6 +177,8 @@ class LatticeHost:
             loop.create_task(self.scheduler.run(), name="scheduler"),
             loop.create_task(self._follow(desired_bucket, DESIRED_KEY, self._on_desired), name="desired"),
             loop.create_task(self._follow(assignments_bucket, ASSIGNMENTS_KEY, self._on_assignments), name="assign"),
+            loop.create_task(self._follow(desired_bucket, FOLLOW_KEY, follower.record_changed), name="follow-record"),
+            loop.create_task(follower.run(), name="follow-git"),
             loop.create_task(self._converging(), name="converge"),
             loop.create_task(self._reporting(), name="status"),
             loop.create_task(self._noticing(events), name="events"),
@@ -184,6 +194,9 @@ class LatticeHost:
             self._desired = desired
             self._desired_seen = desired.revision
         return desired
+
+    async def _fence(self) -> bool:
+        return self.scheduler is not None and await self.scheduler.fence()
 
     def _info(self) -> HostInfo:
         return HostInfo(self.id, self.labels, self.draining, self.started_ms, socket.gethostname(), os.getpid())

@@ -149,6 +149,7 @@ class Scheduler:
         self.problems: dict[str, str] = {}  # placement problems as last written
         self._on_change = on_change  # told True/False when the lease is taken/lost
         self._wake = asyncio.Event()
+        self._renewing = asyncio.Lock()  # one renewal at a time: two on one revision would look like a loss
         self._renewed = 0.0
         self._desired: DesiredDoc | None = None
         self._seen = 0  # the desired revision last read
@@ -189,15 +190,24 @@ class Scheduler:
             return
         await self._place()
 
+    async def fence(self) -> bool:
+        """Renew the lease now: True while this host still holds it. What a holder checks
+        right before a write only the holder may make (the git follower's publish)."""
+        return await self._renew()
+
     async def _renew(self) -> bool:
-        assert self.held is not None
-        self.held = await renew(self.lattice, self.host_id, self.held)
-        if self.held is None:
-            logger.warning("host %s lost the scheduler lease (renewed too late); another host schedules", self.host_id)
-            self._changed(False)
-            return False
-        self._renewed = time.monotonic()
-        return True
+        async with self._renewing:
+            if self.held is None:
+                return False
+            self.held = await renew(self.lattice, self.host_id, self.held)
+            if self.held is None:
+                logger.warning(
+                    "host %s lost the scheduler lease (renewed too late); another host schedules", self.host_id
+                )
+                self._changed(False)
+                return False
+            self._renewed = time.monotonic()
+            return True
 
     def _changed(self, holding: bool) -> None:
         if self._on_change is not None:

@@ -17,7 +17,12 @@ what `orch status --lattice URL --json` prints (contract):
                    "paused", "restoring", "message"}],
      "desired": {"revision", "config_sha256", "source", "applied_at_ms", "applied_by",
                  "deployments"} | null,
-     "scheduler": HOST | null, "assignments_revision": N, "problems": [...]}
+     "scheduler": HOST | null, "assignments_revision": N, "problems": [...],
+     "git": null | {"source", "applied_revision", "applied_at_ms", "fetched_revision",
+                    "fetched_at_ms", "rejected", "error", "error_at_ms", "interval_s", "host"}}
+
+`git` is the followed branch (`orch apply git+... --follow`), as the lease holder last
+recorded it (orchestrator.lattice.followrecord): null when no branch is followed.
 
 A capsule's `hosts` are the live hosts where a version of it serves (phase Running, or
 Degraded: the last good version serving while a newer one failed). Its `version` and
@@ -45,6 +50,7 @@ from typing import Any
 
 from .connection import Lattice, LatticeAddress
 from .desiredstate import Deployment, DesiredDoc, latest_good
+from .followrecord import read_record, read_status, view
 from .lease import holder
 from .membership import HostInfo, latest_values, live_hosts
 from .scheduler import Assignments, read_assignments
@@ -77,8 +83,19 @@ def parse_report(data: bytes, *, key: str) -> dict[str, Any] | None:
         value = json.loads(data)
         if not isinstance(value, dict) or value.get("host") != key or not isinstance(value.get("capsules"), list):
             raise ValueError("not a status report of this host")
-        rows = [row for row in value["capsules"] if isinstance(row, dict) and isinstance(row.get("name"), str)]
-        return {**value, "capsules": rows}
+        rows = [
+            {**row, "phase": None} if not isinstance(row.get("phase", ""), str) else row  # hashable, comparable
+            for row in value["capsules"]
+            if isinstance(row, dict) and isinstance(row.get("name"), str)
+        ]
+        report = {**value, "capsules": rows}
+        if not isinstance(report.get("labels", {}), dict) or not all(
+            isinstance(v, str) for v in report.get("labels", {}).values()
+        ):
+            report["labels"] = {}
+        if not isinstance(report.get("problems", {}), dict):
+            report["problems"] = {}
+        return report
     except (ValueError, RecursionError) as error:
         logger.warning("status bucket key %s: %s; ignored", key, error)
         return None
@@ -102,6 +119,7 @@ def summarize(
     assignments: Assignments | None,
     scheduler: str | None = None,
     problems: list[str] | None = None,
+    git: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The lattice's status (see the module docstring). Pure."""
     placed = assignments.deployments if assignments else {}
@@ -131,6 +149,7 @@ def summarize(
         "scheduler": scheduler,
         "assignments_revision": assignments.revision if assignments else 0,
         "problems": list(problems or []),
+        "git": dict(git) if git is not None else None,
     }
 
 
@@ -273,6 +292,9 @@ async def status_of(lattice: Lattice) -> dict[str, Any]:
             problems += [f"{host}: {name}: {why}" for name, why in sorted((report.get("problems") or {}).items())]
     if assignments is not None:
         problems += [f"{name}: {why}" for name, why in sorted(assignments.problems.items())]
+    _, record, record_problem = await read_record(lattice)
+    _, followed, status_problem = await read_status(lattice)
+    problems += [p for p in (record_problem, status_problem if record is not None else None) if p]
     return summarize(
         live=live,
         reports=reports,
@@ -280,4 +302,5 @@ async def status_of(lattice: Lattice) -> dict[str, Any]:
         assignments=assignments,
         scheduler=await holder(lattice),
         problems=problems,
+        git=view(record, followed),
     )

@@ -98,7 +98,10 @@ export async function build({ entry, outFile, profile = "release", baseDir = pro
   let binary = null;
   const outputs = [];
   const stream = { write: (chunk) => { outputs.push(String(chunk)); return true; } };
-  const result = await asc.main([entry, "--baseDir", baseDir, "--outFile", outFile, ...flags], {
+  // The output is captured for a log line or a build_failed event: colour only for a person at a
+  // terminal (asc itself colours whenever a CI variable is set, whatever the output is).
+  const colours = process.stderr.isTTY && !("NO_COLOR" in process.env) ? [] : ["--noColors"];
+  const result = await asc.main([entry, "--baseDir", baseDir, "--outFile", outFile, ...flags, ...colours], {
     stdout: stream,
     stderr: stream,
     writeFile: (name, contents) => {
