@@ -147,9 +147,10 @@ async def last_per_subject(lattice: Lattice, stream: str, subject: str, handle: 
         pull = await js.pull_subscribe_bind(consumer=name, stream=stream)
         try:
             while pending:
-                for message in await pull.fetch(batch=min(FETCH, pending), timeout=REQUEST_SECONDS):
+                messages = await pull.fetch(batch=min(FETCH, pending), timeout=REQUEST_SECONDS)
+                for message in messages:
                     handle(message)
-                    pending = int(message.metadata.num_pending)
+                pending = int(messages[-1].metadata.num_pending) if messages else pending
         finally:
             await pull.unsubscribe()
     finally:
@@ -378,6 +379,10 @@ async def restore(
         size += len(change[1] or b"")
     if not changes:
         batches = []
+    else:  # the bucket takes atomic batches (no host may have opened it yet)
+        from .kvstore import JetStreamKV
+
+        await (await JetStreamKV.open(lattice)).close()
     for index, batch in enumerate(batches, 1):
         await _send(lattice, subjects, deployment, batch)
         if progress is not None:
