@@ -273,6 +273,7 @@ def hostile_fields(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         ("since negative", {"held": None, "awaiting": {**waits, "since_ms": -1}}),
         ("pin of another deployment", {"pinned": pin}),
         ("paused not a flag", {"paused": "yes"}),
+        ("paused without a restore", {"paused": True}),
         ("restoring unpaused", {"restoring": {"snapshot": "s", "spec_hash": digest, "revision": 1, "since_ms": 1}}),
         ("snapshot malformed", {"snapshot": {"spec_hash": digest}}),
         ("an unknown field", {"approved": True}),

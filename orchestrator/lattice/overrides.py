@@ -22,9 +22,9 @@ ran before: a start that waits), else the desired version. Its wiring (enabled, 
 labels, depends_on: not part of the spec hash) always follows the desired version.
 
 `parse_deployment` checks every field, and that the fields agree with each other (a hold
-names the desired spec hash, a pin the desired spec it was made against, `restoring`
-comes with `paused`), raising ValueError with a short reason: a stored document that is not
-what this code writes is refused whole, and hosts keep running the last good one.
+names the desired spec hash, a pin the desired spec it was made against, `paused` and
+`restoring` come together), raising ValueError with a short reason: a stored document
+that is not what this code writes is refused whole, and hosts keep running the last good one.
 
 Pure values. Used by orchestrator.lattice.desiredstate (the document), .judge (approvals),
 .share (what a host runs), .status, .snapshots and the operator's verbs.
@@ -282,8 +282,8 @@ def parse_deployment(name: str, entry: Any) -> Deployment:
     if not isinstance(paused, bool):
         raise ValueError("paused must be true or false")
     restoring = _restoring(entry["restoring"]) if "restoring" in entry else None
-    if restoring is not None and not paused:
-        raise ValueError("restoring comes with paused")
+    if (restoring is not None) != paused:
+        raise ValueError("paused and restoring come together (a rollback restoring data)")
     snapshot = _snapshot(entry["snapshot"]) if "snapshot" in entry else None
     return Deployment(
         desired.spec,

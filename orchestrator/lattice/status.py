@@ -247,8 +247,6 @@ def message(name: str, deployment: Deployment) -> str | None:
             f"paused by `orch rollback {name} --with-data`: restoring the data of revision "
             f"{deployment.restoring.revision}; if that rollback is not running any more, run it again to finish"
         )
-    if deployment.paused:
-        return f"paused: no host serves it; `orch rollback {name} --with-data` again resumes it"
     if deployment.awaiting is not None:
         grants = ", ".join(deployment.awaiting.escalations)
         return (
