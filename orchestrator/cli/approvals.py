@@ -1,7 +1,7 @@
 """The operator's answers to the escalation gate: clients of a running orchestrator (contract).
 
-    orch approve NAME [--spec-hash HASH]
-    orch reject NAME [--spec-hash HASH]
+    orch approve NAME [--spec-hash HASH] [--lattice URL [--lattice-name N] [--lattice-creds F]]
+    orch reject NAME [--spec-hash HASH] [--lattice URL ...]
 
 `approve` grants what capsule NAME waits for (`AwaitingApproval`: a start or reload that
 would grant more than runs now, beyond the approval policy in force) and starts or reloads
@@ -10,8 +10,10 @@ the capsule's desired spec changes again. `--spec-hash` (the hash shown by `orch
 --json` under `awaiting`, or a prefix of at least 6 digits) answers only if that is still
 the change waiting, so an answer never applies to a change nobody looked at.
 
-Each finds the socket as the other operator verbs do (`--config CONFIG`, default
-./config.yaml, or `--socket PATH`). Exit 0 when done; 1 when the request failed (a capsule
+Each finds the socket as the other operator verbs do (`--config`, `--state-dir` or
+`--socket`: orchestrator.cli.remote); with `--lattice URL` it answers the lattice's gate
+instead (orchestrator.lattice.answers: a new desired revision; `approve` waits until the
+lattice serves the change). Exit 0 when done; 1 when the request failed (a capsule
 awaiting no approval: the server's message, 409) or an approved version failed to load; 3
 without a running orchestrator. Registered by orchestrator.cli.main (`add_commands`).
 Part of the CLI layer: it prints.
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from ..api.blocking import SyncClient
 
 from .helptext import verb_help
+from .lattice import add_lattice_options
 from .output import EXIT_FAILED, EXIT_OK
 from .remote import _connect, add_socket_options
 
@@ -45,6 +48,7 @@ def add_commands(verbs: Any) -> None:
             "--spec-hash", metavar="HASH", help="only if this is the change waiting (its spec hash, or a prefix)"
         )
         add_socket_options(parser)
+        add_lattice_options(parser)
         parser.set_defaults(run=lambda args, run=run: _connect(args, run))
 
 

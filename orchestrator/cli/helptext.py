@@ -198,6 +198,7 @@ examples:
   orch status                               # AWAITING: which capsules wait, and for what
   orch approve notes                        # grant it and run the change now
   orch approve notes --spec-hash 3fa1c2d4   # only if that is still the change waiting
+  orch approve notes --lattice nats://127.0.0.1:4222   # waits until the lattice serves it
 
 exit status:
   0  approved, and the change runs
@@ -208,6 +209,7 @@ exit status:
 examples:
   orch reject notes                         # what runs keeps running; the change stays refused
   orch reject notes --spec-hash 3fa1c2d4
+  orch reject notes --lattice nats://127.0.0.1:4222
 
 exit status:
   0  rejected (until the capsule's files or config change again)
@@ -246,6 +248,7 @@ exit status:
 examples:
   orch history counter
   orch history counter --json
+  orch history counter --lattice nats://127.0.0.1:4222   # @ID: desired revisions
 
 exit status:
 {REMOTE_EXITS}""",
@@ -253,12 +256,14 @@ exit status:
 examples:
   orch rollback counter                     # the version before the one running
   orch rollback counter --to 3fa1c2 --with-data
+  orch rollback counter --to @12 --with-data --lattice nats://127.0.0.1:4222
 
 exit status:
 {REMOTE_EXITS}""",
     "unpin": f"""\
 examples:
   orch unpin counter
+  orch unpin counter --lattice nats://127.0.0.1:4222
 
 exit status:
 {REMOTE_EXITS}""",

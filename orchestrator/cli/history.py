@@ -1,8 +1,8 @@
 """The version history verbs: clients of a running orchestrator's control API (contract).
 
-    orch history NAME [--json]
-    orch rollback NAME [--to VERSION] [--with-data]
-    orch unpin NAME
+    orch history NAME [--json] [--lattice URL [--lattice-name N] [--lattice-creds F]]
+    orch rollback NAME [--to VERSION] [--with-data] [--lattice URL ...]
+    orch unpin NAME [--lattice URL ...]
 
 `history` lists the versions a deployment ran, newest first: entry, time, event, version,
 spec hash, git revision, whether a KV snapshot of the data it left is kept, and the plan's
@@ -11,6 +11,11 @@ running; VERSION is a version or spec hash as `history` shows it, at least 4 hex
 @ID), pinned until the deployment's desired spec changes or `unpin`; `--with-data` also
 puts back the KV data that version left. Socket and exit codes as for the other operator
 verbs (orchestrator.cli.remote): no orchestrator, exit 3; a refusal, its message, exit 1.
+
+With `--lattice URL` each works on a lattice instead (orchestrator.lattice.versions,
+.rollback): the versions are the desired revisions that changed what runs (an entry's ID
+is its revision; `--to` also takes @REVISION), a rollback publishes a pinned revision,
+and `--with-data` pauses the deployment on every host while its snapshot is restored.
 
 Registered by orchestrator.cli.main through `add_commands`. Part of the CLI layer: it prints.
 """
@@ -27,6 +32,7 @@ if TYPE_CHECKING:
     from ..api.blocking import SyncClient
 
 from .helptext import verb_help
+from .lattice import add_lattice_options
 from .output import EXIT_OK
 from .remote import _connect, add_socket_options
 
@@ -38,6 +44,7 @@ def add_commands(verbs: Any) -> None:
         parser = verbs.add_parser(name, help=help_text, **verb_help(name))
         parser.add_argument("name", help="the deployment's name")
         add_socket_options(parser)
+        add_lattice_options(parser)
         parser.set_defaults(run=lambda args: _connect(args, run))
         return parser
 
@@ -45,7 +52,9 @@ def add_commands(verbs: Any) -> None:
     history.add_argument("--json", action="store_true", help="the API's answer as JSON")
     rollback = verb("rollback", "run an earlier version of a capsule, pinned (optionally with its data)", _rollback)
     rollback.add_argument(
-        "--to", metavar="VERSION", help="a version, spec hash (4+ hex digits) or @ID; default: the previous one"
+        "--to",
+        metavar="VERSION",
+        help="a version, spec hash (4+ hex digits) or @ID (on a lattice: @REVISION); default: the previous one",
     )
     rollback.add_argument("--with-data", action="store_true", help="also restore the KV data that version left")
     verb("unpin", "end a rollback's pin: the capsule's desired spec runs again", _unpin)

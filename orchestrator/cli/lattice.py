@@ -244,6 +244,8 @@ def _apply(
             f"applied to {where}: revision {published.revision} "
             f"({published.uploaded} artifact(s) uploaded, {published.present} already there)"
         )
+    for name, grants in sorted(published.waiting.items()):
+        print(f"{name}: awaits `orch approve {name} --lattice ...`: would grant {', '.join(grants)}")
     if follow is not None:
         record = follow[0]
         print(
@@ -409,9 +411,16 @@ def print_status(status: dict[str, Any], *, where: str) -> None:
     )
     print()
     _table(
-        [("CAPSULE", "PHASE", "HOSTS", "WANT", "VERSION")]
+        [("CAPSULE", "PHASE", "HOSTS", "WANT", "VERSION", "NOTE")]
         + [
-            (c["name"], c["phase"], ",".join(c["hosts"]) or "-", str(c["wanted"]), (c["version"] or "-")[:12])
+            (
+                c["name"],
+                c["phase"],
+                ",".join(c["hosts"]) or "-",
+                str(c["wanted"]),
+                (c["version"] or "-")[:12] + (" (pinned)" if c.get("pinned") else ""),
+                " ".join(str(c.get("message") or "").split())[:100],
+            )
             for c in status["capsules"]
         ]
     )

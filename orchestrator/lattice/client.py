@@ -10,8 +10,15 @@ own (a background thread), so its methods are plain blocking calls:
 - `kv_list|kv_get|kv_set|kv_delete`: the lattice's KV bucket (orchestrator.lattice.kvstore);
 - `events(topic, history)`: the lattice's event history, then live events
   (orchestrator.lattice.history), as dicts shaped like the control API's SSE events;
+- `approve|reject(name, spec_hash)`: answers to the escalation gate
+  (orchestrator.lattice.answers); `history(name)`, `rollback(name, to=, with_data=)`,
+  `unpin(name)`: the versions and rollbacks (orchestrator.lattice.versions, .rollback);
+  each answer has the shape of the control API's;
 - `reconcile()`: the lease holder fetches the followed git branch now
   (orchestrator.lattice.follow), answering with what came of it.
+
+A call of a deployment no host runs because it is paused (a rollback restoring its data)
+or waits for approval says so (409, with the command that ends it).
 
 Errors are the lattice's (`LatticeCallError` has the status, kind and message a local
 call would have); the CLI prints them as one line. Used by orchestrator.cli.remote.
@@ -24,10 +31,12 @@ import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
+import nats.js.errors
+
 from ..errors import OrchestratorError
 from .calls import LatticeCallError, call_tool
 from .connection import Lattice, LatticeAddress
-from .desiredstate import deployment_names
+from .desiredstate import deployment_names, latest_good
 from .history import events as lattice_events
 
 T = TypeVar("T")
@@ -77,9 +86,38 @@ class LatticeClient:
         lattice = self.lattice
 
         async def call() -> tuple[bytes, dict[str, str]]:
-            return await call_tool(lattice, name, tool, arguments, deployed=lambda: deployment_names(lattice))
+            try:
+                return await call_tool(lattice, name, tool, arguments, deployed=lambda: deployment_names(lattice))
+            except LatticeCallError as error:
+                if error.kind != "CapsuleNotRunning":
+                    raise
+                raise await _not_running(lattice, name, error) from None
 
         return self._run(call())
+
+    # -- GitOps: approvals, history, rollback ----------------------------------------------
+    def approve(self, name: str, spec_hash: str | None = None) -> dict[str, Any]:
+        from .answers import approve
+
+        return self._run(approve(self.lattice, name, spec_hash))
+
+    def reject(self, name: str, spec_hash: str | None = None) -> dict[str, Any]:
+        from .answers import reject
+
+        return self._run(reject(self.lattice, name, spec_hash))
+
+    def history(self, name: str) -> dict[str, Any]:
+        return self._run(_history(self.lattice, name))
+
+    def rollback(self, name: str, *, to: str | None = None, with_data: bool = False) -> dict[str, Any]:
+        from .rollback import rollback
+
+        return self._run(rollback(self.lattice, name, to=to, with_data=with_data))
+
+    def unpin(self, name: str) -> dict[str, Any]:
+        from .rollback import unpin
+
+        return self._run(unpin(self.lattice, name))
 
     # -- following git --------------------------------------------------------------------
     def reconcile(self) -> dict[str, Any]:
@@ -150,3 +188,49 @@ async def _next(stream: Any) -> Any:
         return await stream.__anext__()
     except StopAsyncIteration:
         return STOP
+
+
+async def _not_running(lattice: Lattice, name: str, error: LatticeCallError) -> LatticeCallError:
+    """The 409 of a call nobody takes, saying why when the desired state does."""
+    try:
+        doc, _ = await latest_good(lattice)
+    except OrchestratorError:
+        return error
+    deployment = doc.deployments.get(name) if doc is not None else None
+    if deployment is None:
+        return error
+    why = None
+    if deployment.paused:
+        why = (
+            f"capsule {name!r} is paused by `orch rollback {name} --with-data` while its data is restored: call "
+            "again once the rollback finishes (`orch status --lattice URL`)"
+        )
+    elif deployment.runs() is None and deployment.awaiting is not None:
+        why = f"capsule {name!r} is not running: its start awaits `orch approve {name}`"
+    elif deployment.runs() is None and deployment.rejected is not None:
+        why = f"capsule {name!r} is not running: its start was rejected; apply another change to propose one"
+    return LatticeCallError(409, "CapsuleNotRunning", why) if why else error
+
+
+async def _history(lattice: Lattice, name: str) -> dict[str, Any]:
+    """`orch history NAME --lattice`: the versions, newest first, and the pin."""
+    from .versions import versions_of
+
+    versions = await versions_of(lattice, name)
+    running = versions.running()
+    store = await lattice.objects()
+    kept: dict[str, bool] = {}
+    for entry in versions.entries:
+        if entry.version.wasm not in kept:
+            try:
+                info = await store.get_info(entry.version.wasm)
+                kept[entry.version.wasm] = not info.deleted
+            except nats.js.errors.NotFoundError:
+                kept[entry.version.wasm] = False
+    shown = [
+        entry.to_dict(current=index == 0 and entry.spec_hash == running, module_kept=kept[entry.version.wasm])
+        for index, entry in enumerate(reversed(versions.entries))
+    ]
+    deployment = versions.current.deployments.get(name) if versions.current else None
+    pinned = deployment.pinned.to_status() if deployment is not None and deployment.pinned else None
+    return {"capsule": name, "entries": shown, "pinned": pinned, "unreadable_revisions": versions.unreadable}

@@ -4,9 +4,15 @@
 next on this host (`Step`):
 
 - `specs`: the deployments assigned to this host and enabled in the desired revision,
-  rebuilt from their artifacts (fetched once per sha256, checked against the applied spec
-  hash: orchestrator.lattice.desiredstate.rebuild_spec); plus the deployments moved away
-  that still serve here, with the spec they run (no reload on the way out);
+  each as the version the lattice runs for it (`Deployment.runs()`: its desired version;
+  or the version held while a change awaits approval or was rejected; or a rollback's
+  pin), rebuilt from its artifacts (fetched once per sha256, checked against its spec
+  hash: orchestrator.lattice.desiredstate.rebuild_spec) and wired (enabled, hosts, labels,
+  depends_on) as the desired version says; plus the deployments moved away that still
+  serve here, with the spec they run (no reload on the way out). A deployment that is
+  paused (a rollback restoring its data) or has no version to run (a start that waits
+  for approval) is not wanted anywhere: it stops at once, its calls in flight finishing
+  first, so no call of it runs while it is paused;
 - `broken`: wanted deployments whose artifacts cannot be used (name -> why): the
   reconciler keeps their last good version serving, or shows them Failed;
 - `stop`: what runs here and is in neither, which stops taking calls before it stops.
@@ -23,6 +29,7 @@ deployment's bus (orchestrator.lattice.wiring). Used by the host runtime.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -40,7 +47,7 @@ from ..engine import WasmEngine
 from ..errors import ManifestError
 from .artifacts import LatticeDataError, fetch
 from .connection import Lattice
-from .desiredstate import Deployment, DesiredDoc, rebuild_spec
+from .desiredstate import Deployment, DesiredDoc, Version, rebuild_spec
 from .scheduler import Assignments
 from .status import SERVING, read_reports
 from .wiring import Buses
@@ -97,7 +104,7 @@ class Share:
         self.drain_seconds = drain_seconds
         self.leaving: dict[str, float] = {}  # moved away, still serving here since (clock)
         self._clock = clock
-        self._specs: dict[str, tuple[CapsuleSpec, CapsuleSpec]] = {}  # name -> (applied spec, runnable spec)
+        self._specs: dict[str, tuple[CapsuleSpec, CapsuleSpec, CapsuleSpec]] = {}  # name -> (version, wiring, runnable)
         self._blobs: dict[str, bytes] = {}
 
     async def step(
@@ -108,7 +115,7 @@ class Share:
         *,
         draining: bool,
     ) -> Step:
-        enabled = {n for n, d in desired.deployments.items() if d.spec.enabled}
+        enabled = {n for n, d in desired.deployments.items() if runnable(d)}
         assigned = assignments.mine(self.host_id) if assignments else set()
         wanted = set() if draining else assigned & enabled
         now = self._clock()
@@ -121,8 +128,11 @@ class Share:
         specs: dict[str, CapsuleSpec] = {}
         broken: dict[str, str] = {}
         for name in wanted:
+            deployment = desired.deployments[name]
+            version = deployment.runs()
+            assert version is not None  # runnable
             try:
-                specs[name] = await self._spec(desired.deployments[name])
+                specs[name] = await self._spec(version, deployment.spec)
             except (LatticeDataError, ManifestError) as error:
                 broken[name] = str(error)
         for name in set(self.leaving) - handed:
@@ -152,15 +162,25 @@ class Share:
                         done.add(name)
         return done
 
-    async def _spec(self, deployment: Deployment) -> CapsuleSpec:
-        name = deployment.spec.name
+    async def _spec(self, version: Version, desired: CapsuleSpec) -> CapsuleSpec:
+        """`version`, runnable, wired as the `desired` spec says (not part of the hash)."""
+        name = desired.name
         cached = self._specs.get(name)
-        if cached is not None and cached[0] == deployment.spec and cached[0].spec_hash == deployment.spec.spec_hash:
-            return cached[1]
-        wasm = await self._blob(deployment.wasm, limit=MAX_WASM_BYTES, what=f"capsule {name}: module")
-        manifest = await self._blob(deployment.manifest, limit=MAX_MANIFEST_BYTES, what=f"capsule {name}: manifest")
-        spec = rebuild_spec(deployment, wasm=wasm, manifest=manifest)
-        self._specs[name] = (deployment.spec, spec)
+        if (
+            cached is not None
+            and cached[0] == version.spec
+            and cached[0].spec_hash == version.spec.spec_hash
+            and _wiring(cached[1]) == _wiring(desired)
+        ):
+            return cached[2]
+        wasm = await self._blob(version.wasm, limit=MAX_WASM_BYTES, what=f"capsule {name}: module")
+        manifest = await self._blob(version.manifest, limit=MAX_MANIFEST_BYTES, what=f"capsule {name}: manifest")
+        spec = rebuild_spec(version, wasm=wasm, manifest=manifest)
+        if _wiring(spec) != _wiring(desired):
+            spec = dataclasses.replace(
+                spec, enabled=desired.enabled, hosts=desired.hosts, labels=desired.labels, depends_on=desired.depends_on
+            )
+        self._specs[name] = (version.spec, desired, spec)
         return spec
 
     async def _blob(self, name: str, *, limit: int, what: str) -> bytes:
@@ -171,9 +191,19 @@ class Share:
 
     def _prune(self, desired: DesiredDoc, specs: Mapping[str, CapsuleSpec]) -> None:
         """Forget the artifacts and specs nothing wants any more."""
-        keep = {d.wasm for d in desired.deployments.values()} | {d.manifest for d in desired.deployments.values()}
+        versions = [v for d in desired.deployments.values() for v in (d, d.runs()) if v is not None]
+        keep = {v.wasm for v in versions} | {v.manifest for v in versions}
         keep |= {s.wasm_sha256 for s in specs.values()}
         for sha in set(self._blobs) - keep:
             del self._blobs[sha]
         for name in set(self._specs) - set(desired.deployments) - set(specs):
             del self._specs[name]
+
+
+def runnable(deployment: Deployment) -> bool:
+    """Whether hosts run the deployment: enabled, not paused, and with a version to run."""
+    return deployment.spec.enabled and not deployment.paused and deployment.runs() is not None
+
+
+def _wiring(spec: CapsuleSpec) -> tuple[object, ...]:
+    return (spec.enabled, spec.hosts, dict(spec.labels), tuple(spec.depends_on))

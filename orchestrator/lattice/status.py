@@ -12,7 +12,9 @@ what `orch status --lattice URL --json` prints (contract):
 
     {"hosts": [{"id", "labels", "alive", "draining", "capsules"}],
      "capsules": [{"name", "phase", "hosts", "version", "wanted", "placed_on", "enabled",
-                   "on": [{"host", "phase", "version", "last_error"}], "problem"}],
+                   "on": [{"host", "phase", "version", "last_error"}], "problem",
+                   "spec_hash", "desired_version", "awaiting", "rejected", "pinned",
+                   "paused", "restoring", "message"}],
      "desired": {"revision", "config_sha256", "source", "applied_at_ms", "applied_by",
                  "deployments"} | null,
      "scheduler": HOST | null, "assignments_revision": N, "problems": [...],
@@ -23,10 +25,17 @@ what `orch status --lattice URL --json` prints (contract):
 recorded it (orchestrator.lattice.followrecord): null when no branch is followed.
 
 A capsule's `hosts` are the live hosts where a version of it serves (phase Running, or
-Degraded: the last good version serving while a newer one failed). Its `phase` over the
-lattice: Running when it serves the applied version on as many hosts as it wants;
-Degraded when it serves, but on fewer hosts, or not the applied version everywhere;
-otherwise Failed, Starting or Pending as its hosts report; Stopped when disabled.
+Degraded: the last good version serving while a newer one failed). Its `version` and
+`spec_hash` are those of the version the lattice runs for it (`Deployment.runs()`: the
+applied one, or the one held while a change awaits approval or was rejected, or a
+rollback's pin; `desired_version` is the applied one). Its `phase` over the lattice:
+Running when it serves that version on as many hosts as it wants; Degraded when it serves,
+but on fewer hosts, or not that version everywhere; otherwise Failed, Starting or Pending
+as its hosts report; Stopped when disabled. A change that waits makes it AwaitingApproval
+(`awaiting`: `{spec_hash, escalations, since_ms}`), a rejected one Degraded (Failed when
+nothing runs; `rejected`), and a rollback restoring its data Paused (`paused`,
+`restoring`); `pinned` is a rollback's pin (`{version, spec_hash, since_ms, revision}`),
+and `message` says in one sentence what the operator can do about any of these.
 
 `lattice_status(address)` connects, reads and summarizes. Used by the host runtime
 (publishing) and the CLI (`orch status --lattice`).
@@ -40,7 +49,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .connection import Lattice, LatticeAddress
-from .desiredstate import DesiredDoc, latest_good
+from .desiredstate import Deployment, DesiredDoc, latest_good
 from .followrecord import read_record, read_status, view
 from .lease import holder
 from .membership import HostInfo, latest_values, live_hosts
@@ -146,12 +155,14 @@ def summarize(
 
 def _capsule(
     name: str,
-    deployment: Any,
+    deployment: Deployment | None,
     rows_by_host: Mapping[str, Mapping[str, Mapping[str, Any]]],
     placed: Mapping[str, tuple[str, ...]],
     assignments: Assignments | None,
 ) -> dict[str, Any]:
     spec = deployment.spec if deployment is not None else None
+    version = deployment.runs() if deployment is not None else None
+    running = version.spec if version is not None else None
     on = [
         {
             "host": host,
@@ -164,13 +175,19 @@ def _capsule(
     ]
     serving: list[str] = [str(o["host"]) for o in on if o["phase"] in SERVING]
     wanted = spec.hosts if spec is not None else 0
-    current_everywhere = spec is not None and all(
-        rows_by_host[h][name].get("spec_hash") == spec.spec_hash and rows_by_host[h][name].get("phase") == "Running"
+    current_everywhere = running is not None and all(
+        rows_by_host[h][name].get("spec_hash") == running.spec_hash and rows_by_host[h][name].get("phase") == "Running"
         for h in serving
     )
     phases = {o["phase"] for o in on}
     if spec is not None and not spec.enabled and not serving:
         phase = "Stopped"
+    elif deployment is not None and deployment.paused:
+        phase = "Paused"
+    elif deployment is not None and deployment.awaiting is not None:
+        phase = "AwaitingApproval"
+    elif deployment is not None and deployment.rejected is not None:
+        phase = "Degraded" if serving else "Failed"
     elif serving and current_everywhere and len(serving) >= wanted:
         phase = "Running"
     elif serving:
@@ -185,13 +202,68 @@ def _capsule(
         "name": name,
         "phase": phase,
         "hosts": serving,
-        "version": spec.version if spec is not None else None,
+        "version": running.version if running is not None else None,
         "wanted": wanted,
         "placed_on": list(placed.get(name, ())),
         "enabled": spec.enabled if spec is not None else False,
         "on": on,
         "problem": assignments.problems.get(name) if assignments else None,
+        **gitops(name, deployment),
     }
+
+
+def gitops(name: str, deployment: Deployment | None) -> dict[str, Any]:
+    """A capsule's GitOps keys in status (see the module docstring)."""
+    if deployment is None:
+        return {
+            "spec_hash": None,
+            "desired_version": None,
+            "awaiting": None,
+            "rejected": None,
+            "pinned": None,
+            "paused": False,
+            "restoring": None,
+            "message": None,
+        }
+    version = deployment.runs()
+    return {
+        "spec_hash": version.spec.spec_hash if version is not None else None,
+        "desired_version": deployment.spec.version,
+        "awaiting": deployment.awaiting.to_dict() if deployment.awaiting else None,
+        "rejected": deployment.rejected.to_dict() if deployment.rejected else None,
+        "pinned": deployment.pinned.to_status() if deployment.pinned else None,
+        "paused": deployment.paused,
+        "restoring": deployment.restoring.to_dict() if deployment.restoring else None,
+        "message": message(name, deployment),
+    }
+
+
+def message(name: str, deployment: Deployment) -> str | None:
+    """What the operator can do about a held, rejected, pinned or paused deployment."""
+    held = deployment.runs()
+    serving = f"version {held.spec.version} keeps serving" if held is not None else "nothing runs"
+    if deployment.restoring is not None:
+        return (
+            f"paused by `orch rollback {name} --with-data`: restoring the data of revision "
+            f"{deployment.restoring.revision}; if that rollback is not running any more, run it again to finish"
+        )
+    if deployment.awaiting is not None:
+        grants = ", ".join(deployment.awaiting.escalations)
+        return (
+            f"awaits `orch approve {name}` (or `orch reject {name}`): change "
+            f"{deployment.awaiting.spec_hash[:12]} would grant {grants}; {serving}"
+        )
+    if deployment.rejected is not None:
+        return (
+            f"its change {deployment.rejected.spec_hash[:12]} was rejected; {serving}; apply a change to its "
+            "files or config to propose another"
+        )
+    if deployment.pinned is not None:
+        return (
+            f"pinned to version {deployment.pinned.version.spec.version} by a rollback; a change to its desired "
+            f"spec or `orch unpin {name}` ends it"
+        )
+    return None
 
 
 async def lattice_status(address: LatticeAddress) -> dict[str, Any]:
