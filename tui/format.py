@@ -22,12 +22,23 @@ PHASES: dict[str, tuple[str, str]] = {
     "Stopping": ("◌", "magenta"),
     "Stopped": ("■", "dim"),
     "AwaitingApproval": ("◇", "bold yellow"),
+    "Paused": ("‖", "magenta"),  # a lattice deployment whose data a rollback is restoring
 }
 UNKNOWN_PHASE = ("?", "dim")
 WORDS = {"AwaitingApproval": "awaiting approval"}  # phases whose word is not just the lowercase name
 SHORT_WORDS = {"AwaitingApproval": "awaiting"}  # in a table column
 # the order phases are counted in and sorted by: the ones needing attention first
-PHASE_ORDER = ("AwaitingApproval", "Failed", "Degraded", "Pending", "Starting", "Stopping", "Running", "Stopped")
+PHASE_ORDER = (
+    "AwaitingApproval",
+    "Failed",
+    "Degraded",
+    "Paused",
+    "Pending",
+    "Starting",
+    "Stopping",
+    "Running",
+    "Stopped",
+)
 HEALTHY = frozenset({"Running", "Stopped"})
 
 

@@ -38,6 +38,7 @@ PHASE_COLORS = {
     "Running": "green",
     "Degraded": "yellow",
     "AwaitingApproval": "yellow",
+    "Paused": "yellow",
     "Failed": "red",
     "Pending": "cyan",
     "Starting": "cyan",
