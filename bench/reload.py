@@ -434,8 +434,8 @@ async def run(rounds: int, quick: bool) -> dict[str, Any]:
     noop, scale = await bench_scale(200 if quick else 1000, rounds, 5 if quick else 10)
     median, p95 = reload_report["median_ms"], reload_report["p95_ms"]
     targets = {
-        "reload_median_le_50ms": isinstance(median, float) and median <= 50 and reload_report["missed"] == 0,
-        "reload_p95_le_100ms": isinstance(p95, float) and p95 <= 100 and reload_report["missed"] == 0,
+        "reload_median_le_25ms": isinstance(median, float) and median <= 25 and reload_report["missed"] == 0,
+        "reload_p95_le_50ms": isinstance(p95, float) and p95 <= 50 and reload_report["missed"] == 0,
         "no_failed_calls_while_reloading": load_report["failed"] == 0
         and load_report["missed"] == 0
         and reload_report["poll_failed"] == 0,
