@@ -279,7 +279,7 @@ EXPECTED_AIRLOCKS = {
 
 
 def test_host_functions_are_the_documented_airlocks() -> None:
-    """Every airlock of DESIGN §3.3, with its arity and result kind, and nothing untested."""
+    """Every airlock of the ABI (README, "The ABI"), with its arity and result kind, and nothing untested."""
     table = {a.name: (a.arity, a.result) for a in HOST_FUNCTIONS}
     assert table == EXPECTED_AIRLOCKS
     assert len(HOST_FUNCTIONS) == len(table)

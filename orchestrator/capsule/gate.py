@@ -2,7 +2,7 @@
 
 Deny by default. It owns:
 
-- the size limits of DESIGN.md §3.3 (`check_key`, `check_size`);
+- the size limits of the ABI (README, "The ABI"): `check_key`, `check_size`;
 - the `ipc_publish` grant check (`TopicGate`; subject syntax is orchestrator.topics);
 - guest path parsing and the `fs_read`/`fs_write` grants (`PathGate`), with the paths no
   grant ever reaches (`ProtectedPaths`, orchestrator.capsule.protected);

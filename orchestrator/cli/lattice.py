@@ -1,4 +1,4 @@
-"""The lattice verbs of the `orch` command (DESIGN.md §7, contract).
+"""The lattice verbs of the `orch` command (a contract: README, "Lattice").
 
     orch apply CONFIG --lattice URL [--lattice-name N] [--lattice-creds FILE]
     orch apply git+URL#BRANCH:PATH --lattice URL --follow [--interval SECONDS]

@@ -1,4 +1,4 @@
-"""The plan: a pure diff from desired state to actual state (DESIGN.md §2, step 2).
+"""The plan: a pure diff from desired state to actual state (README, "Architecture", step 2).
 
 `plan(desired, actual)` compares every deployment of the config (enabled or not) with the
 specs that run now and returns an ordered `Plan` of actions: `start`, `reload`, `stop` or

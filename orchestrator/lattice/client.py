@@ -1,6 +1,6 @@
 """The operator's verbs against a lattice: the same methods as the socket's `SyncClient`.
 
-`orch call|kv|events --lattice URL` work as they do against a local socket (DESIGN §7):
+`orch call|kv|events --lattice URL` work as they do against a local socket (README, "Lattice"):
 the CLI gives a verb this client instead of `orchestrator.api.blocking.SyncClient`, and the
 verb does not know the difference. It keeps one NATS connection on an event loop of its
 own (a background thread), so its methods are plain blocking calls:
