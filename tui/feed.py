@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from orchestrator.topics import TopicError, split_pattern, tokens_match
+
 INFO, WARNING, ERROR = 0, 1, 2
 
 _ERROR_ENDINGS = (".failed", ".build_failed", ".interceptor_failed")
@@ -67,32 +69,18 @@ class EventRow:
         return self._text
 
 
-class TopicPatternError(ValueError):
-    """A topic filter that is not a NATS pattern."""
+TopicPatternError = TopicError  # a topic filter that is not a NATS pattern (the message says why)
 
 
 def parse_pattern(pattern: str) -> tuple[str, ...]:
-    """`orch.capsule.*.failed` -> its tokens; `*` is one token, a final `>` one or more."""
-    tokens = tuple(pattern.strip().split("."))
-    if not pattern.strip() or any(not t for t in tokens):
-        raise TopicPatternError("empty token (write tokens between dots, e.g. orch.capsule.>)")
-    for index, token in enumerate(tokens):
-        if token == ">" and index != len(tokens) - 1:
-            raise TopicPatternError("'>' may only be the last token")
-        if token not in ("*", ">") and ("*" in token or ">" in token or " " in token):
-            raise TopicPatternError(f"{token!r}: wildcards are whole tokens ('*' or a final '>')")
-    return tokens
+    """`orch.capsule.*.failed` -> its tokens, checked by the orchestrator's own topic rules
+    (`*` a whole token, `>` the whole last token); TopicPatternError naming the broken rule."""
+    return split_pattern(pattern.strip())
 
 
 def topic_matches(tokens: tuple[str, ...], topic: str) -> bool:
     """Whether `topic` matches the parsed pattern `tokens` (NATS subject rules)."""
-    parts = topic.split(".")
-    for index, token in enumerate(tokens):
-        if token == ">":
-            return len(parts) > index
-        if index >= len(parts) or (token != "*" and token != parts[index]):
-            return False
-    return len(parts) == len(tokens)
+    return tokens_match(tokens, topic.split("."))
 
 
 @dataclass(frozen=True)
