@@ -63,6 +63,20 @@ async def test_a_broken_manifest_holds_back_only_its_own_capsule(two: Running) -
     assert two.orchestrator.info()["desired"]["broken"] == {}
 
 
+async def test_a_broken_manifest_does_not_hold_back_a_config_yaml_change_to_another_capsule(two: Running) -> None:
+    root = two.root
+    replace_atomically(root / "caps" / "ver" / "Capsule.toml", "[package]\nname = 'ver'\nversion = 'nope'\n")
+    await two.wait_topic("orch.capsule.ver.degraded")
+    before = two.orchestrator.desired.specs["two"].spec_hash  # type: ignore[union-attr]
+    replace_atomically(root / "config.yaml", TWO + "    limits: {fuel: 5000000}\n")  # the case that was seen
+    await two.wait_topic("orch.capsule.two.reloaded")
+    spec = two.orchestrator.desired.specs["two"]  # type: ignore[union-attr]
+    assert spec.spec_hash != before and spec.limits["fuel"] == 5_000_000
+    assert await two.version("two") == "2" and await two.version() == "1"  # ver: its last good version
+    health = two.orchestrator.info()["desired"]
+    assert health["state"] == "accepted" and list(health["broken"]) == ["ver"]
+
+
 async def test_a_rejected_config_is_in_the_status_until_it_is_fixed(two: Running) -> None:
     config = two.root / "config.yaml"
     accepted = two.orchestrator.info()["desired"]["accepted_at_ms"]
