@@ -1105,7 +1105,7 @@ def test_cli_events_without_follow_exits_after_a_short_history(tmp_path: Path) -
     process = spawn_up(config, tmp_path / "up.log")
     try:
         wait_serving(process, sock, tmp_path / "up.log")
-        few = orch("events", "--topic", "counter.changed", "--history", "5", "--json", cwd=tmp_path, timeout=5)
+        few = orch("events", "--topic", "counter.changed", "--history", "5", "--json", cwd=tmp_path, timeout=60)
         assert (few.returncode, few.stdout) == (0, "")
     finally:
         stop_up(process)
