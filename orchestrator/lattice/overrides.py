@@ -38,6 +38,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..control.approvals import Pending, Rejection
 from ..desired.spec import CapsuleSpec
 from ..limits import Limits
 from .artifacts import SHA256
@@ -75,28 +76,9 @@ class Version:
         return Version(self.spec, self.record, self.secrets, self.wasm, self.manifest)
 
 
-@dataclass(frozen=True)
-class Awaiting:
-    """The desired version grants more than runs, beyond the policy in force: it waits."""
-
-    spec_hash: str
-    escalations: tuple[str, ...]
-    since_ms: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"spec_hash": self.spec_hash, "escalations": list(self.escalations), "since_ms": self.since_ms}
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """The operator refused the desired version; it stays refused until the desired spec changes."""
-
-    spec_hash: str
-    escalations: tuple[str, ...]
-    at_ms: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"spec_hash": self.spec_hash, "escalations": list(self.escalations), "at_ms": self.at_ms}
+# The same values as on one host: a change waiting for the operator, a change refused.
+Awaiting = Pending
+Rejected = Rejection
 
 
 @dataclass(frozen=True)
