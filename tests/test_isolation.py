@@ -10,11 +10,14 @@ interceptor runs count, and the last error carries its tool and time.
 
 from __future__ import annotations
 
+import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
+from orchestrator.control.reconciler import FAILURE_LOG_SECONDS
 from orchestrator.control.runtime import Orchestrator
 from orchestrator.errors import ToolInputError
 from tests.conftest import CAPSULES
@@ -193,6 +196,31 @@ async def test_calls_and_interceptor_runs_count_and_the_last_error_names_its_too
         assert status["counter"]["calls"] == 2 and status["counter"]["errors"] == 1
         assert status["counter"]["last_error_tool"] == "increment" and "/by" in status["counter"]["last_error"]
         assert status["counter"]["last_error_at_ms"] is not None and status["counter"]["last_error"]
+    finally:
+        await orchestrator.stop(2)
+
+
+async def test_a_failed_call_is_logged_once_naming_capsule_and_tool_and_a_flood_is_held_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shutil.copytree(CAPSULES / "counter", tmp_path / "capsules" / "counter", ignore=shutil.ignore_patterns("assembly"))
+    (tmp_path / "config.yaml").write_text("version: 1\ncapsules:\n  counter: {path: capsules/counter}\n")
+    orchestrator = Orchestrator(tmp_path / "config.yaml", watch=False)
+    await orchestrator.start()
+    try:
+        reconciler = orchestrator.reconciler
+        assert reconciler is not None
+        started = time.monotonic()
+        with caplog.at_level("WARNING", logger="orchestrator.control.reconciler"):
+            for _ in range(20):  # a failing client in a loop
+                with pytest.raises(ToolInputError):
+                    await reconciler.call_tool("counter", "increment", {"by": "x"})
+        intervals = math.ceil((time.monotonic() - started) / FAILURE_LOG_SECONDS)  # 1 unless very slow
+        lines = [r.getMessage() for r in caplog.records if r.name == "orchestrator.control.reconciler"]
+        failed = [line for line in lines if line.startswith("capsule counter: increment failed: ")]
+        assert failed and "/by" in failed[0]
+        assert len(failed) <= intervals  # one line per interval (of 10 s), not one per call
+        assert {s["name"]: s for s in reconciler.status()}["counter"]["errors"] == 20  # every one counted
     finally:
         await orchestrator.stop(2)
 
