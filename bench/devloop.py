@@ -34,12 +34,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -49,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.api.client import Client, socket_for  # noqa: E402
+from tests.test_devloop import Up  # noqa: E402  (orch up in its own process, its lines read)
 
 ROUND_TIMEOUT_S = 180.0
 READY_TIMEOUT_S = 60.0
@@ -91,42 +89,6 @@ def set_profile(manifest: Path, profile: str) -> str:
         command = " ".join([*words[:2], f"--{profile}", *words[2:]])
         manifest.write_text(text[: match.start(1)] + command + text[match.end(1) :])
     return command
-
-
-class Up:
-    """`orch up CONFIG` (text output) in its own process. `watching` is set once it prints its
-    `watching for changes` line, which it does after its file watches are in place."""
-
-    def __init__(self, config: Path) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "up", str(config)],
-            cwd=config.parent,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        self.watching = threading.Event()
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for raw in self.process.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            self.lines.append(line)
-            if "watching for changes" in line:
-                self.watching.set()
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
-        self._reader.join(10)
-        assert self.process.stdout is not None
-        self.process.stdout.close()
 
 
 class Stream:
