@@ -453,3 +453,33 @@ def test_usage_errors(tmp_path: Path) -> None:
         done = orch(*argv)
         assert done.returncode == 2, (argv, done.stdout, done.stderr)
         assert complaint in done.stderr, (argv, done.stderr)
+
+
+async def test_an_escalating_commit_on_a_followed_branch_waits_for_an_operator(
+    tmp_path: Path, nats_server: NatsServers
+) -> None:
+    urls = nats_server.urls
+    repo = Repo(tmp_path / "repo")
+    ask = "version: 1\napprovals: {escalations: ask}\ncapsules:\n  ver:\n    path: caps/ver\n"
+    repo.commit({"config.yaml": ask, **capsule("caps/ver", 1)})
+    hosts = Hosts(tmp_path / "hosts", urls)
+    try:
+        hosts.start("h1")
+        follow(urls, repo, "--interval", "3600")  # only reconcile fetches in this test
+        await serving(urls, 1, hosts)
+
+        escalating = repo.commit(capsule("caps/ver", 2, extra="\n[capabilities]\nkv = true\n"))
+        done = orch("reconcile", "--lattice", urls)
+        assert done.returncode == 0, done.stdout + done.stderr
+        said = done.stdout
+        assert f"revision {escalating[:12]} published as desired revision" in said
+        assert "awaiting approval (ver would grant kv)" in said and "orch approve NAME --lattice URL" in said
+        assert (await call(urls, "ver"))[0] == b"1"  # the running version keeps serving
+        shown = await wait_status(urls, lambda s: s["capsules"][0]["phase"] == "AwaitingApproval", "ver waits")
+        assert shown["capsules"][0]["awaiting"]["escalations"] == ["kv"]
+
+        approved = orch("approve", "ver", "--lattice", urls)
+        assert approved.returncode == 0, approved.stdout + approved.stderr
+        await serving(urls, 2, hosts)
+    finally:
+        hosts.stop()

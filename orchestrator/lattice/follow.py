@@ -292,6 +292,11 @@ class LatticeFollower:
             message = f"revision {short} is applied (it changes nothing: desired revision {published.revision} stays)"
             return await self._done(git, status_revision, "applied", message, published.revision)
         message = f"revision {short} published as desired revision {published.revision}"
+        if published.waiting:  # held: what runs keeps running until an operator answers
+            waits = "; ".join(
+                f"{name} would grant {', '.join(grants)}" for name, grants in sorted(published.waiting.items())
+            )
+            message += f"; awaiting approval ({waits}): `orch approve NAME --lattice URL`"
         logger.info("following %s: %s", record.source, message)
         return await self._done(git, status_revision, "published", message, published.revision)
 
