@@ -37,7 +37,7 @@ from orchestrator.capsule import Capsule, KVStore  # noqa: E402
 from orchestrator.capsule.bus import EventBus  # noqa: E402
 from orchestrator.engine import WasmEngine  # noqa: E402
 from orchestrator.lattice.calls import CallServer, LatticeCallError, call_tool  # noqa: E402
-from orchestrator.lattice.connection import Lattice, LatticeAddress  # noqa: E402
+from orchestrator.lattice.connection import Lattice, LatticeAddress, barrier  # noqa: E402
 from tests.natsserver import nats_servers  # noqa: E402
 
 CLIENTS = 16
@@ -71,7 +71,7 @@ async def host_main(urls: str, folder: Path, host_id: str) -> None:
             await lattice.nc.publish(msg.reply, msg.data)
 
         await lattice.nc.subscribe("bench.echo", queue="echo", cb=echo)
-        await lattice.nc.flush()
+        await barrier(lattice.nc)
         print("serving", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
         await server.close()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import nats.errors
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestrator.errors import GateError
-from orchestrator.lattice.connection import Lattice, LatticeAddress, LatticeError
+from orchestrator.lattice.connection import Lattice, LatticeAddress, LatticeError, barrier
 from orchestrator.lattice.naming import LatticeNames, decode_token, encode_token
 from tests.natsserver import NatsServers, free_port
 
@@ -52,6 +53,30 @@ async def test_connect_to_a_real_server_and_make_buckets(nats_server: NatsServer
         assert (await again.get("config")).revision == revision
     finally:
         await lattice.close()
+
+
+async def test_after_a_barrier_the_server_has_every_earlier_subscription_and_publish(nats_server: NatsServers) -> None:
+    # nats-py's flush() writes its PING ahead of commands still in its buffer: under load a
+    # subscription it had "flushed" missed what another connection published next
+    subscriber = await Lattice.connect(LatticeAddress.parse(nats_server.urls, name="t1"))
+    publisher = await Lattice.connect(LatticeAddress.parse(nats_server.urls, name="t1"))
+    missed = []
+    try:
+        for i in range(300):
+            subscription = await subscriber.nc.subscribe(f"barrier.{i}")
+            await barrier(subscriber.nc)
+            await publisher.nc.publish(f"barrier.{i}", str(i).encode())
+            await barrier(publisher.nc)  # the server has routed it: it is ahead of the next PONG
+            await barrier(subscriber.nc)
+            try:
+                assert (await subscription.next_msg(timeout=5)).data == str(i).encode()
+            except nats.errors.TimeoutError:
+                missed.append(i)
+            await subscription.unsubscribe()
+    finally:
+        await subscriber.close()
+        await publisher.close()
+    assert missed == []
 
 
 async def test_no_server_is_one_clear_error_within_the_timeout() -> None:

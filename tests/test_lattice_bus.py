@@ -28,7 +28,7 @@ from orchestrator.capsule.bus import EventBus
 from orchestrator.engine import WasmEngine
 from orchestrator.errors import GateError
 from orchestrator.lattice.bus import DeploymentBus, LatticeBus, LatticeEvent, events, nats_patterns, patterns_overlap
-from orchestrator.lattice.connection import Lattice, LatticeAddress
+from orchestrator.lattice.connection import Lattice, LatticeAddress, barrier
 from orchestrator.lattice.history import stream_name
 from tests.natsserver import NatsServers, wait_for
 
@@ -80,7 +80,7 @@ class Host:
     async def settled(self, name: str) -> None:
         """Everything NATS delivered so far is in the deployment's bus and handled."""
         deployment = self.deployment(name)
-        await self.lattice.nc.flush()
+        await barrier(self.lattice.nc)
         await wait_for(lambda: deployment.pending == 0, f"{self.id}: NATS messages delivered")
         await self.capsules[name].caught_up(deployment.last_seq)
 
@@ -203,7 +203,7 @@ async def test_once_per_deployment_across_the_nodes_of_a_cluster(nats_cluster: N
 
         await wait_for(lambda: len(items()) >= 60, "every item received")
         for bus in buses[:2]:
-            await bus.lattice.nc.flush()
+            await barrier(bus.lattice.nc)
             await wait_for(lambda bus=bus: bus.for_deployment("d").pending == 0, "delivered")  # type: ignore[misc]
         assert sorted(items()) == list(range(60))  # each once, across the two hosts on two nodes
         assert sorted(e.payload["i"] for s in subscriptions for e in s.drain() if e.topic == "work.item") == list(
@@ -368,7 +368,7 @@ async def test_overlapping_patterns_on_two_hosts_deliver_each_event_once(hosts: 
         await publisher.flush()
         await wait_for(lambda: sum(h.deployment("both").received for h in hosts) >= 5, "every event received")
         for host in hosts:
-            await host.lattice.nc.flush()
+            await barrier(host.lattice.nc)
             await wait_for(lambda host=host: host.deployment("both").pending == 0, "delivered")  # type: ignore[misc]
         topics = sorted(e.topic for s in subscriptions for e in s.drain())
         assert topics == ["a.b", "a.b", "a.b", "a.b", "a.c", "c.b"]  # two a.b events, each in both patterns' subs
@@ -401,7 +401,7 @@ async def test_hostile_messages_on_bus_subjects_are_refused_and_counted(hosts: l
         await client.nc.publish(names.bus("x.y"), data)
     await client.nc.publish(names.bus(".".join(["t"] * 20)), json.dumps(good).encode())  # 20 tokens: not a topic
     await client.nc.publish(names.bus("x.fine"), json.dumps(good).encode())
-    await client.nc.flush()
+    await barrier(client.nc)
     event = await asyncio.wait_for(subscription.get(), 20)
     await wait_for(lambda: deployment.rejected == len(hostile) + 1, "every hostile message refused")
     assert event.topic == "x.fine" and deployment.received == 1

@@ -32,7 +32,7 @@ from orchestrator.api.client import RemoteError
 from orchestrator.errors import GuestError, OrchestratorError
 from orchestrator.lattice.calls import CallServer, LatticeCallError, call_tool
 from orchestrator.lattice.callwire import MAX_ARGUMENT_BYTES, decode_request, encode_request
-from orchestrator.lattice.connection import Lattice, LatticeAddress
+from orchestrator.lattice.connection import Lattice, LatticeAddress, barrier
 from tests.natsserver import NatsServers, wait_for
 from tests.test_api import Served, add_oddball, serve
 
@@ -336,13 +336,13 @@ async def test_a_host_that_closes_mid_stream_answers_what_it_took_and_nothing_fa
 HOST_SCRIPT = """
 import asyncio, sys
 from orchestrator.lattice.calls import CallServer
-from orchestrator.lattice.connection import Lattice, LatticeAddress
+from orchestrator.lattice.connection import Lattice, LatticeAddress, barrier
 
 async def main():
     lattice = await Lattice.connect(LatticeAddress.parse(sys.argv[1], name="calls"))
     async def call(deployment, tool, arguments):
         await lattice.nc.publish("test.started", b"")
-        await lattice.nc.flush()
+        await barrier(lattice.nc)
         await asyncio.sleep(3600)
     server = CallServer(lattice, call, "doomed")
     await server.serve("slow")
@@ -364,7 +364,7 @@ async def test_a_host_killed_mid_call_is_a_timeout_and_the_call_is_not_run_again
         assert await asyncio.wait_for(process.stdout.readline(), 30) == b"serving\n"
         watcher = await lattices.connect()
         started = await watcher.nc.subscribe("test.started")
-        await watcher.nc.flush()
+        await barrier(watcher.nc)
         client = await lattices.connect()
         call = asyncio.create_task(call_tool(client, "slow", "work", b'{"n": 1}', timeout=3))
         await started.next_msg(timeout=20)  # the doomed host is running it

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import nats.errors
 import nats.js.errors
 
-from .connection import Lattice
+from .connection import Lattice, barrier
 from .history import stream_name
 from .judge import Audit
 
@@ -59,7 +59,7 @@ async def announce(lattice: Lattice, audits: Sequence[Audit], *, by: str) -> Non
                 await lattice.js.publish(subject, data)
             else:
                 await lattice.nc.publish(subject, data)
-        await lattice.nc.flush()
+        await barrier(lattice.nc)
     except (nats.errors.Error, TimeoutError) as error:
         logger.warning(
             "lattice %s: audit events not published (%s: %s); the desired revision records the same",

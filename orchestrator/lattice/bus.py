@@ -62,7 +62,7 @@ import nats.errors
 
 from ..capsule.bus import Event, EventBus
 from ..throttle import Throttle
-from .connection import Lattice
+from .connection import Lattice, barrier
 from .history import ensure_history, events
 from .inbox import LINGER_S, DeploymentBus, LatticeEvent, nats_patterns, patterns_overlap
 from .naming import encode_token
@@ -209,7 +209,7 @@ class LatticeBus:
         """Return once every event published so far is with the NATS server."""
         if self._sender is not None and not self._sender.done():
             await self._idle.wait()
-        await self.lattice.nc.flush()
+        await barrier(self.lattice.nc)
 
     async def close(self, *, timeout: float = 5.0) -> None:
         """Stop receiving for every deployment, send what is queued (up to `timeout`), stop."""

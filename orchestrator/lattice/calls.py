@@ -11,9 +11,10 @@ calls the host's `call(deployment, tool, arguments)` (its `reconciler.call_tool`
 answers with the output or with the error's kind, message and status exactly as the
 control API would. A call still waiting for a slot when its caller is about to stop waiting
 (`start_grace_ms` before the caller's timeout, counted from its arrival) is not started: its
-answer would reach nobody. `unserve` and `close` leave the queue group with
-a NATS drain: calls NATS already routed here are still taken, new ones go to the other
-hosts, and both return once this host's calls in flight have answered (`orch host`'s
+answer would reach nobody. `unserve` and `close` leave the queue group
+(`connection.leave_queue_group`: UNSUB, then calls still arriving are taken for half a
+second, then a NATS drain): calls NATS already routed here are still taken, new ones go to
+the other hosts, and both return once this host's calls in flight have answered (`orch host`'s
 drain on SIGTERM).
 
 Calling (`call_tool`): one request, no retry. What the caller sees:
@@ -62,7 +63,7 @@ from .callwire import (
     result_reply,
     status_of,
 )
-from .connection import Lattice
+from .connection import Lattice, barrier, leave_queue_group
 from .naming import encode_token
 
 logger = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class CallServer:
         self._subscriptions[deployment] = await self._lattice.nc.subscribe(
             subject, queue=encode_token(deployment), cb=on_request
         )
-        await self._lattice.nc.flush()  # the server knows: calls come here from now on
+        await barrier(self._lattice.nc)  # the server knows: calls come here from now on
 
     async def unserve(self, deployment: str) -> None:
         """Leave the deployment's queue group; return once its calls here have answered."""
@@ -161,7 +162,7 @@ class CallServer:
         if subscription is None:
             return
         with contextlib.suppress(nats.errors.Error):
-            await subscription.drain()  # type: ignore[no-untyped-call]  # calls already routed here are taken
+            await leave_queue_group(subscription)  # calls already routed here are taken
         self._subscriptions.pop(deployment, None)
         tasks = self._tasks.pop(deployment, set())
         if tasks:

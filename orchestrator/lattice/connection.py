@@ -24,6 +24,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
 from nats.js.kv import KeyValue
@@ -36,6 +37,36 @@ logger = logging.getLogger(__name__)
 
 CONNECT_SECONDS = 5.0
 REQUEST_SECONDS = 5.0
+LEAVE_LINGER_S = 0.5
+"""How long a queue-group subscription keeps taking messages after its UNSUB round trip."""
+
+
+async def barrier(nc: Client) -> None:
+    """Return once the server has processed everything sent on `nc` so far (SUB, UNSUB, PUB).
+
+    `nc.flush()` alone does not promise that with nats-py 2.16: it writes its PING straight
+    to the socket, ahead of the commands still waiting in the client's pending buffer for its
+    flusher task, so the PONG can come back before the server has seen an earlier SUB or PUB
+    (seen under load: a subscription that missed every message published after its flush).
+    So the pending buffer is written first, then the PING/PONG round trip."""
+    await nc._flush_pending(force_flush=True)  # no public call writes the pending buffer and waits
+    await nc.flush()
+
+
+async def leave_queue_group(subscription: Subscription, linger: float = LEAVE_LINGER_S) -> None:
+    """Stop a queue-group subscription and lose nothing NATS routed to it.
+
+    nats-py's `drain()` (UNSUB, a flush, the pending messages handled, the subscription
+    removed) lost calls under load: its flush can return before the server has the UNSUB
+    (see `barrier`), and a message that arrives for a subscription nats-py has removed is
+    dropped without a word. So: UNSUB, a barrier, `linger` seconds more of handling what
+    still arrives, and only then the drain. Raises nats.errors.Error as drain() does."""
+    connection = subscription._conn
+    if not connection.is_closed and not connection.is_reconnecting:
+        await connection._send_unsubscribe(subscription._id)  # nats-py has no public UNSUB that keeps the sid
+        await barrier(connection)
+        await asyncio.sleep(linger)
+    await subscription.drain()  # type: ignore[no-untyped-call]  # what arrived meanwhile is handled
 
 
 class LatticeError(OrchestratorError):

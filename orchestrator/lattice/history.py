@@ -37,7 +37,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy,
 
 from ..errors import GateError
 from ..topics import split_pattern
-from .connection import Lattice
+from .connection import Lattice, barrier
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ async def events(
 
     subscription = await lattice.nc.subscribe(names.bus(pattern), cb=on_message)
     try:
-        await lattice.nc.flush()
+        await barrier(lattice.nc)
         seen: set[tuple[str, int]] = set()
         if history:
             for item in await recent(lattice, pattern, history):
@@ -159,8 +159,10 @@ async def events(
                 await arrived.wait()
                 continue
             if dropped > announced:
-                yield {"lost": {"dropped": dropped - announced, "total": dropped}}
+                # counted before the yield: drops while the reader holds this notice go in the next
+                notice = {"lost": {"dropped": dropped - announced, "total": dropped}}
                 announced = dropped
+                yield notice
             item = queue.popleft()
             if seen:
                 key = (item["host"], item["seq"])

@@ -31,7 +31,7 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from ..capsule.bus import EVENT_OVERHEAD, BusError, Event, EventBus, Replay, Subscription
 from ..capsule.interceptors import INTERCEPTOR_QUEUE, subscription_patterns
 from ..throttle import Throttle
-from .connection import Lattice
+from .connection import Lattice, barrier, leave_queue_group
 from .history import parse_event
 from .naming import encode_token
 
@@ -212,7 +212,7 @@ class DeploymentBus(EventBus):
         if subscription is None:
             return
         try:
-            await subscription.drain()  # type: ignore[no-untyped-call]  # what was routed here arrives
+            await leave_queue_group(subscription)  # what was routed here arrives
         except nats.errors.Error as error:
             logger.debug("deployment %s: leaving %s: %s", self.name, pattern, error)
         if self._nats.get(pattern) is subscription:
@@ -225,7 +225,7 @@ class DeploymentBus(EventBus):
         """Return once the NATS server has this bus's subscriptions (for tests and start-up)."""
         while self._sync_task is not None and not self._sync_task.done():
             await self._sync_task
-        await self._owner.lattice.nc.flush()
+        await barrier(self._owner.lattice.nc)
 
     async def stop_receiving(self) -> None:
         """Leave the queue groups now (events already routed here still arrive), so other

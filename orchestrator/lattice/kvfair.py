@@ -34,6 +34,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from .connection import barrier
 from .kvkeys import capsule_token
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class Contention:
 
     async def start(self) -> None:
         self._subscription = await self._nc.subscribe(f"{self._prefix}.*", cb=self._heard)
-        await self._nc.flush()  # the server knows of it before this host commits anything
+        await barrier(self._nc)  # the server knows of it before this host commits anything
 
     async def close(self) -> None:
         if self._subscription is not None:
