@@ -11,12 +11,14 @@ interceptor runs count, and the last error carries its tool and time.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 
+from orchestrator.capsule.bus import Event
 from orchestrator.control.reconciler import FAILURE_LOG_SECONDS
 from orchestrator.control.runtime import Orchestrator
 from orchestrator.errors import ToolInputError
@@ -128,6 +130,42 @@ async def test_a_new_capsule_without_its_module_is_built_at_start(tmp_path: Path
         await run.wait_topic("orch.capsule.fresh.build_succeeded")
         await run.wait_topic("orch.capsule.fresh.running")
         assert await run.version("fresh") == "3"
+    finally:
+        await orchestrator.stop(2)
+
+
+@pytest.mark.parametrize("module_age", ["older", "newer"])
+async def test_a_module_older_than_its_sources_is_rebuilt_at_start_and_a_newer_one_is_not(
+    tmp_path: Path, module_age: str
+) -> None:
+    folder = tmp_path / "caps" / "fresh"
+    fresh_capsule(folder, with_source=True)  # the sources say version 3
+    (folder / "v.wat").write_text(module(1))  # a build from before
+    source = folder / "src" / "v.txt"
+    stamp = source.stat().st_mtime + (-60 if module_age == "older" else 60)
+    os.utime(folder / "v.wat", (stamp, stamp))
+    (tmp_path / "config.yaml").write_text(BUILT)
+    orchestrator = Orchestrator(tmp_path / "config.yaml")
+    events = orchestrator.bus.subscribe(">", queue_size=100_000)
+    await orchestrator.start()
+    run = Running(orchestrator, events, tmp_path)
+    try:
+        if module_age == "older":
+            await run.wait_topic("orch.capsule.fresh.build_succeeded")
+            await run.wait_topic("orch.capsule.fresh.reloaded")
+            assert await run.version("fresh") == "3"
+        else:
+            await orchestrator.builder.idle()
+            orchestrator.bus.publish("test.marker", None, source="test")
+            builds: list[str] = []
+
+            def marker(event: Event) -> bool:  # every event up to the marker is looked at
+                if "build" in event.topic:
+                    builds.append(event.topic)
+                return event.topic == "test.marker"
+
+            await run.wait_for(marker, "the marker published after start")
+            assert builds == [] and await run.version("fresh") == "1"
     finally:
         await orchestrator.stop(2)
 
