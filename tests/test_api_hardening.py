@@ -18,6 +18,7 @@ import resource
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from orchestrator.api.inputs import MAX_JSON_DEPTH, parse_json
 from orchestrator.api.responses import ApiError
 from orchestrator.api.server import MAX_BODY, ControlServer, ServerLimits
 from orchestrator.control.runtime import Orchestrator
-from tests.test_api import DEADLINE, Raw, Served, add_oddball, eventually, raw
+from tests.test_api import DEADLINE, Raw, Served, add_oddball, eventually, raw, replace_atomically, serve
 from tests.test_cli import example_deployment
 
 MIB = 1 << 20
@@ -637,3 +638,43 @@ def test_warnings_are_rate_limited_and_say_how_many_were_held_back(caplog: pytes
         "other",
         "refused y (and 4 more like it since the last such warning)",
     ]
+
+
+async def test_the_api_answers_while_a_changed_config_is_being_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Finding 10: a running orchestrator read a 50 MB config.yaml on its event loop and its API
+    # stalled for 15-48 s. Here the read of the saved config is held, as a huge file would
+    # hold it, until the API has answered a status request and a call: were the read on the
+    # event loop, neither would be answered and the test would fail at its deadline.
+    import orchestrator.control.runtime as runtime
+
+    reading, release = threading.Event(), threading.Event()
+    real = runtime.load_desired
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        if not release.is_set():
+            reading.set()
+            release.wait(DEADLINE * 4)
+        return real(*args, **kwargs)
+
+    add_oddball(tmp_path)
+    async with serve(tmp_path, watch=True) as served:
+        before = (await served.json("GET", "/v1/status"))["orchestrator"]["config_sha256"]
+        monkeypatch.setattr(runtime, "load_desired", held)
+        replace_atomically(served.config, served.config.read_text().replace("step: 1", "step: 5"))
+        try:
+            assert await asyncio.to_thread(reading.wait, DEADLINE), "the saved config was never read"
+            status = await served.json("GET", "/v1/status")  # answered while the read is held
+            assert status["orchestrator"]["config_sha256"] == before
+            async with served.client() as api:
+                output, _ = await api.call("counter", "increment", b'{"by": 1}')
+            assert json.loads(output) == {"count": 1}
+        finally:
+            release.set()
+
+        async def applied() -> bool:
+            counter = await served.json("GET", "/v1/capsules/counter")
+            return bool(counter["config"] == {"step": "5"})
+
+        await eventually(applied, "the new config applied once read")
