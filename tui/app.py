@@ -1,4 +1,5 @@
-"""The dashboard app: its connection workers, the data every view reads, the global keys.
+"""The dashboard app: its connection workers, its screens, the global keys. The data every
+view reads and the requests views make are its base, tui.shell.DashApp.
 
 Data flows one way. A polling worker asks the orchestrator for its status every
 `poll_interval` seconds and stores it in the reactive `status` (views watch it and update
@@ -19,23 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
 from textual import work
-from textual.app import App
 from textual.binding import Binding, BindingType
-from textual.dom import DOMNode
-from textual.reactive import var
 from textual.screen import Screen
 
 from .capsules import CapsulesScreen
 from .dialogs import HelpScreen, PlanScreen, ProblemsScreen
 from .events import EventsScreen
-from .feed import EventFeed
-from .format import Clock, phase_word
+from .format import Clock
 from .health import read_health
-from .link import Connect, Link, remote_error
+from .link import Connect
+from .shell import DashApp
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +40,7 @@ HISTORY = 1000  # events asked for when a stream opens (the bus keeps 10,000)
 YIELD_EVERY = 256  # events read from the stream between yields to the UI
 
 
-class Dashboard(App[None]):
+class Dashboard(DashApp):
     """`Dashboard(connect).run()`: `connect()` opens an API client (see tui.link)."""
 
     CSS_PATH = "app.tcss"
@@ -54,11 +51,6 @@ class Dashboard(App[None]):
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
     ]
-
-    status: var[dict[str, Any] | None] = var(None)
-    connected: var[bool] = var(False)
-    problem: var[str] = var("connecting…")
-    troubled: var[bool] = var(False)
 
     def __init__(
         self,
@@ -72,13 +64,14 @@ class Dashboard(App[None]):
         history: int = HISTORY,
         stop: asyncio.Event | None = None,
     ) -> None:
-        super().__init__()
-        self.link = Link(connect, where=where)
-        self.where = where
-        self.poll_interval = poll_interval
-        self.frame_interval = frame_interval
-        self.clock = clock or Clock()
-        self.feed = EventFeed(feed_capacity)
+        super().__init__(
+            connect,
+            where=where,
+            poll_interval=poll_interval,
+            frame_interval=frame_interval,
+            clock=clock,
+            feed_capacity=feed_capacity,
+        )
         self.history = history
         self._stop = stop
 
@@ -140,37 +133,6 @@ class Dashboard(App[None]):
         await stop.wait()
         self.exit()
 
-    # -- requests the views make -----------------------------------------------------------
-    def request(
-        self,
-        label: str,
-        call: Callable[[Any], Awaitable[Any]],
-        done: Callable[[Any], None] | None = None,
-        *,
-        owner: DOMNode | None = None,
-    ) -> None:
-        """Run `call(api)` in a worker; `done(result)` on success (unless `owner`, the screen
-        that asked, has been closed meanwhile), a notification on failure."""
-
-        async def run() -> None:
-            api = self.link.api
-            if api is None or not self.link.connected:
-                self.notify(f"{label}: not connected ({self.link.problem})", severity="error")
-                return
-            try:
-                result = await call(api)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:
-                answer = remote_error(error)
-                shown = f"{answer.kind}: {answer}" if answer is not None else " ".join(str(error).split())
-                self.notify(f"{label}: {shown}", severity="error", timeout=8)
-                return
-            if done is not None and self.is_running and (owner is None or owner.is_attached):
-                done(result)
-
-        self.run_worker(run(), group="requests")
-
     # -- global actions --------------------------------------------------------------------
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
@@ -186,17 +148,3 @@ class Dashboard(App[None]):
     def action_problems(self) -> None:
         if not isinstance(self.screen, ProblemsScreen):
             self.push_screen(ProblemsScreen())
-
-    def action_reconcile(self) -> None:
-        def done(plan: Any) -> None:
-            changes = [a for a in plan.get("actions", []) if a.get("action") != "keep"]
-            summary = ", ".join(f"{a['action']} {a['capsule']}" for a in changes) or "no changes"
-            self.notify(f"reconciled: {summary}")
-
-        self.request("reconcile", lambda api: api.reconcile(), done)
-
-    def restart(self, name: str) -> None:
-        def done(status: Any) -> None:
-            self.notify(f"{name}: {phase_word(str(status.get('phase', '?')))} version {status.get('version')}")
-
-        self.request(f"restart {name}", lambda api: api.restart(name), done)

@@ -25,7 +25,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Footer, Static
 
 from .format import Clock, phase_word
-from .widgets import dash
+from .shell import dash
 
 
 def awaiting_of(capsule: Mapping[str, Any] | None) -> dict[str, Any] | None:

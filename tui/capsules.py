@@ -31,7 +31,8 @@ from .format import (
     phase_rank,
     phase_text,
 )
-from .widgets import COMMON_KEYS, DashScreen, TopBar, dash
+from .shell import dash
+from .widgets import COMMON_KEYS, DashScreen, TopBar
 
 # column key -> label; the sort key of each, over one capsule's status
 COLUMNS: list[tuple[str, str]] = [

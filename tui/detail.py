@@ -38,7 +38,8 @@ from .approvals import AnswerDialog, awaiting_of, awaiting_text, rejected_text
 from .arguments import ArgumentsField, check_arguments
 from .format import Clock, compact, counters, error_origin, hexdump, hosts_detail, is_text, phase_text
 from .link import remote_error
-from .widgets import COMMON_KEYS, DashScreen, TopBar, dash
+from .shell import dash
+from .widgets import COMMON_KEYS, DashScreen, TopBar
 
 logger = logging.getLogger(__name__)
 

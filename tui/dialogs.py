@@ -19,7 +19,7 @@ from textual.widgets import Footer, Static
 
 from .format import PHASE_ORDER, PHASES, phase_word
 from .health import read_health, report
-from .widgets import dash
+from .shell import dash
 
 SYMBOLS = {"start": "+", "reload": "~", "stop": "-", "keep": "="}
 ACTION_STYLE = {"start": "green", "reload": "cyan", "stop": "magenta", "keep": "dim"}

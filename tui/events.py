@@ -21,7 +21,8 @@ from textual.widgets import Footer, Input, Label, Static
 from .eventlog import EventLog
 from .eventview import EventScreen
 from .feed import EventFilter, EventRow, TopicPatternError, parse_pattern
-from .widgets import COMMON_KEYS, DashScreen, TopBar, dash
+from .shell import dash
+from .widgets import COMMON_KEYS, DashScreen, TopBar
 
 SHOWN = 2000  # events kept on screen (the feed keeps more)
 

@@ -21,7 +21,8 @@ from textual.widgets import Footer, Static
 from .eventlog import LEVEL_MARK
 from .feed import EventRow
 from .format import Clock
-from .widgets import COMMON_KEYS, DashScreen, TopBar, dash
+from .shell import dash
+from .widgets import COMMON_KEYS, DashScreen, TopBar
 
 MAX_CHARS = 200_000
 _FIELDS = ("topic", "seq", "source", "timestamp_ms", "payload")

@@ -14,7 +14,8 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import DataTable, Footer, Input, Label, Static
 
 from .format import hexdump, is_text, preview
-from .widgets import COMMON_KEYS, DashScreen, TopBar, dash
+from .shell import dash
+from .widgets import COMMON_KEYS, DashScreen, TopBar
 
 MAX_KEYS = 500  # keys whose values are fetched for the table
 

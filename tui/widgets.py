@@ -7,24 +7,20 @@ was accepted, connected or not).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 from rich.text import Text
 from textual import events
 from textual.app import ComposeResult
 from textual.binding import ActiveBinding, Binding
 from textual.containers import Horizontal
-from textual.dom import DOMNode
 from textual.keys import key_to_character
 from textual.screen import Screen
 from textual.widgets import Input, Static
 
 from .format import duration, lattice_of, lattice_text, short_path
 from .health import header, read_health
-
-if TYPE_CHECKING:
-    from .app import Dashboard
-
+from .shell import dash
 
 # first on every screen, so they stay in the footer of an 80-column terminal; `!` shows only
 # while the desired state has problems (see DashScreen.active_bindings)
@@ -35,11 +31,6 @@ COMMON_KEYS = [
 ]
 # key names whose character textual.keys.key_to_character does not give back
 _NAMED = {"plus": "+", "minus": "-", "slash": "/", "at": "@", "backslash": "\\", "underscore": "_"}
-
-
-def dash(node: DOMNode) -> Dashboard:
-    """The Dashboard app a widget or screen belongs to."""
-    return cast("Dashboard", node.app)
 
 
 def typed_character(key: str) -> str | None:
