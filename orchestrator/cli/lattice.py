@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 from ..errors import ConfigError, GateError, OrchestratorError
 from .helptext import verb_help
-from .output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail, one_line, print_problems
+from .output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, fail, one_line, print_actions, print_problems
 
 EXIT_INTERRUPTED = 130
 DEFAULT_STATE_DIR = Path(".orch-host")
@@ -143,7 +143,7 @@ def run_apply(args: argparse.Namespace) -> int:
     try:
         if is_git_source(args.config):
             from ..control.gitsource import GitRef
-            from .plan import git_revision
+            from .revisions import git_revision
 
             try:
                 ref = GitRef.parse(args.config)
@@ -393,7 +393,7 @@ def print_status(status: dict[str, Any], *, where: str) -> None:
         following = f"; following {git.get('source')} @ {applied} (every {every} s)"
     print(f"{where}: {head}; scheduler: {status.get('scheduler') or 'none'}{following}")
     if git:
-        from .remote import git_lines  # (remote imports this module)
+        from .output import git_lines
 
         for line in git_lines(git):
             print(line)
@@ -448,7 +448,7 @@ def run_plan(args: argparse.Namespace) -> int:
         return fail(one_line(error), EXIT_USAGE)
     try:
         if is_git_source(args.config):
-            from .plan import git_revision
+            from .revisions import git_revision
 
             with git_revision(args.config, state_dir=DEFAULT_STATE_DIR) as (desired, _commit):
                 result = asyncio.run(lattice_plan(address, desired))
@@ -462,7 +462,7 @@ def run_plan(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(f"against lattice {address.name} revision {result['revision'] or '(none)'}:")
-        _print_actions(result["actions"])
+        print_actions(result["actions"], colors=args.colors)
     if getattr(args, "exit_code", False):
         return 2 if any(a["action"] != "keep" for a in result["actions"]) else EXIT_OK
     return EXIT_OK
@@ -482,19 +482,3 @@ async def lattice_plan(address: Any, desired: Any) -> dict[str, Any]:
         await lattice.close()
     actions = plan(desired.specs, doc.specs() if doc else {}).to_dict()["actions"]
     return {"actions": actions, "revision": doc.revision if doc else 0}
-
-
-def _print_actions(actions: list[dict[str, Any]]) -> None:
-    symbols = {"start": "+", "reload": "~", "stop": "-", "keep": "="}
-    if not any(a["action"] != "keep" for a in actions):
-        print("no changes")
-    for action in actions:
-        if action["action"] == "keep" and not action["reasons"]:
-            continue
-        reasons = "; ".join(action["reasons"])
-        print(f"{symbols[action['action']]} {action['capsule']:<20} {action['action']:<7} {reasons}")
-        for escalation in action.get("escalations", []):
-            print(f"    ! escalation: {escalation}")
-
-
-# -- standalone ---------------------------------------------------------------------------

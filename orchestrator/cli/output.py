@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO, Any, NamedTuple
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 0, 1, 2, 3
 EXIT_BROKEN_PIPE = 141
@@ -131,3 +131,41 @@ def write_output(data: bytes, *, newline: bool = False) -> None:
     if data and not data.endswith(b"\n") and (newline or sys.stdout.isatty()):
         out.write(b"\n")
     sys.stdout.flush()
+
+
+def git_lines(git: dict[str, Any]) -> list[str]:
+    """What `orch status` says of a followed branch: fetched (when it is not what runs), the
+    rejected revision with its problems, a failing fetch."""
+    lines = []
+    fetched, applied = git.get("fetched_revision"), git.get("applied_revision")
+    if fetched and fetched != applied:
+        lines.append(f"fetched {str(fetched)[:12]} (applied: {str(applied or 'none')[:12]})")
+    rejected = git.get("rejected")
+    if isinstance(rejected, dict):
+        count = rejected.get("count", len(rejected.get("problems") or []))
+        lines.append(
+            f"rejected {str(rejected.get('revision'))[:12]}: {count} problem(s); the applied revision keeps running"
+        )
+        lines += [f"  {problem}" for problem in rejected.get("problems") or []]
+    if git.get("error"):
+        lines.append(f"fetch failed: {git['error']}")
+    return lines
+
+
+ACTION_COLORS = {"start": "green", "reload": "yellow", "stop": "red", "keep": "dim"}
+
+
+def print_actions(actions: list[dict[str, Any]], *, colors: Colors = PLAIN) -> None:
+    """A plan's actions, one line each (`+` start, `~` reload, `-` stop, `=` kept with a
+    reason), each escalation under its capsule; `no changes` when nothing would change."""
+    style = colors.out
+    symbols = {"start": "+", "reload": "~", "stop": "-", "keep": "="}
+    changes = [a for a in actions if a["action"] != "keep" or a["reasons"]]
+    if not any(a["action"] != "keep" for a in actions):
+        print("no changes")
+    for action in changes:
+        kind = action["action"]
+        head = style(f"{symbols[kind]} {action['capsule']:<20} {kind:<7}", ACTION_COLORS[kind])
+        print(f"{head} {'; '.join(action['reasons'])}".rstrip())
+        for escalation in action.get("escalations", []):
+            print(style(f"    ! escalation: {escalation}", "red", "bold"))

@@ -21,10 +21,7 @@ Imported when one of these verbs runs (it loads pydantic through the config load
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +30,8 @@ from ..api.client import NotRunning, RemoteError
 from ..control.gitsource import is_git_source
 from ..control.statedir import APPLIED, DEFAULT_STATE_DIR, SOCKET, read_applied
 from ..errors import ConfigError, OrchestratorError
-from .output import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, fail, one_line, print_problems
-from .remote import print_actions
+from .output import EXIT_FAILED, EXIT_NOT_RUNNING, EXIT_OK, EXIT_USAGE, fail, one_line, print_actions, print_problems
+from .revisions import git_revision
 
 if TYPE_CHECKING:
     from ..desired import DesiredState
@@ -85,21 +82,6 @@ def _validate_git(args: argparse.Namespace) -> int:
         return print_problems(args.config, [str(p) for p in error.problems], colors=args.colors)
     except OrchestratorError as error:
         return fail(one_line(error), EXIT_FAILED, colors=args.colors)
-
-
-@contextlib.contextmanager
-def git_revision(source: str, *, state_dir: Path) -> Iterator[tuple[DesiredState, str]]:
-    """The desired state of the revision `source` names and its commit, from a temporary
-    clone (removed afterwards), validated strictly. Raises RevisionRejected (a ConfigError)
-    or GitSourceError."""
-    from ..control.follow import load_revision
-    from ..control.gitsource import GitRef, GitSource
-
-    ref = GitRef.parse(source)
-    with tempfile.TemporaryDirectory(prefix="orch-plan-") as folder:
-        clone = GitSource(ref, Path(folder))
-        checkout = clone.checkout(clone.fetch())
-        yield load_revision(checkout, state_dir=state_dir.absolute(), workspace=Path.cwd()), checkout.commit
 
 
 def plan_verb(args: argparse.Namespace) -> int:

@@ -41,7 +41,9 @@ from .output import (
     cell,
     clip,
     fail,
+    git_lines,
     one_line,
+    print_actions,
     write_output,
 )
 
@@ -364,39 +366,3 @@ def desired_lines(desired: dict[str, Any], *, config: str | None) -> list[str]:
             lines.append(f"build failed {name}: exit status {failed.get('exit_code')}")
             lines += [f"  {line}" for line in output[-BUILD_LINES:]]
     return lines
-
-
-def git_lines(git: dict[str, Any]) -> list[str]:
-    """What `orch status` says of a followed branch: fetched (when it is not what runs), the
-    rejected revision with its problems, a failing fetch."""
-    lines = []
-    fetched, applied = git.get("fetched_revision"), git.get("applied_revision")
-    if fetched and fetched != applied:
-        lines.append(f"fetched {str(fetched)[:12]} (applied: {str(applied or 'none')[:12]})")
-    rejected = git.get("rejected")
-    if isinstance(rejected, dict):
-        count = rejected.get("count", len(rejected.get("problems") or []))
-        lines.append(
-            f"rejected {str(rejected.get('revision'))[:12]}: {count} problem(s); the applied revision keeps running"
-        )
-        lines += [f"  {problem}" for problem in rejected.get("problems") or []]
-    if git.get("error"):
-        lines.append(f"fetch failed: {git['error']}")
-    return lines
-
-
-ACTION_COLORS = {"start": "green", "reload": "yellow", "stop": "red", "keep": "dim"}
-
-
-def print_actions(actions: list[dict[str, Any]], *, colors: Colors = PLAIN) -> None:
-    style = colors.out
-    symbols = {"start": "+", "reload": "~", "stop": "-", "keep": "="}
-    changes = [a for a in actions if a["action"] != "keep" or a["reasons"]]
-    if not any(a["action"] != "keep" for a in actions):
-        print("no changes")
-    for action in changes:
-        kind = action["action"]
-        head = style(f"{symbols[kind]} {action['capsule']:<20} {kind:<7}", ACTION_COLORS[kind])
-        print(f"{head} {'; '.join(action['reasons'])}".rstrip())
-        for escalation in action.get("escalations", []):
-            print(style(f"    ! escalation: {escalation}", "red", "bold"))
