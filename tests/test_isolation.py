@@ -10,10 +10,12 @@ interceptor runs count, and the last error carries its tool and time.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -119,19 +121,25 @@ def fresh_capsule(folder: Path, *, with_source: bool) -> None:
         (folder / "src" / "v.txt").write_text(module(3))
 
 
+@contextlib.asynccontextmanager
+async def started_with_builds(root: Path) -> AsyncIterator[Running]:
+    """An orchestrator on BUILT under `root`, started, watching, with its events recorded."""
+    (root / "config.yaml").write_text(BUILT)
+    orchestrator = Orchestrator(root / "config.yaml")
+    events = orchestrator.bus.subscribe(">", queue_size=100_000)
+    await orchestrator.start()
+    try:
+        yield Running(orchestrator, events, root)
+    finally:
+        await orchestrator.stop(2)
+
+
 async def test_a_new_capsule_without_its_module_is_built_at_start(tmp_path: Path) -> None:
     fresh_capsule(tmp_path / "caps" / "fresh", with_source=True)
-    (tmp_path / "config.yaml").write_text(BUILT)
-    orchestrator = Orchestrator(tmp_path / "config.yaml")
-    events = orchestrator.bus.subscribe(">", queue_size=100_000)
-    await orchestrator.start()  # starts, with `fresh` failed for now (no module yet)
-    run = Running(orchestrator, events, tmp_path)
-    try:
+    async with started_with_builds(tmp_path) as run:  # starts, with `fresh` failed for now (no module yet)
         await run.wait_topic("orch.capsule.fresh.build_succeeded")
         await run.wait_topic("orch.capsule.fresh.running")
         assert await run.version("fresh") == "3"
-    finally:
-        await orchestrator.stop(2)
 
 
 @pytest.mark.parametrize("module_age", ["older", "newer"])
@@ -144,19 +152,14 @@ async def test_a_module_older_than_its_sources_is_rebuilt_at_start_and_a_newer_o
     source = folder / "src" / "v.txt"
     stamp = source.stat().st_mtime + (-60 if module_age == "older" else 60)
     os.utime(folder / "v.wat", (stamp, stamp))
-    (tmp_path / "config.yaml").write_text(BUILT)
-    orchestrator = Orchestrator(tmp_path / "config.yaml")
-    events = orchestrator.bus.subscribe(">", queue_size=100_000)
-    await orchestrator.start()
-    run = Running(orchestrator, events, tmp_path)
-    try:
+    async with started_with_builds(tmp_path) as run:
         if module_age == "older":
             await run.wait_topic("orch.capsule.fresh.build_succeeded")
             await run.wait_topic("orch.capsule.fresh.reloaded")
             assert await run.version("fresh") == "3"
         else:
-            await orchestrator.builder.idle()
-            orchestrator.bus.publish("test.marker", None, source="test")
+            await run.orchestrator.builder.idle()
+            run.orchestrator.bus.publish("test.marker", None, source="test")
             builds: list[str] = []
 
             def marker(event: Event) -> bool:  # every event up to the marker is looked at
@@ -166,25 +169,16 @@ async def test_a_module_older_than_its_sources_is_rebuilt_at_start_and_a_newer_o
 
             await run.wait_for(marker, "the marker published after start")
             assert builds == [] and await run.version("fresh") == "1"
-    finally:
-        await orchestrator.stop(2)
 
 
 async def test_touching_the_sources_of_a_capsule_without_a_module_builds_it(tmp_path: Path) -> None:
     fresh_capsule(tmp_path / "caps" / "fresh", with_source=False)
-    (tmp_path / "config.yaml").write_text(BUILT)
-    orchestrator = Orchestrator(tmp_path / "config.yaml")
-    events = orchestrator.bus.subscribe(">", queue_size=100_000)
-    await orchestrator.start()
-    run = Running(orchestrator, events, tmp_path)
-    try:
+    async with started_with_builds(tmp_path) as run:
         assert run.phase("fresh") == "Failed"
-        assert "v.wat" in str(orchestrator.info()["desired"]["broken"]["fresh"]["problems"])
+        assert "v.wat" in str(run.orchestrator.info()["desired"]["broken"]["fresh"]["problems"])
         (tmp_path / "caps" / "fresh" / "src" / "v.txt").write_text(module(4))
         await run.wait_topic("orch.capsule.fresh.running")
         assert await run.version("fresh") == "4"
-    finally:
-        await orchestrator.stop(2)
 
 
 async def test_a_failed_build_is_in_the_health_until_a_build_succeeds(tmp_path: Path) -> None:
@@ -195,21 +189,14 @@ async def test_a_failed_build_is_in_the_health_until_a_build_succeeds(tmp_path: 
     manifest.write_text(
         manifest.read_text().replace("cp src/v.txt v.wat", "grep -q module src/v.txt && cp src/v.txt v.wat")
     )
-    (tmp_path / "config.yaml").write_text(BUILT)
-    orchestrator = Orchestrator(tmp_path / "config.yaml")
-    events = orchestrator.bus.subscribe(">", queue_size=100_000)
-    await orchestrator.start()
-    run = Running(orchestrator, events, tmp_path)
-    try:
+    async with started_with_builds(tmp_path) as run:
         (folder / "src" / "v.txt").write_text("garbage, no wasm text")
         await run.wait_topic("orch.capsule.fresh.build_failed")
-        assert list(orchestrator.info()["desired"]["builds_failed"]) == ["fresh"]
+        assert list(run.orchestrator.info()["desired"]["builds_failed"]) == ["fresh"]
         assert await run.version("fresh") == "3"  # the last good version serves
         (folder / "src" / "v.txt").write_text(module(5))
         await run.wait_topic("orch.reconcile.accepted")
-        assert orchestrator.info()["desired"]["builds_failed"] == {}
-    finally:
-        await orchestrator.stop(2)
+        assert run.orchestrator.info()["desired"]["builds_failed"] == {}
 
 
 async def test_calls_and_interceptor_runs_count_and_the_last_error_names_its_tool(tmp_path: Path) -> None:
