@@ -29,19 +29,17 @@ from textual.screen import Screen
 from .capsules import CapsulesScreen
 from .dialogs import HelpScreen, PlanScreen, ProblemsScreen
 from .events import EventsScreen
-from .format import Clock
 from .health import read_health
-from .link import Connect
 from .shell import DashApp
 
 logger = logging.getLogger(__name__)
 
-HISTORY = 1000  # events asked for when a stream opens (the bus keeps 10,000)
 YIELD_EVERY = 256  # events read from the stream between yields to the UI
 
 
 class Dashboard(DashApp):
-    """`Dashboard(connect).run()`: `connect()` opens an API client (see tui.link)."""
+    """`Dashboard(connect, **options).run()`: `connect()` opens an API client (see tui.link);
+    the options (where, poll_interval, clock, history, stop, ...) are DashApp's."""
 
     CSS_PATH = "app.tcss"
     TITLE = "orch dash"
@@ -51,29 +49,6 @@ class Dashboard(DashApp):
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
     ]
-
-    def __init__(
-        self,
-        connect: Connect,
-        *,
-        where: str = "",
-        poll_interval: float = 1.0,
-        frame_interval: float = 0.25,
-        clock: Clock | None = None,
-        feed_capacity: int = 10_000,
-        history: int = HISTORY,
-        stop: asyncio.Event | None = None,
-    ) -> None:
-        super().__init__(
-            connect,
-            where=where,
-            poll_interval=poll_interval,
-            frame_interval=frame_interval,
-            clock=clock,
-            feed_capacity=feed_capacity,
-        )
-        self.history = history
-        self._stop = stop
 
     def get_default_screen(self) -> Screen[Any]:
         return CapsulesScreen()

@@ -22,6 +22,8 @@ from .feed import EventFeed
 from .format import Clock, phase_word
 from .link import Connect, Link, remote_error
 
+HISTORY = 1000  # events asked for when a stream opens (the bus keeps 10,000)
+
 
 class DashApp(App[None]):
     """The dashboard's shared state and requests (see the module docstring)."""
@@ -40,6 +42,8 @@ class DashApp(App[None]):
         frame_interval: float = 0.25,
         clock: Clock | None = None,
         feed_capacity: int = 10_000,
+        history: int = HISTORY,
+        stop: asyncio.Event | None = None,
     ) -> None:
         super().__init__()
         self.link = Link(connect, where=where)
@@ -48,6 +52,8 @@ class DashApp(App[None]):
         self.frame_interval = frame_interval
         self.clock = clock or Clock()
         self.feed = EventFeed(feed_capacity)
+        self.history = history  # events asked for when the stream opens
+        self._stop = stop  # set: the app exits
 
     # -- requests the views make -----------------------------------------------------------
     def request(
