@@ -24,3 +24,8 @@ def engine() -> Iterator[WasmEngine]:
     """A memory-cached engine shared by the tests of one module."""
     with WasmEngine() as shared:
         yield shared
+
+
+# `hosts` (real `orch host` processes) for every test module; read by pytest once this module
+# has run, so tests.latticehosts may import the test modules that import this one
+pytest_plugins = ["tests.latticehosts"]

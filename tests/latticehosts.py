@@ -13,14 +13,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from orchestrator.lattice.connection import Lattice, LatticeAddress
 from orchestrator.lattice.status import lattice_status
 from orchestrator.lattice.wiring import call_tool
+from tests.natsserver import NatsServers
 from tests.test_orchestrate import module
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,3 +170,20 @@ async def call(urls: str, deployment: str, tool: str = "version", timeout: float
         return output, details["X-Host"]
     finally:
         await lattice.close()
+
+
+@pytest.fixture
+def hosts(tmp_path: Path, nats_server: NatsServers) -> Iterator[Hosts]:
+    """`orch host` processes on the test's NATS server (started by the test), all stopped at
+    the end. A fixture for every test module (tests/conftest.py registers this module)."""
+    group = Hosts(tmp_path / "hosts", nats_server.urls)
+    try:
+        yield group
+    finally:
+        group.stop()
+
+
+def ok(done: subprocess.CompletedProcess[str]) -> str:
+    """The output of an `orch` run that must succeed."""
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    return str(done.stdout)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,7 @@ from orchestrator.lattice.connection import Lattice, LatticeAddress
 from orchestrator.lattice.desiredstate import DesiredDoc, current, desired_bucket, document, manifest_texts
 from orchestrator.lattice.judge import settle
 from orchestrator.lattice.overrides import Rejected, parse_deployment
-from tests.latticehosts import Hosts, call, capsule, live, module, orch, wait_status, write_config
-from tests.natsserver import NatsServers
+from tests.latticehosts import Hosts, call, capsule, live, module, ok, orch, wait_status, write_config
 
 MANIFEST = """[package]
 name = "ver"
@@ -51,20 +49,6 @@ def write_ver(folder: Path, value: int, capabilities: str = "") -> None:
     (folder / "v.wat").write_text(module(value))
     extra = f"\n[capabilities]\n{capabilities}\n" if capabilities else ""
     (folder / "Capsule.toml").write_text(MANIFEST.format(capabilities=extra))
-
-
-@pytest.fixture
-def hosts(tmp_path: Path, nats_server: NatsServers) -> Iterator[Hosts]:
-    group = Hosts(tmp_path / "hosts", nats_server.urls)
-    try:
-        yield group
-    finally:
-        group.stop()
-
-
-def ok(done: Any) -> str:
-    assert done.returncode == 0, (done.stdout, done.stderr)
-    return str(done.stdout)
 
 
 async def answers_everywhere(urls: str, name: str, hosts: set[str], *, calls: int = 200) -> set[bytes]:

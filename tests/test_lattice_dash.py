@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +74,6 @@ async def healthy(node: NatsNode) -> None:
     while not await asyncio.to_thread(node.healthy):
         assert time.monotonic() < end, node.log()
         await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-def hosts(tmp_path: Path, nats_server: NatsServers) -> Iterator[Hosts]:
-    group = Hosts(tmp_path / "hosts", nats_server.urls)
-    try:
-        yield group
-    finally:
-        group.stop()
 
 
 def deployment(root: Path) -> Path:

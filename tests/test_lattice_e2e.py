@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import CAPSULES
 from tests.latticehosts import Hosts, capsule, live, orch, wait_status
-from tests.natsserver import NatsServers
 
 CONFIG = """version: 1
 capsules:
@@ -31,15 +27,6 @@ def deployment(root: Path) -> Path:
     shutil.copytree(CAPSULES / "counter", root / "capsules" / "counter", ignore=shutil.ignore_patterns("assembly"))
     (root / "config.yaml").write_text(CONFIG)
     return root / "config.yaml"
-
-
-@pytest.fixture
-def hosts(tmp_path: Path, nats_server: NatsServers) -> Iterator[Hosts]:
-    group = Hosts(tmp_path / "hosts", nats_server.urls)
-    try:
-        yield group
-    finally:
-        group.stop()
 
 
 def lattice_call(urls: str, *args: str) -> str:

@@ -83,158 +83,144 @@ def follow(urls: str, repo: Repo, *extra: str) -> Any:
 
 # -- end to end, with real hosts ----------------------------------------------------------
 async def test_new_commits_serve_without_another_apply_and_a_broken_one_is_rejected(
-    tmp_path: Path, nats_server: NatsServers
+    tmp_path: Path, nats_server: NatsServers, hosts: Hosts
 ) -> None:
     urls = nats_server.urls
     repo, first = new_repo(tmp_path / "repo")
-    hosts = Hosts(tmp_path / "hosts", urls)
-    try:
-        hosts.start("h1")
-        hosts.start("h2")
-        applied = follow(urls, repo, "--interval", "1")
-        assert f"{source_of(repo)}: revision {first[:12]}: valid" in applied.stdout
-        assert f"following {source_of(repo)} every 1 s" in applied.stdout
-        await serving(urls, 1, hosts)
+    hosts.start("h1")
+    hosts.start("h2")
+    applied = follow(urls, repo, "--interval", "1")
+    assert f"{source_of(repo)}: revision {first[:12]}: valid" in applied.stdout
+    assert f"following {source_of(repo)} every 1 s" in applied.stdout
+    await serving(urls, 1, hosts)
 
-        second = repo.commit(capsule("caps/ver", 2))  # no apply: the lease holder fetches it
-        await serving(urls, 2, hosts)
-        status = await wait_status(urls, lambda s: git_of(s).get("applied_revision") == second, "second applied")
-        assert status["desired"]["source"] == f"{source_of(repo)} @ {second[:12]}"
-        assert git_of(status)["host"] in ("h1", "h2") and git_of(status)["rejected"] is None
+    second = repo.commit(capsule("caps/ver", 2))  # no apply: the lease holder fetches it
+    await serving(urls, 2, hosts)
+    status = await wait_status(urls, lambda s: git_of(s).get("applied_revision") == second, "second applied")
+    assert status["desired"]["source"] == f"{source_of(repo)} @ {second[:12]}"
+    assert git_of(status)["host"] in ("h1", "h2") and git_of(status)["rejected"] is None
 
-        third = repo.commit({"config.yaml": BROKEN})
-        status = await wait_status(
-            urls, lambda s: (git_of(s).get("rejected") or {}).get("revision") == third, "third rejected", hosts=hosts
-        )
-        rejected = git_of(status)["rejected"]
-        assert rejected["count"] >= 1 and any("caps/gone" in p for p in rejected["problems"])
-        assert git_of(status)["applied_revision"] == second
-        assert status["desired"]["source"].endswith(second[:12])  # nothing published
-        assert (await call(urls, "ver"))[0] == b"2"  # the last good revision keeps serving
-        text = orch("status", "--lattice", urls)
-        assert text.returncode == 0, text.stderr
-        head = text.stdout.splitlines()[0]
-        assert f"following {source_of(repo)} @ {second[:12]} (every 1 s)" in head
-        assert f"rejected {third[:12]}: {rejected['count']} problem(s)" in text.stdout
-        assert "caps/gone" in text.stdout
+    third = repo.commit({"config.yaml": BROKEN})
+    status = await wait_status(
+        urls, lambda s: (git_of(s).get("rejected") or {}).get("revision") == third, "third rejected", hosts=hosts
+    )
+    rejected = git_of(status)["rejected"]
+    assert rejected["count"] >= 1 and any("caps/gone" in p for p in rejected["problems"])
+    assert git_of(status)["applied_revision"] == second
+    assert status["desired"]["source"].endswith(second[:12])  # nothing published
+    assert (await call(urls, "ver"))[0] == b"2"  # the last good revision keeps serving
+    text = orch("status", "--lattice", urls)
+    assert text.returncode == 0, text.stderr
+    head = text.stdout.splitlines()[0]
+    assert f"following {source_of(repo)} @ {second[:12]} (every 1 s)" in head
+    assert f"rejected {third[:12]}: {rejected['count']} problem(s)" in text.stdout
+    assert "caps/gone" in text.stdout
 
-        fourth = repo.commit({"config.yaml": CONFIG, **capsule("caps/ver", 4)})
-        await serving(urls, 4, hosts)
-        status = await wait_status(urls, lambda s: git_of(s).get("applied_revision") == fourth, "the fix applied")
-        assert git_of(status)["rejected"] is None
-        shown = json.loads(orch("status", "--lattice", urls, "--json").stdout)
-        assert shown["git"]["applied_revision"] == fourth and shown["git"]["source"] == source_of(repo)
-        assert {"hosts", "capsules", "desired", "scheduler", "assignments_revision", "problems"} <= set(shown)
-    finally:
-        hosts.stop()
+    fourth = repo.commit({"config.yaml": CONFIG, **capsule("caps/ver", 4)})
+    await serving(urls, 4, hosts)
+    status = await wait_status(urls, lambda s: git_of(s).get("applied_revision") == fourth, "the fix applied")
+    assert git_of(status)["rejected"] is None
+    shown = json.loads(orch("status", "--lattice", urls, "--json").stdout)
+    assert shown["git"]["applied_revision"] == fourth and shown["git"]["source"] == source_of(repo)
+    assert {"hosts", "capsules", "desired", "scheduler", "assignments_revision", "problems"} <= set(shown)
 
 
 async def test_reconcile_fetches_at_once_and_an_apply_without_follow_ends_following(
-    tmp_path: Path, nats_server: NatsServers
+    tmp_path: Path, nats_server: NatsServers, hosts: Hosts
 ) -> None:
     urls = nats_server.urls
     repo, _ = new_repo(tmp_path / "repo")
-    hosts = Hosts(tmp_path / "hosts", urls)
-    try:
-        hosts.start("h1")
-        nothing = orch("reconcile", "--lattice", urls)
-        assert nothing.returncode == 1 and "not following a branch" in nothing.stderr
-        follow(urls, repo, "--interval", "3600")  # only reconcile fetches in this test
-        await serving(urls, 1, hosts)
+    hosts.start("h1")
+    nothing = orch("reconcile", "--lattice", urls)
+    assert nothing.returncode == 1 and "not following a branch" in nothing.stderr
+    follow(urls, repo, "--interval", "3600")  # only reconcile fetches in this test
+    await serving(urls, 1, hosts)
 
-        second = repo.commit(capsule("caps/ver", 2))
-        done = orch("reconcile", "--lattice", urls)
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert f"{source_of(repo)}: revision {second[:12]} published as desired revision" in done.stdout
-        await serving(urls, 2, hosts)
-        again = orch("reconcile", "--lattice", urls)
-        assert again.returncode == 0 and f"revision {second[:12]} is applied" in again.stdout
-        readme = repo.commit({"README.md": "nothing that runs"})
-        same = orch("reconcile", "--lattice", urls)
-        assert same.returncode == 0 and f"revision {readme[:12]} is applied (it changes nothing" in same.stdout
+    second = repo.commit(capsule("caps/ver", 2))
+    done = orch("reconcile", "--lattice", urls)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{source_of(repo)}: revision {second[:12]} published as desired revision" in done.stdout
+    await serving(urls, 2, hosts)
+    again = orch("reconcile", "--lattice", urls)
+    assert again.returncode == 0 and f"revision {second[:12]} is applied" in again.stdout
+    readme = repo.commit({"README.md": "nothing that runs"})
+    same = orch("reconcile", "--lattice", urls)
+    assert same.returncode == 0 and f"revision {readme[:12]} is applied (it changes nothing" in same.stdout
 
-        moved = repo.bare.with_name("moved.git")
-        repo.bare.rename(moved)  # the repository is away: a fetch fails, nothing changes
-        failed = orch("reconcile", "--lattice", urls)
-        assert failed.returncode == 1 and "fetch failed: cannot fetch" in failed.stderr, failed.stderr
-        shown = orch("status", "--lattice", urls)
-        assert "fetch failed: cannot fetch" in shown.stdout and (await call(urls, "ver"))[0] == b"2"
-        moved.rename(repo.bare)
+    moved = repo.bare.with_name("moved.git")
+    repo.bare.rename(moved)  # the repository is away: a fetch fails, nothing changes
+    failed = orch("reconcile", "--lattice", urls)
+    assert failed.returncode == 1 and "fetch failed: cannot fetch" in failed.stderr, failed.stderr
+    shown = orch("status", "--lattice", urls)
+    assert "fetch failed: cannot fetch" in shown.stdout and (await call(urls, "ver"))[0] == b"2"
+    moved.rename(repo.bare)
 
-        broken = repo.commit({"config.yaml": BROKEN})
-        refused = orch("reconcile", "--lattice", urls)
-        assert refused.returncode == 1
-        assert f"revision {broken[:12]} is rejected" in refused.stderr and "caps/gone" in refused.stderr
-        assert f"the applied revision ({readme[:12]}) keeps running" in refused.stderr
-        assert "fetch failed" not in orch("status", "--lattice", urls).stdout  # the fetch works again
-        assert (await call(urls, "ver"))[0] == b"2"
+    broken = repo.commit({"config.yaml": BROKEN})
+    refused = orch("reconcile", "--lattice", urls)
+    assert refused.returncode == 1
+    assert f"revision {broken[:12]} is rejected" in refused.stderr and "caps/gone" in refused.stderr
+    assert f"the applied revision ({readme[:12]}) keeps running" in refused.stderr
+    assert "fetch failed" not in orch("status", "--lattice", urls).stdout  # the fetch works again
+    assert (await call(urls, "ver"))[0] == b"2"
 
-        local = tmp_path / "local"
-        write_capsule(local / "caps" / "ver", 7)
-        ended = apply(write_config(local, {"ver": {"path": "caps/ver"}}), urls)
-        assert ended.returncode == 0, ended.stderr
-        assert f"no longer following {source_of(repo)}" in ended.stdout
-        await serving(urls, 7, hosts)
-        status = await lattice_status(LatticeAddress.parse(urls))
-        assert status["git"] is None and not any("follow" in p for p in status["problems"])
+    local = tmp_path / "local"
+    write_capsule(local / "caps" / "ver", 7)
+    ended = apply(write_config(local, {"ver": {"path": "caps/ver"}}), urls)
+    assert ended.returncode == 0, ended.stderr
+    assert f"no longer following {source_of(repo)}" in ended.stdout
+    await serving(urls, 7, hosts)
+    status = await lattice_status(LatticeAddress.parse(urls))
+    assert status["git"] is None and not any("follow" in p for p in status["problems"])
 
-        repo.commit(capsule("caps/ver", 8))
-        after = orch("reconcile", "--lattice", urls)
-        assert after.returncode == 1 and "not following a branch" in after.stderr
-        assert (await call(urls, "ver"))[0] == b"7"
-        again_ended = apply(local / "config.yaml", urls)
-        assert "no longer following" not in again_ended.stdout
-    finally:
-        hosts.stop()
+    repo.commit(capsule("caps/ver", 8))
+    after = orch("reconcile", "--lattice", urls)
+    assert after.returncode == 1 and "not following a branch" in after.stderr
+    assert (await call(urls, "ver"))[0] == b"7"
+    again_ended = apply(local / "config.yaml", urls)
+    assert "no longer following" not in again_ended.stdout
 
 
 async def test_the_next_lease_holder_carries_on_without_publishing_again(
-    tmp_path: Path, nats_server: NatsServers
+    tmp_path: Path, nats_server: NatsServers, hosts: Hosts
 ) -> None:
     urls = nats_server.urls
     repo, _ = new_repo(tmp_path / "repo")
-    hosts = Hosts(tmp_path / "hosts", urls)
-    try:
-        hosts.start("h1")
-        hosts.start("h2")
-        follow(urls, repo, "--interval", "1")
-        second = repo.commit(capsule("caps/ver", 2))
-        await serving(urls, 2, hosts)
-        status = await wait_status(
-            urls,
-            lambda s: git_of(s).get("applied_revision") == second and git_of(s).get("host") == s["scheduler"],
-            "the holder recorded the second revision",
-            hosts=hosts,
-        )
-        holder, revision, applied_at = (
-            status["scheduler"],
-            status["desired"]["revision"],
-            git_of(status)["applied_at_ms"],
-        )
-        hosts.all[holder].kill()
-        killed_ms = int(time.time() * 1000)
-        other = next(h for h in hosts.all if h != holder)
-        status = await wait_status(
-            urls,
-            lambda s: (
-                s["scheduler"] == other
-                and git_of(s).get("host") == other
-                and (git_of(s).get("fetched_at_ms") or 0) > killed_ms
-            ),
-            "the next holder fetched",
-            hosts=hosts,
-        )
-        assert status["desired"]["revision"] == revision  # the applied revision was not published again,
-        assert (
-            git_of(status)["applied_revision"] == second and git_of(status)["applied_at_ms"] == applied_at
-        )  # nor read
+    hosts.start("h1")
+    hosts.start("h2")
+    follow(urls, repo, "--interval", "1")
+    second = repo.commit(capsule("caps/ver", 2))
+    await serving(urls, 2, hosts)
+    status = await wait_status(
+        urls,
+        lambda s: git_of(s).get("applied_revision") == second and git_of(s).get("host") == s["scheduler"],
+        "the holder recorded the second revision",
+        hosts=hosts,
+    )
+    holder, revision, applied_at = (
+        status["scheduler"],
+        status["desired"]["revision"],
+        git_of(status)["applied_at_ms"],
+    )
+    hosts.all[holder].kill()
+    killed_ms = int(time.time() * 1000)
+    other = next(h for h in hosts.all if h != holder)
+    status = await wait_status(
+        urls,
+        lambda s: (
+            s["scheduler"] == other
+            and git_of(s).get("host") == other
+            and (git_of(s).get("fetched_at_ms") or 0) > killed_ms
+        ),
+        "the next holder fetched",
+        hosts=hosts,
+    )
+    assert status["desired"]["revision"] == revision  # the applied revision was not published again,
+    assert git_of(status)["applied_revision"] == second and git_of(status)["applied_at_ms"] == applied_at  # nor read
 
-        third = repo.commit(capsule("caps/ver", 3))
-        await serving(urls, 3, hosts)
-        status = await wait_status(urls, lambda s: git_of(s).get("applied_revision") == third, "third applied")
-        assert git_of(status)["host"] == other and status["desired"]["revision"] > revision
-    finally:
-        hosts.stop()
+    third = repo.commit(capsule("caps/ver", 3))
+    await serving(urls, 3, hosts)
+    status = await wait_status(urls, lambda s: git_of(s).get("applied_revision") == third, "third applied")
+    assert git_of(status)["host"] == other and status["desired"]["revision"] > revision
 
 
 HOSTILE_RECORDS: list[bytes] = [
@@ -262,7 +248,7 @@ HOSTILE_RECORDS: list[bytes] = [
 
 
 async def test_hostile_follow_records_are_refused_in_one_line_and_hosts_keep_serving(
-    tmp_path: Path, nats_server: NatsServers
+    tmp_path: Path, nats_server: NatsServers, hosts: Hosts
 ) -> None:
     urls = nats_server.urls
     repo, _ = new_repo(tmp_path / "repo")
@@ -272,7 +258,6 @@ async def test_hostile_follow_records_are_refused_in_one_line_and_hosts_keep_ser
         *HOSTILE_RECORDS,
         json.dumps({"format": 1, "source": transport, "interval_s": 1, "by": "x", "at_ms": 1}).encode(),
     ]
-    hosts = Hosts(tmp_path / "hosts", urls)
     lattice = await Lattice.connect(LatticeAddress.parse(urls))
     try:
         host = hosts.start("h1")
@@ -308,7 +293,6 @@ async def test_hostile_follow_records_are_refused_in_one_line_and_hosts_keep_ser
         assert host.alive and not marker.exists()
     finally:
         await lattice.close()
-        hosts.stop()
 
 
 # -- the follower in process ----------------------------------------------------------------
@@ -456,30 +440,26 @@ def test_usage_errors(tmp_path: Path) -> None:
 
 
 async def test_an_escalating_commit_on_a_followed_branch_waits_for_an_operator(
-    tmp_path: Path, nats_server: NatsServers
+    tmp_path: Path, nats_server: NatsServers, hosts: Hosts
 ) -> None:
     urls = nats_server.urls
     repo = Repo(tmp_path / "repo")
     ask = "version: 1\napprovals: {escalations: ask}\ncapsules:\n  ver:\n    path: caps/ver\n"
     repo.commit({"config.yaml": ask, **capsule("caps/ver", 1)})
-    hosts = Hosts(tmp_path / "hosts", urls)
-    try:
-        hosts.start("h1")
-        follow(urls, repo, "--interval", "3600")  # only reconcile fetches in this test
-        await serving(urls, 1, hosts)
+    hosts.start("h1")
+    follow(urls, repo, "--interval", "3600")  # only reconcile fetches in this test
+    await serving(urls, 1, hosts)
 
-        escalating = repo.commit(capsule("caps/ver", 2, extra="\n[capabilities]\nkv = true\n"))
-        done = orch("reconcile", "--lattice", urls)
-        assert done.returncode == 0, done.stdout + done.stderr
-        said = done.stdout
-        assert f"revision {escalating[:12]} published as desired revision" in said
-        assert "awaiting approval (ver would grant kv)" in said and "orch approve NAME --lattice URL" in said
-        assert (await call(urls, "ver"))[0] == b"1"  # the running version keeps serving
-        shown = await wait_status(urls, lambda s: s["capsules"][0]["phase"] == "AwaitingApproval", "ver waits")
-        assert shown["capsules"][0]["awaiting"]["escalations"] == ["kv"]
+    escalating = repo.commit(capsule("caps/ver", 2, extra="\n[capabilities]\nkv = true\n"))
+    done = orch("reconcile", "--lattice", urls)
+    assert done.returncode == 0, done.stdout + done.stderr
+    said = done.stdout
+    assert f"revision {escalating[:12]} published as desired revision" in said
+    assert "awaiting approval (ver would grant kv)" in said and "orch approve NAME --lattice URL" in said
+    assert (await call(urls, "ver"))[0] == b"1"  # the running version keeps serving
+    shown = await wait_status(urls, lambda s: s["capsules"][0]["phase"] == "AwaitingApproval", "ver waits")
+    assert shown["capsules"][0]["awaiting"]["escalations"] == ["kv"]
 
-        approved = orch("approve", "ver", "--lattice", urls)
-        assert approved.returncode == 0, approved.stdout + approved.stderr
-        await serving(urls, 2, hosts)
-    finally:
-        hosts.stop()
+    approved = orch("approve", "ver", "--lattice", urls)
+    assert approved.returncode == 0, approved.stdout + approved.stderr
+    await serving(urls, 2, hosts)

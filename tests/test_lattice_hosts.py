@@ -11,24 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from orchestrator.lattice.connection import Lattice, LatticeAddress
 from orchestrator.lattice.desiredstate import current
 from tests.latticehosts import Hosts, apply, call, capsule, live, wait_status, write_capsule, write_config
 from tests.natsserver import NatsServers
-
-
-@pytest.fixture
-def hosts(tmp_path: Path, nats_server: NatsServers) -> Iterator[Hosts]:
-    group = Hosts(tmp_path / "hosts", nats_server.urls)
-    try:
-        yield group
-    finally:
-        group.stop()
 
 
 def running_on(name: str, count: int) -> object:

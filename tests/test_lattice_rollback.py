@@ -15,9 +15,7 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -28,8 +26,7 @@ from orchestrator.lattice.kvstore import JetStreamKV
 from orchestrator.lattice.rollback import rollback
 from orchestrator.lattice.snapshots import read_values, restore
 from tests.conftest import CAPSULES
-from tests.latticehosts import Hosts, call, capsule, live, module, orch, wait_status, write_config
-from tests.natsserver import NatsServers
+from tests.latticehosts import Hosts, call, capsule, live, module, ok, orch, wait_status, write_config
 
 SECRET_MANIFEST = """[package]
 name = "ver"
@@ -45,20 +42,6 @@ name = "version"
 [env.token]
 type = "secret"
 """
-
-
-@pytest.fixture
-def hosts(tmp_path: Path, nats_server: NatsServers) -> Iterator[Hosts]:
-    group = Hosts(tmp_path / "hosts", nats_server.urls)
-    try:
-        yield group
-    finally:
-        group.stop()
-
-
-def ok(done: Any) -> str:
-    assert done.returncode == 0, (done.stdout, done.stderr)
-    return str(done.stdout)
 
 
 def write_ver(folder: Path, value: int) -> None:
