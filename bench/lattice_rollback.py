@@ -44,21 +44,10 @@ from orchestrator.lattice.calls import call_tool  # noqa: E402
 from orchestrator.lattice.connection import Lattice, LatticeAddress  # noqa: E402
 from orchestrator.lattice.desiredstate import current  # noqa: E402
 from orchestrator.lattice.snapshots import read_values, restore  # noqa: E402
-from tests.latticehosts import Hosts, capsule, module, orch, wait_status, write_config  # noqa: E402
+from tests.latticehosts import Hosts, capsule, orch, wait_status, write_capsule, write_config  # noqa: E402
 from tests.natsserver import nats_servers  # noqa: E402
 
 COUNTER = "version: 1\ncapsules:\n  counter:\n    path: capsules/counter\n    hosts: 2\n    config: {{step: {step}}}\n"
-VER = """[package]
-name = "ver"
-version = "1.0.0"
-description = "answers its version"
-
-[[component]]
-file = "v.wat"
-
-[[tool]]
-name = "version"
-{capabilities}"""
 
 
 def ok(done: Any) -> str:
@@ -116,29 +105,22 @@ async def rollback_figures(root: Path, urls: str, hosts: Hosts, keys: int) -> di
     }
 
 
-def write_ver(folder: Path, value: int, capabilities: str = "") -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "v.wat").write_text(module(value))
-    extra = f"\n[capabilities]\n{capabilities}\n" if capabilities else ""
-    (folder / "Capsule.toml").write_text(VER.format(capabilities=extra))
-
-
 async def approve_figures(root: Path, urls: str, hosts: Hosts, rounds: int) -> dict[str, Any]:
-    write_ver(root / "ver", 0)
+    write_capsule(root / "ver", 0)
     config = write_config(root, {"ver": {"path": "ver", "hosts": 2}}, extra="approvals: {escalations: ask}")
     ok(orch("apply", str(config), "--lattice", urls))
     await wait_status(urls, lambda s: capsule(s, "ver")["phase"] == "Running", "ver running", hosts=hosts)
     times = []
     for round_ in range(1, rounds + 1):
         # odd rounds ask for kv (an escalation); even ones drop it again (no approval needed)
-        write_ver(root / "ver", round_ * 2 - 1, "kv = true")
+        write_capsule(root / "ver", round_ * 2 - 1, "kv = true")
         ok(orch("apply", str(config), "--lattice", urls))
         await wait_status(urls, lambda s: capsule(s, "ver")["phase"] == "AwaitingApproval", "awaiting", hosts=hosts)
         out, approve_ms = timed_orch("approve", "ver", "--lattice", urls)
         if "running version" not in out:
             raise SystemExit(f"bench: approve did not end serving: {out.strip()[:300]}")
         times.append(approve_ms)
-        write_ver(root / "ver", round_ * 2)
+        write_capsule(root / "ver", round_ * 2)
         ok(orch("apply", str(config), "--lattice", urls))
         await wait_status(urls, lambda s: capsule(s, "ver")["phase"] == "Running", "ver without kv", hosts=hosts)
     return {

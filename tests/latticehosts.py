@@ -44,10 +44,15 @@ name = "version"
 """
 
 
-def write_capsule(folder: Path, value: int | None, *, wat: str | None = None) -> None:
-    """A `ver` capsule in `folder`; `wat` replaces the module text (say, a broken one)."""
+def write_capsule(
+    folder: Path, value: int | None, capabilities: str = "", *, wat: str | None = None, extra: str = ""
+) -> None:
+    """A `ver` capsule in `folder` answering `value`, granted `capabilities` (TOML lines of
+    its [capabilities] table), with `extra` TOML after them; `wat` replaces the module text
+    (say, a broken one)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "Capsule.toml").write_text(MANIFEST)
+    granted = f"\n[capabilities]\n{capabilities}\n" if capabilities else ""
+    (folder / "Capsule.toml").write_text(MANIFEST + granted + extra)
     (folder / "v.wat").write_text(wat if wat is not None else module(value or 0))
 
 

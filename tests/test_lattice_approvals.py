@@ -27,28 +27,9 @@ from orchestrator.lattice.connection import Lattice, LatticeAddress
 from orchestrator.lattice.desiredstate import DesiredDoc, current, desired_bucket, document, manifest_texts
 from orchestrator.lattice.judge import settle
 from orchestrator.lattice.overrides import Rejected, parse_deployment
-from tests.latticehosts import Hosts, call, capsule, live, module, ok, orch, wait_status, write_config
+from tests.latticehosts import Hosts, call, capsule, live, module, ok, orch, wait_status, write_capsule, write_config
 
-MANIFEST = """[package]
-name = "ver"
-version = "1.0.0"
-description = "answers its version"
-
-[[component]]
-file = "v.wat"
-
-[[tool]]
-name = "version"
-{capabilities}"""
 ASK = "approvals: {escalations: ask}"
-
-
-def write_ver(folder: Path, value: int, capabilities: str = "") -> None:
-    """The `ver` capsule answering `value`, granted `capabilities` (TOML lines)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "v.wat").write_text(module(value))
-    extra = f"\n[capabilities]\n{capabilities}\n" if capabilities else ""
-    (folder / "Capsule.toml").write_text(MANIFEST.format(capabilities=extra))
 
 
 async def answers_everywhere(urls: str, name: str, hosts: set[str], *, calls: int = 200) -> set[bytes]:
@@ -72,7 +53,7 @@ def audits(urls: str) -> list[dict[str, Any]]:
 async def test_an_escalating_revision_waits_while_every_host_serves_the_old_one_until_approved(
     tmp_path: Path, hosts: Hosts
 ) -> None:
-    write_ver(tmp_path / "ver", 1)
+    write_capsule(tmp_path / "ver", 1)
     config = write_config(tmp_path, {"ver": {"path": "ver", "hosts": 2}}, extra=ASK)
     hosts.start("a")
     hosts.start("b")
@@ -80,7 +61,7 @@ async def test_an_escalating_revision_waits_while_every_host_serves_the_old_one_
     ok(orch("apply", str(config), "--lattice", hosts.urls))
     await wait_status(hosts.urls, lambda s: capsule(s, "ver")["phase"] == "Running", "ver running", hosts=hosts)
 
-    write_ver(tmp_path / "ver", 2, 'kv = true\nipc_publish = ["ver.*"]')
+    write_capsule(tmp_path / "ver", 2, 'kv = true\nipc_publish = ["ver.*"]')
     applied = ok(orch("apply", str(config), "--lattice", hosts.urls))
     assert "ver: awaits `orch approve ver" in applied and "would grant ipc_publish ver.*, kv" in applied
     status = await wait_status(
@@ -111,15 +92,15 @@ async def test_an_escalating_revision_waits_while_every_host_serves_the_old_one_
 async def test_reject_holds_through_an_apply_of_the_same_spec_and_a_different_change_is_judged_again(
     tmp_path: Path, hosts: Hosts
 ) -> None:
-    write_ver(tmp_path / "ver", 1)
-    write_ver(tmp_path / "other", 5)
+    write_capsule(tmp_path / "ver", 1)
+    write_capsule(tmp_path / "other", 5)
     config = write_config(tmp_path, {"ver": {"path": "ver"}, "other": {"path": "other"}}, extra=ASK)
     hosts.start("a")
     await wait_status(hosts.urls, lambda s: live(s) == {"a"}, "a host", hosts=hosts)
     ok(orch("apply", str(config), "--lattice", hosts.urls))
     await wait_status(hosts.urls, lambda s: capsule(s, "ver")["phase"] == "Running", "ver running", hosts=hosts)
 
-    write_ver(tmp_path / "ver", 2, "kv = true")
+    write_capsule(tmp_path / "ver", 2, "kv = true")
     ok(orch("apply", str(config), "--lattice", hosts.urls))
     rejected = ok(orch("reject", "ver", "--lattice", hosts.urls))
     assert "which would grant kv" in rejected and "keeps serving" in rejected
@@ -144,7 +125,7 @@ async def test_reject_holds_through_an_apply_of_the_same_spec_and_a_different_ch
     refused = orch("approve", "ver", "--lattice", hosts.urls)
     assert refused.returncode == 1 and "was rejected; change its files or config" in refused.stderr
 
-    write_ver(tmp_path / "ver", 3, "kv = true")  # a different change: judged again
+    write_capsule(tmp_path / "ver", 3, "kv = true")  # a different change: judged again
     ok(orch("apply", str(config), "--lattice", hosts.urls))
     status = await wait_status(hosts.urls, lambda s: capsule(s, "ver")["phase"] == "AwaitingApproval", "awaiting")
     assert capsule(status, "ver")["rejected"] is None
@@ -160,8 +141,8 @@ async def test_reject_holds_through_an_apply_of_the_same_spec_and_a_different_ch
 
 
 async def test_a_revision_cannot_approve_its_own_escalation(tmp_path: Path, hosts: Hosts) -> None:
-    write_ver(tmp_path / "ver", 1, "kv = true")
-    write_ver(tmp_path / "plain", 4)
+    write_capsule(tmp_path / "ver", 1, "kv = true")
+    write_capsule(tmp_path / "plain", 4)
     deployments = {"ver": {"path": "ver"}, "plain": {"path": "plain"}}
     config = write_config(tmp_path, deployments, extra=ASK)
     hosts.start("a")
@@ -175,14 +156,14 @@ async def test_a_revision_cannot_approve_its_own_escalation(tmp_path: Path, host
     assert refused.returncode == 1 and "its start awaits `orch approve ver`" in refused.stderr
     ok(orch("approve", "ver", "--lattice", hosts.urls))
 
-    write_ver(tmp_path / "ver", 2, 'kv = true\nfs_read = ["cwd://data"]')
+    write_capsule(tmp_path / "ver", 2, 'kv = true\nfs_read = ["cwd://data"]')
     config = write_config(tmp_path, deployments, extra="approvals: {escalations: allow}")
     ok(orch("apply", str(config), "--lattice", hosts.urls))  # relaxes the policy and escalates at once: waits
     status = await wait_status(hosts.urls, lambda s: capsule(s, "ver")["awaiting"] is not None, "waits")
     assert capsule(status, "ver")["awaiting"]["escalations"] == ["fs_read cwd://data"]
     assert (await call(hosts.urls, "ver"))[0] == b"1"
 
-    write_ver(tmp_path / "ver", 3, 'kv = true\nfs_read = ["cwd://data"]\nipc_publish = ["x.*"]')
+    write_capsule(tmp_path / "ver", 3, 'kv = true\nfs_read = ["cwd://data"]\nipc_publish = ["x.*"]')
     ok(orch("apply", str(config), "--lattice", hosts.urls))  # the relaxed policy is in force now
     await wait_status(hosts.urls, lambda s: capsule(s, "ver")["phase"] == "Running", "ver 3 running", hosts=hosts)
     assert (await call(hosts.urls, "ver"))[0] == b"3"
@@ -193,7 +174,7 @@ async def test_a_revision_cannot_approve_its_own_escalation(tmp_path: Path, host
 async def test_hostile_gitops_fields_in_a_stored_revision_are_refused_and_hosts_keep_running(
     tmp_path: Path, hosts: Hosts
 ) -> None:
-    write_ver(tmp_path / "ver", 1)
+    write_capsule(tmp_path / "ver", 1)
     config = write_config(tmp_path, {"ver": {"path": "ver"}}, extra=ASK)
     hosts.start("a")
     await wait_status(hosts.urls, lambda s: live(s) == {"a"}, "a host", hosts=hosts)
@@ -230,8 +211,8 @@ async def _current(urls: str) -> DesiredDoc:
 
 # -- the stored fields, and the judgement, without a lattice -------------------------------------
 def stored_document(root: Path) -> dict[str, Any]:
-    write_ver(root / "one", 1)
-    write_ver(root / "two", 2, "kv = true")
+    write_capsule(root / "one", 1)
+    write_capsule(root / "two", 2, "kv = true")
     desired = load_desired(write_config(root, {"ver": {"path": "one"}, "new": {"path": "two"}}))
     doc = document(desired, manifest_texts(desired), now_ms=1)
     two = load_desired(write_config(root / "b", {"ver": {"path": "../two"}}))
@@ -305,7 +286,7 @@ def test_any_json_in_a_gitops_field_is_refused_or_read_never_a_crash(tmp_path: P
 
 def test_the_judgement_policy_in_force_proposed_rejection_and_grant(tmp_path: Path) -> None:
     doc = stored_document(tmp_path)
-    write_ver(tmp_path / "plain", 1)
+    write_capsule(tmp_path / "plain", 1)
     plain_state = load_desired(write_config(tmp_path / "p", {"ver": {"path": "../plain"}}))
     plain = parse_deployment("ver", document(plain_state, manifest_texts(plain_state), now_ms=1)["deployments"]["ver"])
     kv = parse_deployment("ver", doc["deployments"]["ver"])

@@ -26,28 +26,9 @@ from orchestrator.lattice.kvstore import JetStreamKV
 from orchestrator.lattice.rollback import rollback
 from orchestrator.lattice.snapshots import read_values, restore
 from tests.conftest import CAPSULES
-from tests.latticehosts import Hosts, call, capsule, live, module, ok, orch, wait_status, write_config
+from tests.latticehosts import Hosts, call, capsule, live, module, ok, orch, wait_status, write_capsule, write_config
 
-SECRET_MANIFEST = """[package]
-name = "ver"
-version = "1.0.0"
-description = "answers its version"
-
-[[component]]
-file = "v.wat"
-
-[[tool]]
-name = "version"
-
-[env.token]
-type = "secret"
-"""
-
-
-def write_ver(folder: Path, value: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "v.wat").write_text(module(value))
-    (folder / "Capsule.toml").write_text(SECRET_MANIFEST)
+SECRET = '\n[env.token]\ntype = "secret"\n'
 
 
 async def serving(urls: str, name: str, output: bytes, hosts: Hosts) -> None:
@@ -72,8 +53,8 @@ async def desired_revision(urls: str) -> int:
 async def test_history_and_a_pin_that_survives_an_unrelated_apply_and_ends_on_a_change_or_unpin(
     tmp_path: Path, hosts: Hosts
 ) -> None:
-    write_ver(tmp_path / "ver", 1)
-    write_ver(tmp_path / "other", 7)
+    write_capsule(tmp_path / "ver", 1, extra=SECRET)
+    write_capsule(tmp_path / "other", 7, extra=SECRET)
     deployments = {
         "ver": {"path": "ver", "config": {"token": "t1"}},
         "other": {"path": "other", "config": {"token": "o"}},
