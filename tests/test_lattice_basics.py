@@ -48,7 +48,10 @@ async def test_connect_to_a_real_server_and_make_buckets(nats_server: NatsServer
     lattice = await Lattice.connect(LatticeAddress.parse(nats_server.urls, name="t1"))
     try:
         bucket = await lattice.bucket(lattice.names.desired, history=10)
+        stream = await lattice.js.stream_info(f"KV_{lattice.names.desired}")
+        assert stream.state.messages == 0  # the probe that the bucket is reachable wrote nothing
         revision = await bucket.put("config", b"{}")
+        assert revision == 1
         again = await lattice.bucket(lattice.names.desired, history=10)
         assert (await again.get("config")).revision == revision
     finally:

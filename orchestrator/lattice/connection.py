@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,7 @@ class Lattice:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=REQUEST_SECONDS)
         self._buckets: dict[str, KeyValue] = {}
+        self._objects: ObjectStore | None = None
 
     @classmethod
     async def connect(cls, address: LatticeAddress, *, timeout: float = CONNECT_SECONDS) -> Lattice:
@@ -176,16 +178,47 @@ class Lattice:
                 found = await self.js.create_key_value(KeyValueConfig(bucket=name, storage=StorageType.FILE, **config))
             except nats.js.errors.BadRequestError:  # another host created it meanwhile
                 found = await self.js.key_value(name)
+        await self._until_routable(f"$KV.{name}.orch-probe")
         self._buckets[name] = found
         return found
 
+    async def _until_routable(self, subject: str) -> None:
+        """Return once a publish on `subject` reaches its stream (for at most REQUEST_SECONDS).
+
+        In a cluster, a stream just created on another server is not yet known to this one:
+        a write there gets "no responders" until the interest has travelled the routes (seen
+        under load right after a bucket was made). The probe is a publish the stream refuses
+        without storing it (it expects a last sequence the subject cannot have), so its
+        answer proves the route and writes nothing."""
+        deadline = time.monotonic() + REQUEST_SECONDS
+        while True:
+            try:
+                await self.js.publish(subject, b"", headers={"Nats-Expected-Last-Subject-Sequence": str(1 << 62)})
+            except nats.js.errors.NoStreamResponseError:
+                if time.monotonic() >= deadline:
+                    return  # the writes themselves will say what is wrong
+                await asyncio.sleep(0.02)
+                continue
+            except nats.js.errors.APIError:
+                return  # refused by the stream, as meant: it is reachable
+            except (TimeoutError, nats.errors.Error) as error:
+                logger.debug("lattice %s: probing %s: %r", self.names.name, subject, error)
+                return
+            logger.warning("lattice %s: the probe on %s was stored", self.names.name, subject)
+            return
+
     async def objects(self) -> ObjectStore:
         """The artifacts' object store (wasm modules and manifests by sha256)."""
+        if self._objects is not None:
+            return self._objects
         name = self.names.artifacts
         try:
-            return await self.js.object_store(name)
+            found = await self.js.object_store(name)
         except nats.js.errors.BucketNotFoundError:
             try:
-                return await self.js.create_object_store(name, config=ObjectStoreConfig(storage=StorageType.FILE))
+                found = await self.js.create_object_store(name, config=ObjectStoreConfig(storage=StorageType.FILE))
             except nats.js.errors.BadRequestError:
-                return await self.js.object_store(name)
+                found = await self.js.object_store(name)
+        await self._until_routable(f"$O.{name}.M.orch-probe")
+        self._objects = found
+        return found
