@@ -100,10 +100,6 @@ class DashApp(App[None]):
 
         self.request(f"restart {name}", lambda api: api.restart(name), done)
 
-    def action_problems(self) -> None:
-        """Open the problems dialog (the app knows its screens)."""
-        raise NotImplementedError
-
 
 def dash(node: DOMNode) -> DashApp:
     """The dashboard app a widget or screen belongs to."""

@@ -80,9 +80,9 @@ class TopBar(Horizontal):
         self.watch(app, "connected", self._refresh_bar)
         self.watch(app, "problem", self._refresh_bar)
 
-    def on_click(self, event: events.Click) -> None:
+    async def on_click(self, event: events.Click) -> None:
         if event.widget is self.desired and dash(self).troubled:
-            dash(self).action_problems()
+            await self.run_action("app.problems")  # what the `!` key runs
 
     def _refresh_bar(self, _: Any = None) -> None:
         app = dash(self)
