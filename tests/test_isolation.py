@@ -10,7 +10,6 @@ interceptor runs count, and the last error carries its tool and time.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
@@ -25,7 +24,7 @@ from orchestrator.control.reconciler import FAILURE_LOG_SECONDS
 from orchestrator.control.runtime import Orchestrator
 from orchestrator.errors import ToolInputError
 from tests.conftest import CAPSULES
-from tests.test_orchestrate import MANIFEST, Running, module, replace_atomically, write_capsule
+from tests.test_orchestrate import MANIFEST, Running, module, replace_atomically, started, write_capsule
 
 TWO = """version: 1
 state_dir: state
@@ -38,15 +37,11 @@ capsules:
 
 
 @pytest.fixture
-async def two(tmp_path: Path) -> Running:
+async def two(tmp_path: Path) -> AsyncIterator[Running]:
     write_capsule(tmp_path / "caps" / "ver", 1)
     write_capsule(tmp_path / "caps" / "two", 2, name="two")
-    (tmp_path / "config.yaml").write_text(TWO)
-    orchestrator = Orchestrator(tmp_path / "config.yaml")
-    events = orchestrator.bus.subscribe(">", queue_size=100_000)
-    await orchestrator.start()
-    yield Running(orchestrator, events, tmp_path)  # type: ignore[misc]
-    await orchestrator.stop(2)
+    async with started(tmp_path, TWO) as run:
+        yield run
 
 
 async def test_a_broken_manifest_holds_back_only_its_own_capsule(two: Running) -> None:
@@ -121,22 +116,9 @@ def fresh_capsule(folder: Path, *, with_source: bool) -> None:
         (folder / "src" / "v.txt").write_text(module(3))
 
 
-@contextlib.asynccontextmanager
-async def started_with_builds(root: Path) -> AsyncIterator[Running]:
-    """An orchestrator on BUILT under `root`, started, watching, with its events recorded."""
-    (root / "config.yaml").write_text(BUILT)
-    orchestrator = Orchestrator(root / "config.yaml")
-    events = orchestrator.bus.subscribe(">", queue_size=100_000)
-    await orchestrator.start()
-    try:
-        yield Running(orchestrator, events, root)
-    finally:
-        await orchestrator.stop(2)
-
-
 async def test_a_new_capsule_without_its_module_is_built_at_start(tmp_path: Path) -> None:
     fresh_capsule(tmp_path / "caps" / "fresh", with_source=True)
-    async with started_with_builds(tmp_path) as run:  # starts, with `fresh` failed for now (no module yet)
+    async with started(tmp_path, BUILT) as run:  # starts, with `fresh` failed for now (no module yet)
         await run.wait_topic("orch.capsule.fresh.build_succeeded")
         await run.wait_topic("orch.capsule.fresh.running")
         assert await run.version("fresh") == "3"
@@ -152,7 +134,7 @@ async def test_a_module_older_than_its_sources_is_rebuilt_at_start_and_a_newer_o
     source = folder / "src" / "v.txt"
     stamp = source.stat().st_mtime + (-60 if module_age == "older" else 60)
     os.utime(folder / "v.wat", (stamp, stamp))
-    async with started_with_builds(tmp_path) as run:
+    async with started(tmp_path, BUILT) as run:
         if module_age == "older":
             await run.wait_topic("orch.capsule.fresh.build_succeeded")
             await run.wait_topic("orch.capsule.fresh.reloaded")
@@ -173,7 +155,7 @@ async def test_a_module_older_than_its_sources_is_rebuilt_at_start_and_a_newer_o
 
 async def test_touching_the_sources_of_a_capsule_without_a_module_builds_it(tmp_path: Path) -> None:
     fresh_capsule(tmp_path / "caps" / "fresh", with_source=False)
-    async with started_with_builds(tmp_path) as run:
+    async with started(tmp_path, BUILT) as run:
         assert run.phase("fresh") == "Failed"
         assert "v.wat" in str(run.orchestrator.info()["desired"]["broken"]["fresh"]["problems"])
         (tmp_path / "caps" / "fresh" / "src" / "v.txt").write_text(module(4))
@@ -189,7 +171,7 @@ async def test_a_failed_build_is_in_the_health_until_a_build_succeeds(tmp_path: 
     manifest.write_text(
         manifest.read_text().replace("cp src/v.txt v.wat", "grep -q module src/v.txt && cp src/v.txt v.wat")
     )
-    async with started_with_builds(tmp_path) as run:
+    async with started(tmp_path, BUILT) as run:
         (folder / "src" / "v.txt").write_text("garbage, no wasm text")
         await run.wait_topic("orch.capsule.fresh.build_failed")
         assert list(run.orchestrator.info()["desired"]["builds_failed"]) == ["fresh"]

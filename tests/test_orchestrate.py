@@ -8,6 +8,7 @@ asserts what serves before and after. Waits are on bus events, with generous dea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -97,17 +98,25 @@ capsules:
 """
 
 
-@pytest.fixture
-async def running(tmp_path: Path) -> AsyncIterator[Running]:
-    write_capsule(tmp_path / "caps" / "ver", 1)
-    (tmp_path / "config.yaml").write_text(CONFIG)
-    orchestrator = Orchestrator(tmp_path / "config.yaml")
+@contextlib.asynccontextmanager
+async def started(root: Path, config: str) -> AsyncIterator[Running]:
+    """An orchestrator on `config` (written to root/config.yaml), started, watching, with
+    every event recorded; stopped at the end."""
+    (root / "config.yaml").write_text(config)
+    orchestrator = Orchestrator(root / "config.yaml")
     events = orchestrator.bus.subscribe(">", queue_size=100_000)
     await orchestrator.start()
     try:
-        yield Running(orchestrator, events, tmp_path)
+        yield Running(orchestrator, events, root)
     finally:
         await orchestrator.stop(2)
+
+
+@pytest.fixture
+async def running(tmp_path: Path) -> AsyncIterator[Running]:
+    write_capsule(tmp_path / "caps" / "ver", 1)
+    async with started(tmp_path, CONFIG) as run:
+        yield run
 
 
 async def test_starts_and_records_the_applied_state(running: Running) -> None:
