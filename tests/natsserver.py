@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import shutil
 import signal
 import socket
@@ -37,8 +38,39 @@ def server_binary() -> str:
     return found
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (Linux default 32768-60999)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
+    """A loopback port that is free now and that nothing else in this run is given.
+
+    Not from the kernel's ephemeral range: a port found free there can be taken by any
+    outgoing connection (a cluster node dialling its routes, a client) before the server
+    binds it, and a test that restarts a killed node on its old port would race the same way.
+    """
+    low, high = _ephemeral_range()
+    candidates = range(10000, low) if low - 10000 >= 1000 else range(high + 1, 65536)
+    for _ in range(200):
+        port = random.choice(candidates)
+        if port in _handed_out:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as probe:  # a crowded range: the kernel's choice beats failing here
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
 
@@ -98,6 +130,10 @@ class NatsNode:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(10)
 
+    def lost_a_port(self) -> bool:
+        """Whether this node exited because one of its ports was taken."""
+        return self.process is not None and self.process.poll() is not None and "address already in use" in self.log()
+
     def log(self) -> str:
         try:
             return (self.folder / "log").read_text(errors="replace")[-3000:]
@@ -146,20 +182,31 @@ class NatsServers:
 
 @contextlib.contextmanager
 def nats_servers(folder: Path, *, count: int = 1) -> Iterator[NatsServers]:
-    """`count` nodes (1, or a cluster of 3 with routes), ready, killed at the end."""
-    nodes = [NatsNode(f"n{i + 1}", folder / f"n{i + 1}") for i in range(count)]
-    servers = NatsServers(nodes)
-    try:
-        if count == 1:
-            nodes[0].start()
-        else:
-            routes = ",".join(f"nats://127.0.0.1:{node.cluster_port}" for node in nodes)
-            for node in nodes:
-                node.start(cluster="orch-test", routes=routes)
-        servers.wait_ready()
-        yield servers
-    finally:
-        servers.stop()
+    """`count` nodes (1, or a cluster of 3 with routes), ready, killed at the end.
+
+    A port that another process took between the probe and the bind is not a failure of
+    the test: the nodes start again on fresh ports (up to three times).
+    """
+    for attempt in range(3):
+        nodes = [NatsNode(f"n{i + 1}", folder / f"try{attempt}" / f"n{i + 1}") for i in range(count)]
+        servers = NatsServers(nodes)
+        try:
+            if count == 1:
+                nodes[0].start()
+            else:
+                routes = ",".join(f"nats://127.0.0.1:{node.cluster_port}" for node in nodes)
+                for node in nodes:
+                    node.start(cluster="orch-test", routes=routes)
+            try:
+                servers.wait_ready()
+            except AssertionError:
+                if attempt < 2 and any(node.lost_a_port() for node in nodes):
+                    continue
+                raise
+            yield servers
+            return
+        finally:
+            servers.stop()
 
 
 @pytest.fixture
