@@ -129,6 +129,15 @@ def dashboard(live: Live, **options: Any) -> Dashboard:
     return Dashboard(connect_to(live.socket), where=str(live.socket), **options)
 
 
+async def events_view(app: Dashboard, pilot: Any) -> EventsScreen:
+    """Once the dashboard is connected, open the events view (the `e` key) and return it."""
+    await until(lambda: app.connected, "connected")
+    await pilot.press("e")
+    screen = app.screen
+    assert isinstance(screen, EventsScreen)
+    return screen
+
+
 def table_column(app: Dashboard, column: str) -> dict[str, str]:
     table = app.screen.query_one(DataTable)
     return {
@@ -245,10 +254,7 @@ async def test_a_capsule_in_detail_and_its_tools(live: Live) -> None:
 async def test_events_filter_search_problems_and_pause(live: Live) -> None:
     app = dashboard(live)
     async with app.run_test(size=SIZE) as pilot:
-        await until(lambda: app.connected, "connected")
-        await pilot.press("e")
-        screen = app.screen
-        assert isinstance(screen, EventsScreen)
+        screen = await events_view(app, pilot)
 
         def topics() -> list[str]:
             return [row.topic for row in screen.visible_rows()]
@@ -383,10 +389,7 @@ async def test_a_flood_of_events_leaves_the_keyboard_working_and_loses_nothing_s
     assert live.orchestrator is not None
     bus = live.orchestrator.bus
     async with app.run_test(size=SIZE) as pilot:
-        await until(lambda: app.connected, "connected")
-        await pilot.press("e")
-        screen = app.screen
-        assert isinstance(screen, EventsScreen)
+        screen = await events_view(app, pilot)
         log = screen.query_one(EventLog)
         arrived: Counter[str] = Counter()  # by topic (the feed itself keeps only the newest 10,000)
         add = app.feed.add

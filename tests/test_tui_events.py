@@ -18,7 +18,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static
 
 from tests.test_cli import example_deployment
-from tests.test_tui import EVENTS, Live, dashboard, fixed_app, settled, text_of, until
+from tests.test_tui import EVENTS, Live, dashboard, events_view, fixed_app, settled, text_of, until
 from tui import Clock
 from tui.dialogs import HelpScreen
 from tui.eventlog import EventLog
@@ -43,10 +43,7 @@ async def test_expanding_an_event_and_coming_back_where_it_was(live: Live) -> No
     assert live.orchestrator is not None
     bus = live.orchestrator.bus
     async with app.run_test(size=SIZE) as pilot:
-        await until(lambda: app.connected, "connected")
-        await pilot.press("e")
-        screen = app.screen
-        assert isinstance(screen, EventsScreen)
+        screen = await events_view(app, pilot)
         log = screen.query_one(EventLog)
         await until(lambda: any(r.topic == "orch.capsule.notes.running" for r in log.rows), "the history")
         await live.call("counter", "increment", {"by": 7})
